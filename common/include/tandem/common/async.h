@@ -1,0 +1,90 @@
+// Small Asio coroutine primitives shared by the modules.
+//
+// Everything here runs on one io_context thread (a shard): none of these types is thread-safe,
+// and none needs to be, because every caller lives on the same executor. Waiters are resumed by
+// posting, never inline, so a notify() inside a completion handler does not re-enter its caller.
+#pragma once
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <deque>
+#include <memory>
+#include <utility>
+
+namespace tandem {
+
+namespace asio = boost::asio;
+
+// A move-only, type-erased `void(Args...)` callable (std::move_only_function is C++23).
+template <typename Sig>
+class MoveFunction;
+
+template <typename R, typename... Args>
+class MoveFunction<R(Args...)> {
+ public:
+  MoveFunction() = default;
+  template <typename F>
+  MoveFunction(F f) : impl_(std::make_unique<Impl<F>>(std::move(f))) {}  // NOLINT
+  MoveFunction(MoveFunction&&) noexcept = default;
+  MoveFunction& operator=(MoveFunction&&) noexcept = default;
+  explicit operator bool() const { return impl_ != nullptr; }
+  R operator()(Args... args) { return impl_->call(std::forward<Args>(args)...); }
+
+ private:
+  struct Base {
+    virtual ~Base() = default;
+    virtual R call(Args... args) = 0;
+  };
+  template <typename F>
+  struct Impl final : Base {
+    explicit Impl(F f) : fn(std::move(f)) {}
+    R call(Args... args) override { return fn(std::forward<Args>(args)...); }
+    F fn;
+  };
+  std::unique_ptr<Base> impl_;
+};
+
+// A queue of suspended coroutines waiting for "something changed". Used as a condition
+// variable: the waiter re-checks its condition after every wake-up.
+class WaitQueue {
+ public:
+  WaitQueue() = default;
+  WaitQueue(const WaitQueue&) = delete;
+  WaitQueue& operator=(const WaitQueue&) = delete;
+
+  // Suspends until notify_one()/notify_all() picks this waiter.
+  asio::awaitable<void> wait() {
+    return asio::async_initiate<const asio::use_awaitable_t<>&, void()>(
+        [this](auto handler) {
+          auto ex = asio::get_associated_executor(handler);
+          waiters_.emplace_back([h = std::move(handler), ex]() mutable {
+            asio::post(ex, std::move(h));
+          });
+        },
+        asio::use_awaitable);
+  }
+
+  void notify_one() {
+    if (waiters_.empty()) return;
+    auto w = std::move(waiters_.front());
+    waiters_.pop_front();
+    w();
+  }
+
+  void notify_all() {
+    auto ws = std::move(waiters_);
+    waiters_.clear();
+    for (auto& w : ws) w();
+  }
+
+  [[nodiscard]] std::size_t size() const { return waiters_.size(); }
+
+ private:
+  std::deque<MoveFunction<void()>> waiters_;
+};
+
+}  // namespace tandem

@@ -1,0 +1,95 @@
+// DirtyMap: which 4 KiB blocks changed and are not yet replicated, kept so that a crash never
+// loses track of a write.
+//
+// In memory it is a bitmap, one bit per block. On disk it is the bitmap plus a write-intent
+// log of "hot" regions (DRBD's activity log): before a write to a region that is not hot is
+// issued to the device, the region is added to the intent log durably. A crash therefore loses
+// nothing: after restart, dirty = on-disk bitmap ∪ every block of every hot region. A burst of
+// writes to one region costs one intent-log write, not one per write.
+//
+// The hot set is bounded (intent_regions_max): to make room, the least recently used region
+// with no write in flight is evicted, and its bits are written to the on-disk bitmap and
+// flushed before the intent record that drops it. The extra resync work a crash can cost is
+// therefore at most intent_regions_max × region_bytes (docs/metadata-format.md).
+//
+// Threading: one io_context thread. Concurrent begin_write() calls that need new hot regions
+// share one intent-log write.
+#pragma once
+
+#include <boost/asio/awaitable.hpp>
+#include <cstdint>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "tandem/common/async.h"
+#include "tandem/common/result.h"
+#include "tandem/engine/metadata.h"
+
+namespace tandem::engine {
+
+struct DirtyMapOptions {
+  std::uint32_t region_bytes = 4 * 1024 * 1024;
+  std::uint32_t intent_regions_max = 1024;
+};
+
+struct DirtyExtent {
+  std::uint64_t first_block = 0;
+  std::uint64_t blocks = 0;
+  bool operator==(const DirtyExtent&) const = default;
+};
+
+class DirtyMap {
+ public:
+  DirtyMap(MetaStore& meta, DirtyMapOptions opts);
+
+  // Loads the on-disk bitmap and intent log, folds every hot region into the bitmap, persists
+  // the result and empties the intent log. Call once before any write.
+  asio::awaitable<Status> recover();
+
+  // Makes the regions covering [first, first+count) hot, durably, and pins them until
+  // end_write(). Must complete before the data write is issued.
+  asio::awaitable<Status> begin_write(std::uint64_t first_block, std::uint64_t count);
+  // Marks the blocks dirty (the write may have reached the device, even if it failed) and
+  // unpins the regions.
+  void end_write(std::uint64_t first_block, std::uint64_t count);
+
+  // Replication forgets blocks once the peer has them durably.
+  void clear(std::uint64_t first_block, std::uint64_t count);
+  [[nodiscard]] bool is_dirty(std::uint64_t block) const;
+  [[nodiscard]] std::uint64_t dirty_blocks() const { return dirty_count_; }
+  [[nodiscard]] std::uint64_t blocks() const { return blocks_; }
+  // Runs of dirty blocks in LBA order.
+  [[nodiscard]] std::vector<DirtyExtent> extents() const;
+
+  // Writes the whole bitmap, flushes, and empties the intent log (clean shutdown).
+  asio::awaitable<Status> persist_all();
+
+  [[nodiscard]] std::size_t hot_regions() const { return hot_.size(); }
+  [[nodiscard]] std::uint64_t evictions() const { return evictions_; }
+  [[nodiscard]] std::uint32_t region_blocks() const { return region_blocks_; }
+  [[nodiscard]] std::uint32_t intent_regions_max() const { return hot_max_; }
+
+ private:
+  struct Hot {
+    std::uint32_t pins = 0;
+    std::uint64_t last_use = 0;
+  };
+  void set_bits(std::uint64_t first, std::uint64_t count);
+  asio::awaitable<Status> update_intent_log();
+
+  MetaStore& meta_;
+  std::uint64_t blocks_;
+  std::uint32_t region_blocks_;
+  std::uint32_t hot_max_;
+  std::vector<std::uint64_t> bits_;
+  std::uint64_t dirty_count_ = 0;
+  std::unordered_map<std::uint32_t, Hot> hot_;       // durable in the intent log
+  std::unordered_map<std::uint32_t, std::uint32_t> wanted_;  // region -> pins waiting for it
+  std::uint64_t tick_ = 0;
+  std::uint64_t evictions_ = 0;
+  bool writing_intent_ = false;
+  WaitQueue intent_waiters_;
+};
+
+}  // namespace tandem::engine

@@ -1,0 +1,119 @@
+// Volume: one replicated block device as the engine sees it: its data device, its metadata
+// (superblock, write-intent log, dirty bitmap) and the rules of the write path.
+//
+// Write path: bounds check → lock the aligned block span (orders overlapping writes and
+// read-modify-write) → make the span's regions hot in the intent log, durably → write to the
+// device through io_uring → mark the blocks dirty → complete. Requests need not be aligned:
+// partial blocks are read, patched and written back under the span lock.
+//
+// Durability: flush() makes every completed write, and its dirtiness, durable. A flush that
+// fails is never retried into success: the volume turns read-only (failed) and says why, until
+// the daemon restarts.
+//
+// Threading: one io_context thread; all calls from it. Ownership: Volume owns its devices
+// (through the env that opened them); the DeviceEnv must outlive it. close() must complete
+// before destruction.
+#pragma once
+
+#include <boost/asio/awaitable.hpp>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "tandem/common/async.h"
+#include "tandem/common/result.h"
+#include "tandem/engine/block_device.h"
+#include "tandem/engine/dirty_map.h"
+#include "tandem/engine/metadata.h"
+#include "tandem/engine/range_lock.h"
+
+namespace tandem::engine {
+
+struct VolumeOptions {
+  std::string id;
+  std::string path;                          // block device or regular file
+  std::optional<std::uint64_t> create_bytes;  // create a file of this size if missing
+  std::string meta_path;                     // metadata file (created if missing)
+  DirtyMapOptions dirty;
+};
+
+enum class Access { read_write, read_only };
+
+struct VolumeStats {
+  std::uint64_t reads = 0, writes = 0, flushes = 0, zeroes = 0, trims = 0;
+  std::uint64_t bytes_read = 0, bytes_written = 0;
+  std::uint64_t rmw = 0;     // writes that needed a read-modify-write of a partial block
+  std::uint64_t errors = 0;  // requests that completed with an error
+};
+
+class Volume {
+ public:
+  static constexpr std::uint32_t kBlockBytes = 4096;
+
+  static asio::awaitable<Result<std::unique_ptr<Volume>>> open(DeviceEnv& env, VolumeOptions opts);
+  ~Volume();
+  Volume(const Volume&) = delete;
+  Volume& operator=(const Volume&) = delete;
+
+  [[nodiscard]] const std::string& id() const { return opts_.id; }
+  [[nodiscard]] std::uint64_t size_bytes() const { return size_; }
+  [[nodiscard]] const std::string& path() const { return opts_.path; }
+  [[nodiscard]] bool is_block_device() const { return data_->is_block_device(); }
+  [[nodiscard]] Access access() const { return access_; }
+  void set_access(Access a) { access_ = a; }
+  // Non-empty once a flush failed: why the volume is read-only.
+  [[nodiscard]] const std::string& failure() const { return failure_; }
+  [[nodiscard]] bool writable() const { return access_ == Access::read_write && failure_.empty() && !closing_; }
+  [[nodiscard]] bool created() const { return created_; }
+
+  BufferArena& buffers() { return env_.buffers(); }
+  DirtyMap& dirty() { return *dirty_; }
+  MetaStore& meta() { return *meta_; }
+  [[nodiscard]] const VolumeStats& stats() const { return stats_; }
+
+  // Reads [offset, offset+len) into dst[0, len). out_of_range beyond the end.
+  asio::awaitable<Status> read(std::uint64_t offset, std::size_t len, const IoBuffer& dst);
+  // Writes src[0, len) at offset. no_space beyond the end; read_only/volume_failed when not
+  // writable. With fua the data is durable when this completes.
+  asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& src, bool fua);
+  // Makes the range read as zeros. may_unmap lets the device deallocate; fast_only refuses
+  // (not_supported) instead of writing zeros when the device cannot zero cheaply.
+  asio::awaitable<Status> write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap,
+                                       bool fua, bool fast_only);
+  // Discards whole blocks inside the range (advisory; partial blocks are left alone). Trimmed
+  // blocks read back as zeros on files and on devices that zero on discard.
+  asio::awaitable<Status> trim(std::uint64_t offset, std::uint64_t len, bool fua);
+  asio::awaitable<Status> flush();
+  // Refuses new requests, waits for those in flight, flushes data and metadata.
+  asio::awaitable<Status> close();
+
+ private:
+  Volume(DeviceEnv& env, VolumeOptions opts) : env_(env), opts_(std::move(opts)) {}
+  class OpGuard;
+  Status check_write(std::uint64_t offset, std::uint64_t len) const;
+  asio::awaitable<Status> write_locked(std::uint64_t offset, std::size_t len, const IoBuffer* src,
+                                       bool fua);
+  asio::awaitable<Status> zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap,
+                                      bool fast_only, bool trim_only);
+  asio::awaitable<Status> zero_by_writing(std::uint64_t offset, std::uint64_t len);
+  Status fail(const Error& e);
+
+  DeviceEnv& env_;
+  VolumeOptions opts_;
+  std::unique_ptr<BlockDevice> data_;
+  std::unique_ptr<MetaStore> meta_;
+  std::unique_ptr<DirtyMap> dirty_;
+  RangeLock locks_;
+  std::uint64_t size_ = 0;
+  Access access_ = Access::read_write;
+  std::string failure_;
+  bool closing_ = false;
+  bool closed_ = false;
+  bool created_ = false;
+  std::uint32_t ops_in_flight_ = 0;
+  WaitQueue drained_;
+  VolumeStats stats_;
+};
+
+}  // namespace tandem::engine

@@ -1,0 +1,296 @@
+#include "tandem/engine/volume.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "tandem/common/assert.h"
+#include "tandem/common/units.h"
+#include "tandem/engine/errc.h"
+
+namespace tandem::engine {
+namespace {
+
+constexpr std::uint64_t kBlock = Volume::kBlockBytes;
+constexpr std::uint64_t align_down(std::uint64_t v) { return v & ~(kBlock - 1); }
+constexpr std::uint64_t align_up(std::uint64_t v) { return (v + kBlock - 1) & ~(kBlock - 1); }
+// Zeroing by writing goes in chunks of this size: bounded memory per request.
+constexpr std::uint64_t kZeroChunkBytes = 1024 * 1024;
+
+}  // namespace
+
+// Counts a request in flight so close() can wait for it.
+class Volume::OpGuard {
+ public:
+  explicit OpGuard(Volume& v) : v_(v) { ++v_.ops_in_flight_; }
+  ~OpGuard() {
+    TANDEM_ASSERT(v_.ops_in_flight_ > 0);
+    if (--v_.ops_in_flight_ == 0) v_.drained_.notify_all();
+  }
+  OpGuard(const OpGuard&) = delete;
+  OpGuard& operator=(const OpGuard&) = delete;
+
+ private:
+  Volume& v_;
+};
+
+asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, VolumeOptions opts) {
+  const std::string who = "volume " + opts.id;
+  if (opts.path.empty()) co_return Error(errc::bad_config, who + ": no path");
+  if (opts.meta_path.empty()) co_return Error(errc::bad_config, who + ": no metadata path");
+  if (opts.create_bytes && (*opts.create_bytes == 0 || *opts.create_bytes % kBlock != 0)) {
+    co_return Error(errc::bad_config, who + ": size must be a non-zero multiple of 4096 bytes");
+  }
+  const auto region = opts.dirty.region_bytes;
+  if (region < kBlock || (region & (region - 1)) != 0 || region > 1024 * kMiB) {
+    co_return Error(errc::bad_config, who + ": intent region size must be a power of two from 4KiB to 1GiB");
+  }
+  std::unique_ptr<Volume> v(new Volume(env, std::move(opts)));
+  auto data = env.open(OpenSpec{v->opts_.path, v->opts_.create_bytes});
+  if (!data) co_return Error(data.error().code, who + ": " + data.error().message());
+  v->data_ = std::move(data).value();
+  v->size_ = v->data_->size_bytes();
+  if (v->opts_.create_bytes && v->size_ != *v->opts_.create_bytes) {
+    co_return Error(errc::bad_config, who + ": " + v->opts_.path + " exists with " +
+                                          std::to_string(v->size_) + " bytes but size = " +
+                                          std::to_string(*v->opts_.create_bytes) +
+                                          " is configured; fix or remove `size`");
+  }
+  if (v->size_ == 0 || v->size_ % kBlock != 0) {
+    co_return Error(errc::bad_config, who + ": " + v->opts_.path + " is " + std::to_string(v->size_) +
+                                          " bytes; a volume must be a non-zero multiple of 4096");
+  }
+  const MetaLayout layout = MetaLayout::for_volume(v->size_, kBlock);
+  auto meta_dev = env.open(OpenSpec{v->opts_.meta_path, layout.total_bytes});
+  if (!meta_dev) co_return Error(meta_dev.error().code, who + ": metadata: " + meta_dev.error().message());
+  Superblock fresh;
+  fresh.volume_uuid = random_uuid();
+  fresh.size_bytes = v->size_;
+  fresh.block_bytes = kBlock;
+  fresh.region_bytes = region;
+  fresh.generations = {random_u64()};
+  auto opened = co_await MetaStore::open(std::move(meta_dev).value(), env.buffers(), fresh);
+  if (!opened) co_return Error(opened.error().code, who + ": " + opened.error().message());
+  v->meta_ = std::move(opened->store);
+  v->created_ = opened->created;
+  DirtyMapOptions dopts = v->opts_.dirty;
+  // The regions in the intent log are numbered in the size they were written with.
+  dopts.region_bytes = v->meta_->superblock().region_bytes;
+  v->dirty_ = std::make_unique<DirtyMap>(*v->meta_, dopts);
+  auto st = co_await v->dirty_->recover();
+  if (!st) co_return Error(st.error().code, who + ": recovering dirty map: " + st.error().message());
+  co_return v;
+}
+
+Volume::~Volume() {
+  TANDEM_ASSERT_MSG(ops_in_flight_ == 0, "volume destroyed with requests in flight");
+}
+
+Status Volume::fail(const Error& e) {
+  if (failure_.empty()) {
+    failure_ = e.message();
+    spdlog::error("volume {}: flush failed, volume is now read-only until restart: {}", opts_.id,
+                  failure_);
+  }
+  return Error(errc::volume_failed, failure_);
+}
+
+Status Volume::check_write(std::uint64_t offset, std::uint64_t len) const {
+  if (closing_) return errc::shutting_down;
+  if (!failure_.empty()) return Error(errc::volume_failed, failure_);
+  if (access_ != Access::read_write) return errc::read_only;
+  if (offset > size_ || len > size_ - offset) return errc::no_space;
+  return {};
+}
+
+asio::awaitable<Status> Volume::read(std::uint64_t offset, std::size_t len, const IoBuffer& dst) {
+  if (closing_) co_return errc::shutting_down;
+  if (offset > size_ || len > size_ - offset) co_return errc::out_of_range;
+  TANDEM_ASSERT(len <= dst.capacity());
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  ++stats_.reads;
+  Status st;
+  if (offset % kBlock == 0 && len % kBlock == 0) {
+    st = co_await data_->read(offset, len, dst);
+  } else {
+    const std::uint64_t a0 = align_down(offset);
+    const std::uint64_t a1 = align_up(offset + len);
+    IoBuffer bounce = buffers().allocate(a1 - a0);
+    st = co_await data_->read(a0, a1 - a0, bounce);
+    if (st) std::memcpy(dst.data(), bounce.data() + (offset - a0), len);
+  }
+  if (st) {
+    stats_.bytes_read += len;
+  } else {
+    ++stats_.errors;
+  }
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::write(std::uint64_t offset, std::size_t len, const IoBuffer& src,
+                                      bool fua) {
+  TANDEM_CO_TRY(check_write(offset, len));
+  TANDEM_ASSERT(len <= src.capacity());
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  ++stats_.writes;
+  Status st = co_await write_locked(offset, len, &src, fua);
+  if (st) {
+    stats_.bytes_written += len;
+  } else {
+    ++stats_.errors;
+  }
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t len,
+                                             const IoBuffer* src, bool fua) {
+  const std::uint64_t a0 = align_down(offset);
+  const std::uint64_t a1 = align_up(offset + len);
+  const std::uint64_t first = a0 / kBlock;
+  const std::uint64_t count = (a1 - a0) / kBlock;
+  auto guard = co_await locks_.acquire(first, count);
+  TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
+  Status st;
+  if (a0 == offset && a1 == offset + len) {
+    st = co_await data_->write(offset, len, *src, fua);
+  } else {
+    // Read-modify-write of the partial head and tail blocks, under the span lock.
+    ++stats_.rmw;
+    IoBuffer bounce = buffers().allocate(a1 - a0);
+    IoBuffer block = buffers().allocate(kBlock);
+    if (offset != a0) {
+      st = co_await data_->read(a0, kBlock, block);
+      if (st) std::memcpy(bounce.data(), block.data(), kBlock);
+    }
+    const std::uint64_t tail = a1 - kBlock;
+    if (st && offset + len != a1 && !(tail == a0 && offset != a0)) {
+      st = co_await data_->read(tail, kBlock, block);
+      if (st) std::memcpy(bounce.data() + (tail - a0), block.data(), kBlock);
+    }
+    if (st) {
+      std::memcpy(bounce.data() + (offset - a0), src->data(), len);
+      st = co_await data_->write(a0, a1 - a0, bounce, fua);
+    }
+  }
+  // Dirty even on failure: a failed write may still have changed some sectors.
+  dirty_->end_write(first, count);
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap,
+                                             bool fua, bool fast_only) {
+  TANDEM_CO_TRY(check_write(offset, len));
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  ++stats_.zeroes;
+  Status st = co_await zero_locked(offset, len, may_unmap, fast_only, false);
+  if (st && fua) st = co_await flush();
+  if (!st) ++stats_.errors;
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::trim(std::uint64_t offset, std::uint64_t len, bool fua) {
+  TANDEM_CO_TRY(check_write(offset, len));
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  ++stats_.trims;
+  Status st = co_await zero_locked(offset, len, true, false, true);
+  if (st && fua) st = co_await flush();
+  if (!st) ++stats_.errors;
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap,
+                                            bool fast_only, bool trim_only) {
+  const std::uint64_t a0 = align_down(offset);
+  const std::uint64_t a1 = align_up(offset + len);
+  const std::uint64_t i0 = align_up(offset);
+  const std::uint64_t i1 = align_down(offset + len);
+  if (trim_only && i1 <= i0) co_return Status{};  // no whole block to discard
+  const std::uint64_t l0 = trim_only ? i0 : a0;
+  const std::uint64_t l1 = trim_only ? i1 : a1;
+  const std::uint64_t first = l0 / kBlock;
+  const std::uint64_t count = (l1 - l0) / kBlock;
+  auto guard = co_await locks_.acquire(first, count);
+  TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
+  Status st;
+  // Whole blocks first, so a refused fast zero has changed nothing.
+  if (i1 > i0) {
+    st = co_await data_->zero(i0, i1 - i0, may_unmap);
+    if (st.code() == make_error_code(errc::not_supported)) {
+      if (trim_only) {
+        st = {};  // discard is advisory
+      } else if (fast_only) {
+        dirty_->end_write(first, count);
+        co_return errc::not_supported;
+      } else {
+        st = co_await zero_by_writing(i0, i1 - i0);
+      }
+    }
+  }
+  if (st && !trim_only) {
+    // Partial head and tail: read, zero the covered bytes, write back.
+    std::vector<std::uint64_t> edges;
+    if (offset != a0) edges.push_back(a0);
+    if (offset + len != a1 && (edges.empty() || edges.front() != a1 - kBlock)) {
+      edges.push_back(a1 - kBlock);
+    }
+    IoBuffer block = buffers().allocate(kBlock);
+    for (std::uint64_t b : edges) {
+      const std::uint64_t lo = std::max(offset, b);
+      const std::uint64_t hi = std::min(offset + len, b + kBlock);
+      st = co_await data_->read(b, kBlock, block);
+      if (!st) break;
+      std::memset(block.data() + (lo - b), 0, hi - lo);
+      st = co_await data_->write(b, kBlock, block, false);
+      if (!st) break;
+    }
+  }
+  dirty_->end_write(first, count);
+  co_return st;
+}
+
+asio::awaitable<Status> Volume::zero_by_writing(std::uint64_t offset, std::uint64_t len) {
+  IoBuffer zeros = buffers().allocate(std::min(len, kZeroChunkBytes));
+  std::memset(zeros.data(), 0, zeros.capacity());
+  for (std::uint64_t done = 0; done < len;) {
+    const std::uint64_t n = std::min(len - done, kZeroChunkBytes);
+    TANDEM_CO_TRY(co_await data_->write(offset + done, n, zeros, false));
+    done += n;
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Volume::flush() {
+  if (!failure_.empty()) co_return Error(errc::volume_failed, failure_);
+  OpGuard g(*this);
+  ++stats_.flushes;
+  Status st = co_await data_->flush();
+  if (!st) {
+    ++stats_.errors;
+    co_return fail(st.error());
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Volume::close() {
+  if (closed_) co_return Status{};
+  closing_ = true;
+  while (ops_in_flight_ > 0) co_await drained_.wait();
+  Status st;
+  if (failure_.empty()) {
+    st = co_await data_->flush();
+    if (!st) st = fail(st.error());
+  }
+  // The dirty map is persisted even after a data failure: it only ever grows what must be
+  // resynchronized.
+  Status dst = co_await dirty_->persist_all();
+  closed_ = true;
+  if (!st) co_return st;
+  co_return dst;
+}
+
+}  // namespace tandem::engine
