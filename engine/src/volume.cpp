@@ -280,7 +280,7 @@ asio::awaitable<Status> Volume::close() {
   if (closed_) co_return Status{};
   closing_ = true;
   while (ops_in_flight_ > 0) co_await drained_.wait();
-  Status st;
+  Status st = failure_.empty() ? Status{} : Status(Error(errc::volume_failed, failure_));
   if (failure_.empty()) {
     st = co_await data_->flush();
     if (!st) st = fail(st.error());

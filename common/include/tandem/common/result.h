@@ -44,6 +44,11 @@ inline Error errno_error(int err, std::string ctx = {}) {
 template <typename T>
 class [[nodiscard]] Result {
  public:
+  // A default Result is a failure ("no result"): Asio's co_spawn hands one to the completion
+  // handler when the coroutine threw. It is never mistaken for success.
+  Result()
+      : v_(std::in_place_index<1>,
+           Error(std::make_error_code(std::errc::operation_canceled), "no result")) {}
   Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}  // NOLINT
   Result(Error e) : v_(std::in_place_index<1>, std::move(e)) {        // NOLINT
     TANDEM_ASSERT(std::get<1>(v_).code);
