@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -150,6 +151,16 @@ class UringEnv final : public DeviceEnv {
       int e = errno;
       ::close(fd);
       return errno_error(e, "fstat " + spec.path);
+    }
+    // Two daemons writing one volume would corrupt it silently: take an exclusive lock that
+    // dies with the process (so a SIGKILLed daemon never leaves a stale lock behind).
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      int e = errno;
+      ::close(fd);
+      if (e == EWOULDBLOCK) {
+        return errno_error(EBUSY, spec.path + " is in use by another process (is another tandemd running?)");
+      }
+      return errno_error(e, "flock " + spec.path);
     }
     std::uint64_t size = 0;
     const bool blk = S_ISBLK(st.st_mode);

@@ -1,0 +1,24 @@
+// Daemon: the wiring of tandemd. It opens every configured volume on its own io_uring, exports
+// each over NBD, and runs the event loop until SIGTERM/SIGINT, then shuts down cleanly: stop
+// accepting, finish requests in flight, flush, persist the dirty maps.
+//
+// Threading: one io_context thread (the shard) runs everything.
+#pragma once
+
+#include <string>
+
+#include "tandem/daemon/config.h"
+
+namespace tandem::daemon {
+
+// Runs tandemd until a terminating signal. Returns the process exit code.
+int run_daemon(const Config& cfg);
+
+// Opens each volume (recovering it as a restart would), prints its superblock and dirty map as
+// JSON on stdout, and closes it. For operators and tests; the daemon must not be running.
+int inspect_volumes(const Config& cfg);
+
+// Sets up spdlog: journald-friendly on stderr under systemd, timestamps otherwise.
+void setup_logging(const std::string& level);
+
+}  // namespace tandem::daemon

@@ -1,0 +1,239 @@
+#include "tandem/daemon/config.h"
+
+#include <toml++/toml.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "tandem/common/units.h"
+
+namespace tandem::daemon {
+namespace {
+
+Error config_error(const std::string& msg) {
+  return Error(std::make_error_code(std::errc::invalid_argument), msg);
+}
+
+bool valid_id(std::string_view s) {
+  if (s.empty() || s.size() > 64) return false;
+  for (char c : s) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '-' || c == '_' || c == '.';
+    if (!ok) return false;
+  }
+  return s != "." && s != "..";
+}
+
+// host:port, [v6]:port; port 0..65535.
+bool valid_listen(std::string_view s) {
+  const auto colon = s.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 == s.size()) return false;
+  const std::string_view port = s.substr(colon + 1);
+  if (port.size() > 5) return false;
+  unsigned v = 0;
+  for (char c : port) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<unsigned>(c - '0');
+  }
+  if (v > 65535) return false;
+  const std::string_view host = s.substr(0, colon);
+  if (host.front() == '[') return host.back() == ']' && host.size() > 2;
+  return host.find(':') == std::string_view::npos;
+}
+
+class Reader {
+ public:
+  Reader(const toml::table& t, std::string where) : t_(t), where_(std::move(where)) {}
+
+  // Reports keys not in `known`.
+  Status only(std::initializer_list<std::string_view> known) const {
+    for (auto& [k, v] : t_) {
+      bool found = false;
+      for (auto kk : known) found = found || kk == k.str();
+      if (!found) {
+        return config_error(where_ + ": unknown key '" + std::string(k.str()) + "'" + at(v));
+      }
+    }
+    return {};
+  }
+
+  Result<std::optional<std::string>> str(std::string_view key) const {
+    const toml::node* n = t_.get(key);
+    if (n == nullptr) return std::optional<std::string>{};
+    if (!n->is_string()) return config_error(name(key) + ": must be a string" + at(*n));
+    return std::optional<std::string>(n->as_string()->get());
+  }
+
+  Result<std::optional<std::uint64_t>> bytes(std::string_view key) const {
+    const toml::node* n = t_.get(key);
+    if (n == nullptr) return std::optional<std::uint64_t>{};
+    if (n->is_integer()) {
+      const auto v = n->as_integer()->get();
+      if (v < 0) return config_error(name(key) + ": must not be negative" + at(*n));
+      return std::optional<std::uint64_t>(static_cast<std::uint64_t>(v));
+    }
+    if (!n->is_string()) return config_error(name(key) + ": must be a size like \"1GiB\"" + at(*n));
+    const std::string& s = n->as_string()->get();
+    auto v = parse_bytes(s);
+    if (!v) return config_error(name(key) + ": \"" + s + "\" is not a size (try \"512MiB\" or \"1GiB\")" + at(*n));
+    return std::optional<std::uint64_t>(*v);
+  }
+
+  Result<std::optional<std::int64_t>> integer(std::string_view key) const {
+    const toml::node* n = t_.get(key);
+    if (n == nullptr) return std::optional<std::int64_t>{};
+    if (!n->is_integer()) return config_error(name(key) + ": must be an integer" + at(*n));
+    return std::optional<std::int64_t>(n->as_integer()->get());
+  }
+
+  std::string name(std::string_view key) const { return where_ + "." + std::string(key); }
+  std::string at(const toml::node& n) const {
+    const auto& src = n.source();
+    if (src.begin.line == 0) return {};
+    return " (line " + std::to_string(src.begin.line) + ")";
+  }
+
+ private:
+  const toml::table& t_;
+  std::string where_;
+};
+
+#define CFG_TRY_ASSIGN(var, expr)                 \
+  auto var##_r = (expr);                          \
+  if (!var##_r.ok()) return var##_r.error();      \
+  auto var = std::move(var##_r).value()
+
+}  // namespace
+
+Result<Config> parse_config(std::string_view text, std::string_view source) {
+  Config cfg;
+  cfg.source = std::string(source);
+  const std::string src(source);
+  toml::table root;
+  try {
+    root = toml::parse(text, src);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": "
+       << e.description();
+    return config_error(os.str());
+  }
+  for (auto& [k, v] : root) {
+    const std::string key(k.str());
+    // [tls], [peer] and [[session]] belong to replication and are checked there.
+    if (key != "node" && key != "volume") {
+      return config_error(src + ": unknown section '" + key + "'");
+    }
+  }
+  const toml::node* node = root.get("node");
+  if (node == nullptr || !node->is_table()) return config_error(src + ": missing [node] section");
+  {
+    Reader r(*node->as_table(), src + ": node");
+    TANDEM_TRY(r.only({"name", "state_dir", "log_level"}));
+    CFG_TRY_ASSIGN(name, r.str("name"));
+    if (!name) return config_error(src + ": node.name is required (this site's name, e.g. \"site-a\")");
+    if (!valid_id(*name)) return config_error(src + ": node.name: use letters, digits, '-', '_' and '.' (at most 64)");
+    cfg.node.name = *name;
+    CFG_TRY_ASSIGN(state_dir, r.str("state_dir"));
+    if (state_dir) {
+      if (state_dir->empty() || state_dir->front() != '/') {
+        return config_error(src + ": node.state_dir must be an absolute path");
+      }
+      cfg.node.state_dir = *state_dir;
+    }
+    CFG_TRY_ASSIGN(level, r.str("log_level"));
+    if (level) {
+      static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error", "critical", "off"};
+      if (!kLevels.contains(*level)) {
+        return config_error(src + ": node.log_level: \"" + *level + "\" is not one of trace, debug, info, warn, error, critical, off");
+      }
+      cfg.node.log_level = *level;
+    }
+  }
+  const toml::node* vols = root.get("volume");
+  if (vols == nullptr) return config_error(src + ": no [[volume]] is configured");
+  if (!vols->is_array_of_tables()) return config_error(src + ": 'volume' must be written as [[volume]] tables");
+  std::set<std::string> ids, paths, sockets, listens, metas;
+  std::size_t index = 0;
+  for (const auto& el : *vols->as_array()) {
+    const auto& t = *el.as_table();
+    std::string where = src + ": volume[" + std::to_string(index++) + "]";
+    Reader pre(t, where);
+    CFG_TRY_ASSIGN(id, pre.str("id"));
+    if (!id) return config_error(where + ": id is required");
+    if (!valid_id(*id)) return config_error(where + ": id \"" + *id + "\": use letters, digits, '-', '_' and '.' (at most 64)");
+    where += " (" + *id + ")";
+    Reader r(t, where);
+    TANDEM_TRY(r.only({"id", "path", "size", "meta_path", "nbd_socket", "nbd_listen",
+                       "intent_region_size", "intent_regions_max"}));
+    VolumeConfig v;
+    v.id = *id;
+    if (!ids.insert(v.id).second) return config_error(where + ": duplicate volume id");
+    CFG_TRY_ASSIGN(path, r.str("path"));
+    if (!path || path->empty() || path->front() != '/') {
+      return config_error(where + ".path: an absolute path to a block device or file is required");
+    }
+    v.path = *path;
+    if (!paths.insert(v.path).second) return config_error(where + ".path: used by another volume");
+    CFG_TRY_ASSIGN(size, r.bytes("size"));
+    if (size) {
+      if (*size == 0 || *size % 4096 != 0) {
+        return config_error(where + ".size: must be a non-zero multiple of 4096 bytes");
+      }
+      v.size_bytes = *size;
+    }
+    CFG_TRY_ASSIGN(meta, r.str("meta_path"));
+    v.meta_path = meta ? *meta : cfg.node.state_dir + "/" + v.id + ".meta";
+    if (v.meta_path.empty() || v.meta_path.front() != '/') return config_error(where + ".meta_path: must be an absolute path");
+    if (v.meta_path == v.path) return config_error(where + ".meta_path: must differ from path");
+    if (!metas.insert(v.meta_path).second) return config_error(where + ".meta_path: used by another volume");
+    CFG_TRY_ASSIGN(sock, r.str("nbd_socket"));
+    if (sock) {
+      if (sock->empty() || sock->front() != '/') return config_error(where + ".nbd_socket: must be an absolute path");
+      if (sock->size() >= 108) return config_error(where + ".nbd_socket: longer than a Unix socket path may be (107)");
+      if (!sockets.insert(*sock).second) return config_error(where + ".nbd_socket: used by another volume");
+      v.nbd_socket = *sock;
+    }
+    CFG_TRY_ASSIGN(listen, r.str("nbd_listen"));
+    if (listen) {
+      if (!valid_listen(*listen)) return config_error(where + ".nbd_listen: \"" + *listen + "\" is not host:port");
+      if (!listens.insert(*listen).second && !listen->ends_with(":0")) {
+        return config_error(where + ".nbd_listen: used by another volume");
+      }
+      v.nbd_listen = *listen;
+    }
+    if (v.nbd_socket.empty() && v.nbd_listen.empty()) {
+      return config_error(where + ": needs nbd_socket or nbd_listen (how hosts reach the volume)");
+    }
+    CFG_TRY_ASSIGN(region, r.bytes("intent_region_size"));
+    if (region) {
+      if (*region < 4096 || *region > (1u << 30) || (*region & (*region - 1)) != 0) {
+        return config_error(where + ".intent_region_size: must be a power of two from 4KiB to 1GiB");
+      }
+      v.intent_region_bytes = static_cast<std::uint32_t>(*region);
+    }
+    CFG_TRY_ASSIGN(hot, r.integer("intent_regions_max"));
+    if (hot) {
+      if (*hot < 1 || *hot > 8000) return config_error(where + ".intent_regions_max: must be from 1 to 8000");
+      v.intent_regions_max = static_cast<std::uint32_t>(*hot);
+    }
+    cfg.volumes.push_back(std::move(v));
+  }
+  if (cfg.volumes.empty()) return config_error(src + ": no [[volume]] is configured");
+  return cfg;
+}
+
+Result<Config> load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return errno_error(errno, "cannot read config " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  // A config is small; a huge file is a mistake (or an attack on the parser).
+  constexpr std::size_t kConfigBytesMax = 1 << 20;
+  const std::string text = ss.str();
+  if (text.size() > kConfigBytesMax) return config_error(path + ": larger than 1 MiB; is this really a config?");
+  return parse_config(text, path);
+}
+
+}  // namespace tandem::daemon

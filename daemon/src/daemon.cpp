@@ -1,0 +1,251 @@
+#include "tandem/daemon/daemon.h"
+
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "tandem/common/units.h"
+#include "tandem/engine/block_device.h"
+#include "tandem/engine/volume.h"
+#include "tandem/frontend/nbd_server.h"
+
+namespace tandem::daemon {
+namespace {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+
+struct VolumeRuntime {
+  const VolumeConfig* cfg = nullptr;
+  std::unique_ptr<engine::DeviceEnv> env;
+  std::unique_ptr<engine::Volume> volume;
+  std::unique_ptr<frontend::NbdServer> nbd;
+};
+
+Status ensure_dir(const std::string& dir, fs::perms perms) {
+  std::error_code ec;
+  if (fs::exists(dir, ec)) return {};
+  fs::create_directories(dir, ec);
+  if (ec) return Error(ec, "cannot create directory " + dir);
+  fs::permissions(dir, perms, ec);
+  return {};
+}
+
+// Completion handler for spawned coroutines: an exception escaping one is a bug; crash loudly
+// instead of swallowing it (asio::detached would).
+void abort_on_exception(std::exception_ptr e) {
+  if (!e) return;
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    spdlog::critical("internal error: unhandled exception: {}", ex.what());
+  } catch (...) {
+    spdlog::critical("internal error: unhandled non-standard exception");
+  }
+  std::abort();
+}
+
+engine::VolumeOptions volume_options(const VolumeConfig& v) {
+  engine::VolumeOptions o;
+  o.id = v.id;
+  o.path = v.path;
+  o.create_bytes = v.size_bytes;
+  o.meta_path = v.meta_path;
+  o.dirty.region_bytes = v.intent_region_bytes;
+  o.dirty.intent_regions_max = v.intent_regions_max;
+  return o;
+}
+
+asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const VolumeConfig& vc) {
+  VolumeRuntime rt;
+  rt.cfg = &vc;
+  auto env = engine::make_uring_env(ctx);
+  if (!env) co_return Error(env.error().code, "volume " + vc.id + ": " + env.error().message());
+  rt.env = std::move(env).value();
+  TANDEM_CO_TRY(ensure_dir(fs::path(vc.meta_path).parent_path().string(), fs::perms::owner_all));
+  auto vol = co_await engine::Volume::open(*rt.env, volume_options(vc));
+  if (!vol) {
+    rt.env->stop();
+    co_return vol.error();
+  }
+  rt.volume = std::move(vol).value();
+  co_return rt;
+}
+
+class Daemon {
+ public:
+  explicit Daemon(const Config& cfg) : cfg_(cfg), signals_(ctx_, SIGTERM, SIGINT, SIGHUP) {}
+
+  int run() {
+    asio::co_spawn(ctx_, start(), abort_on_exception);
+    ctx_.run();
+    return exit_code_;
+  }
+
+ private:
+  asio::awaitable<void> start() {
+    for (const auto& vc : cfg_.volumes) {
+      auto rt = co_await open_volume(ctx_, vc);
+      if (!rt) {
+        spdlog::error("{}", rt.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+      volumes_.push_back(std::move(rt).value());
+      auto& v = volumes_.back();
+      const auto& sb = v.volume->meta().superblock();
+      spdlog::info("volume {}: {} ({}), uuid {}, generation {:016x}{}, {} dirty blocks", vc.id, vc.path,
+                   format_bytes(v.volume->size_bytes()), engine::uuid_to_string(sb.volume_uuid),
+                   sb.generations.empty() ? 0 : sb.generations.front(),
+                   v.volume->created() ? " (new)" : "", v.volume->dirty().dirty_blocks());
+      v.nbd = std::make_unique<frontend::NbdServer>(ctx_.get_executor());
+      v.nbd->add_export(vc.id, *v.volume);
+      if (!vc.nbd_socket.empty()) {
+        auto st = ensure_dir(fs::path(vc.nbd_socket).parent_path().string(),
+                             fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+        if (st) st = v.nbd->listen_unix(vc.nbd_socket);
+        if (!st) {
+          spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_socket, st.error().message());
+          exit_code_ = 1;
+          co_await shutdown();
+          co_return;
+        }
+        spdlog::info("volume {}: NBD export on unix socket {}", vc.id, vc.nbd_socket);
+      }
+      if (!vc.nbd_listen.empty()) {
+        auto st = v.nbd->listen_tcp(vc.nbd_listen);
+        if (!st) {
+          spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_listen, st.error().message());
+          exit_code_ = 1;
+          co_await shutdown();
+          co_return;
+        }
+        spdlog::info("volume {}: NBD export on tcp {} (port {})", vc.id, vc.nbd_listen, v.nbd->tcp_port());
+      }
+    }
+    spdlog::info("tandemd {} ready: {} volume(s)", cfg_.node.name, volumes_.size());
+    asio::co_spawn(ctx_, wait_signals(), abort_on_exception);
+  }
+
+  asio::awaitable<void> wait_signals() {
+    for (;;) {
+      auto [ec, sig] = co_await signals_.async_wait(asio::as_tuple(asio::use_awaitable));
+      if (ec) co_return;
+      if (sig == SIGHUP) {
+        spdlog::info("SIGHUP: nothing in this configuration can be reloaded at run time; restart to apply changes");
+        continue;
+      }
+      spdlog::info("signal {}: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+      co_await shutdown();
+      co_return;
+    }
+  }
+
+  asio::awaitable<void> shutdown() {
+    if (shutting_down_) co_return;
+    shutting_down_ = true;
+    for (auto& v : volumes_) {
+      if (v.nbd) co_await v.nbd->stop();
+    }
+    for (auto& v : volumes_) {
+      auto st = co_await v.volume->close();
+      if (!st) {
+        spdlog::error("volume {}: close: {}", v.cfg->id, st.error().message());
+        exit_code_ = 1;
+      } else {
+        spdlog::info("volume {}: closed cleanly, {} dirty blocks persisted", v.cfg->id,
+                     v.volume->dirty().dirty_blocks());
+      }
+    }
+    for (auto& v : volumes_) {
+      v.nbd.reset();
+      v.volume.reset();
+      v.env->stop();
+    }
+    boost::system::error_code ec;
+    signals_.cancel(ec);
+  }
+
+  const Config& cfg_;
+  asio::io_context ctx_;
+  asio::signal_set signals_;
+  std::vector<VolumeRuntime> volumes_;
+  bool shutting_down_ = false;
+  int exit_code_ = 0;
+};
+
+}  // namespace
+
+void setup_logging(const std::string& level) {
+  auto logger = spdlog::stderr_logger_mt("tandemd");
+  if (std::getenv("JOURNAL_STREAM") != nullptr) {
+    // journald adds its own timestamps; keep the level for filtering.
+    logger->set_pattern("[%l] %v");
+  } else {
+    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e [%l] %v");
+  }
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(spdlog::level::from_str(level));
+  spdlog::flush_on(spdlog::level::info);
+}
+
+int run_daemon(const Config& cfg) {
+  Daemon d(cfg);
+  return d.run();
+}
+
+int inspect_volumes(const Config& cfg) {
+  asio::io_context ctx;
+  int rc = 0;
+  nlohmann::json out = nlohmann::json::array();
+  auto body = [&]() -> asio::awaitable<void> {
+    for (const auto& vc : cfg.volumes) {
+      auto rt = co_await open_volume(ctx, vc);
+      if (!rt) {
+        spdlog::error("{}", rt.error().message());
+        rc = 1;
+        continue;
+      }
+      auto& v = *rt;
+      const auto& sb = v.volume->meta().superblock();
+      nlohmann::json j;
+      j["id"] = vc.id;
+      j["path"] = vc.path;
+      j["size_bytes"] = v.volume->size_bytes();
+      j["uuid"] = engine::uuid_to_string(sb.volume_uuid);
+      j["generations"] = sb.generations;
+      j["superblock_seq"] = sb.seq;
+      j["region_bytes"] = sb.region_bytes;
+      j["dirty_blocks"] = v.volume->dirty().dirty_blocks();
+      nlohmann::json ext = nlohmann::json::array();
+      for (const auto& e : v.volume->dirty().extents()) ext.push_back({e.first_block, e.blocks});
+      j["dirty_extents"] = ext;
+      out.push_back(j);
+      auto st = co_await v.volume->close();
+      if (!st) {
+        spdlog::error("volume {}: close: {}", vc.id, st.error().message());
+        rc = 1;
+      }
+      v.volume.reset();
+      v.env->stop();
+    }
+  };
+  asio::co_spawn(ctx, body(), abort_on_exception);
+  ctx.run();
+  std::cout << out.dump(2) << "\n";
+  return rc;
+}
+
+}  // namespace tandem::daemon

@@ -1,0 +1,38 @@
+// tandemd: the tandem replication daemon. Wiring only; see daemon.h.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "tandem/daemon/config.h"
+#include "tandem/daemon/daemon.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"tandemd — replicates Linux block devices between two hosts for disaster recovery.\n"
+               "Exports each configured volume over NBD and tracks every write."};
+  std::string config_path = "/etc/tandem/tandemd.toml";
+  bool check = false;
+  bool inspect = false;
+  bool version = false;
+  app.add_option("-c,--config", config_path, "configuration file (TOML)")->capture_default_str();
+  app.add_flag("--check-config", check, "validate the configuration and exit (0 when valid)");
+  app.add_flag("--inspect", inspect,
+               "print each volume's metadata and dirty map as JSON and exit (daemon must be stopped)");
+  app.add_flag("--version", version, "print the version and exit");
+  CLI11_PARSE(app, argc, argv);
+  if (version) {
+    std::cout << "tandemd " << TANDEM_VERSION << "\n";
+    return 0;
+  }
+  auto cfg = tandem::daemon::load_config(config_path);
+  if (!cfg) {
+    std::fprintf(stderr, "tandemd: %s\n", cfg.error().message().c_str());
+    return 2;
+  }
+  if (check) {
+    std::printf("%s: OK (%zu volume(s))\n", config_path.c_str(), cfg->volumes.size());
+    return 0;
+  }
+  tandem::daemon::setup_logging(cfg->node.log_level);
+  if (inspect) return tandem::daemon::inspect_volumes(*cfg);
+  return tandem::daemon::run_daemon(*cfg);
+}

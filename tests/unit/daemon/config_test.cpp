@@ -1,0 +1,99 @@
+// Plan: a valid config parses with documented defaults; every kind of mistake an operator can
+// make is refused with a message that names the key (and the volume) and says what is wrong.
+#include <gtest/gtest.h>
+
+#include "tandem/daemon/config.h"
+
+namespace tandem::daemon {
+namespace {
+
+constexpr const char* kGood = R"(
+[node]
+name = "site-a"
+state_dir = "/var/lib/tandem"
+
+[[volume]]
+id = "vol0"
+path = "/dev/nvme0n1"
+nbd_socket = "/run/tandem/vol0.nbd"
+
+[[volume]]
+id = "vol1"
+path = "/srv/vol1.img"
+size = "1GiB"
+nbd_listen = "127.0.0.1:10809"
+intent_region_size = "1MiB"
+intent_regions_max = 64
+)";
+
+TEST(Config, ParsesWithDefaults) {
+  auto c = parse_config(kGood, "t.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  EXPECT_EQ(c->node.name, "site-a");
+  ASSERT_EQ(c->volumes.size(), 2u);
+  EXPECT_EQ(c->volumes[0].meta_path, "/var/lib/tandem/vol0.meta");
+  EXPECT_FALSE(c->volumes[0].size_bytes.has_value());
+  EXPECT_EQ(c->volumes[0].intent_region_bytes, 4u << 20);
+  EXPECT_EQ(c->volumes[0].intent_regions_max, 1024u);
+  EXPECT_EQ(c->volumes[1].size_bytes, 1ull << 30);
+  EXPECT_EQ(c->volumes[1].intent_region_bytes, 1u << 20);
+  EXPECT_EQ(c->volumes[1].intent_regions_max, 64u);
+  EXPECT_EQ(c->volumes[1].nbd_listen, "127.0.0.1:10809");
+}
+
+struct BadCase {
+  const char* name;
+  std::string text;
+  std::string expect;  // substring of the error
+};
+
+std::string with_volume(const std::string& body) {
+  return "[node]\nname = \"a\"\n[[volume]]\n" + body;
+}
+
+TEST(Config, EveryMistakeIsNamed) {
+  const std::vector<BadCase> cases = {
+      {"syntax", "[node\nname=1", "t.toml:"},
+      {"no node", "[[volume]]\nid=\"v\"", "missing [node]"},
+      {"no name", "[node]\nstate_dir=\"/x\"\n[[volume]]\nid=\"v\"", "node.name is required"},
+      {"bad name", "[node]\nname=\"a b\"", "node.name"},
+      {"relative state_dir", "[node]\nname=\"a\"\nstate_dir=\"x\"", "state_dir must be an absolute"},
+      {"bad level", "[node]\nname=\"a\"\nlog_level=\"loud\"", "log_level"},
+      {"unknown node key", "[node]\nname=\"a\"\ncolour=1", "unknown key 'colour'"},
+      {"unknown section", "[node]\nname=\"a\"\n[nodes]\nx=1", "unknown section 'nodes'"},
+      {"no volumes", "[node]\nname=\"a\"", "no [[volume]]"},
+      {"volume as table", "[node]\nname=\"a\"\n[volume]\nid=\"v\"", "[[volume]] tables"},
+      {"no id", with_volume("path=\"/x\""), "id is required"},
+      {"bad id", with_volume("id=\"../x\"\npath=\"/x\""), "id \"../x\""},
+      {"no path", with_volume("id=\"v\"\nnbd_socket=\"/s\""), "(v).path"},
+      {"relative path", with_volume("id=\"v\"\npath=\"x\"\nnbd_socket=\"/s\""), "(v).path"},
+      {"bad size", with_volume("id=\"v\"\npath=\"/x\"\nsize=\"1XB\"\nnbd_socket=\"/s\""), "(v).size: \"1XB\" is not a size"},
+      {"unaligned size", with_volume("id=\"v\"\npath=\"/x\"\nsize=1000\nnbd_socket=\"/s\""), "multiple of 4096"},
+      {"size type", with_volume("id=\"v\"\npath=\"/x\"\nsize=true\nnbd_socket=\"/s\""), "(v).size: must be a size"},
+      {"no export", with_volume("id=\"v\"\npath=\"/x\""), "needs nbd_socket or nbd_listen"},
+      {"bad listen", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"localhost\""), "is not host:port"},
+      {"bad port", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"h:70000\""), "is not host:port"},
+      {"unknown volume key", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nsise=\"1G\""), "(v): unknown key 'sise'"},
+      {"region not pow2", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nintent_region_size=\"3MiB\""), "power of two"},
+      {"hot max", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nintent_regions_max=0"), "intent_regions_max"},
+      {"dup id", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"v\"\npath=\"/y\"\nnbd_socket=\"/t\""), "duplicate volume id"},
+      {"dup path", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/x\"\nnbd_socket=\"/t\""), "used by another volume"},
+      {"dup socket", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/y\"\nnbd_socket=\"/s\""), "nbd_socket: used by another"},
+      {"meta is data", with_volume("id=\"v\"\npath=\"/x\"\nmeta_path=\"/x\"\nnbd_socket=\"/s\""), "must differ from path"},
+  };
+  for (const auto& c : cases) {
+    auto r = parse_config(c.text, "t.toml");
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_NE(r.error().message().find(c.expect), std::string::npos)
+        << c.name << ": got \"" << r.error().message() << "\", want \"" << c.expect << "\"";
+  }
+}
+
+TEST(Config, MissingFileIsAClearError) {
+  auto r = load_config("/nonexistent/tandem.toml");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("/nonexistent/tandem.toml"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tandem::daemon
