@@ -6,7 +6,8 @@ target_compile_options(tandem_warnings INTERFACE
   -Wimplicit-fallthrough -Wformat=2)
 if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   # GCC 12 reports false positives inside Asio/Beast coroutine frames with these.
-  target_compile_options(tandem_warnings INTERFACE -Wno-maybe-uninitialized -Wno-dangling-reference)
+  target_compile_options(tandem_warnings INTERFACE -Wno-maybe-uninitialized -Wno-dangling-reference
+    -Wno-mismatched-new-delete)
 endif()
 if(TANDEM_WERROR)
   target_compile_options(tandem_warnings INTERFACE -Werror)
