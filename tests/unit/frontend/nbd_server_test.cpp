@@ -8,8 +8,10 @@
 // writes on a read-only export) get their errno while the connection stays usable; that an
 // oversized WRITE or garbage magic closes only that connection while another keeps working;
 // DISC answers what is in flight before closing; a stalled handshake times out; TCP port 0
-// works; stale socket files are replaced, other files are not; stop() closes connections and
-// removes the socket file. Every wait is bounded by socket timeouts or future deadlines.
+// works; stale socket files are replaced, other files are not; stop() answers or refuses
+// (ESHUTDOWN) what is in flight, closes connections, removes the socket file, and finishes
+// within its grace period even when a client stops reading. Every wait is bounded by socket
+// timeouts or future deadlines.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -373,17 +375,22 @@ class NbdServerTest : public ::testing::Test {
     return s;
   }
 
-  // Runs a coroutine on the server's thread and waits for it, bounded.
-  void run_on_io(asio::awaitable<void> aw) {
-    std::promise<void> done;
-    auto f = done.get_future();
-    asio::co_spawn(ctx_, std::move(aw), [&done](std::exception_ptr e) {
+  // Starts a coroutine on the server's thread; the future says when it is done.
+  std::future<void> start_on_io(asio::awaitable<void> aw) {
+    auto done = std::make_shared<std::promise<void>>();
+    auto f = done->get_future();
+    asio::co_spawn(ctx_, std::move(aw), [done](std::exception_ptr e) {
       if (e) {
-        done.set_exception(e);
+        done->set_exception(e);
       } else {
-        done.set_value();
+        done->set_value();
       }
     });
+    return f;
+  }
+  // Runs a coroutine on the server's thread and waits for it, bounded.
+  void run_on_io(asio::awaitable<void> aw) {
+    auto f = start_on_io(std::move(aw));
     if (f.wait_for(30s) != std::future_status::ready) {
       // Its frame refers to this stack: there is no safe way to continue.
       std::fprintf(stderr, "coroutine on the io thread did not finish in 30 s\n");
@@ -758,6 +765,58 @@ TEST_F(NbdServerTest, StopClosesConnectionsAndRemovesTheSocket) {
   Status st;
   on_io([&] { st = server_->listen_unix(sock_); });
   EXPECT_EQ(st.code(), make_error_code(errc::stopped));
+}
+
+TEST_F(NbdServerTest, StopWithRequestsInFlightAnswersThemOrRefusesThenCloses) {
+  Client c;
+  connect(c, true);
+  // Fill the connection's in-flight window with durable writes, then stop while they run.
+  std::vector<Bytes> data;
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    data.push_back(pattern(kPayloadMax, 50 + i));
+    ASSERT_TRUE(c.send(nbd::kCmdWrite, i * std::uint64_t{kPayloadMax}, kPayloadMax,
+                       nbd::kCmdFlagFua, &data.back()));
+  }
+  auto stopped = start_on_io(server_->stop());
+  // Requests after the stop began: answered with ESHUTDOWN, or the connection is gone.
+  for (int i = 0; i < 4; ++i) {
+    if (!c.send(nbd::kCmdFlush, 0, 0)) break;
+  }
+  std::size_t replies = 0;
+  while (auto r = c.read_reply()) {
+    ++replies;
+    EXPECT_TRUE(r->error == 0 || r->error == nbd::kEshutdown) << r->error;
+  }
+  EXPECT_LE(replies, 12u);
+  EXPECT_TRUE(c.wait_closed());
+  ASSERT_EQ(stopped.wait_for(30s), std::future_status::ready);
+  EXPECT_EQ(counters().connections_open, 0u);
+}
+
+TEST_F(NbdServerTest, StopIsBoundedWhenAClientDoesNotRead) {
+  NbdServerOptions o = opts();
+  o.stop_grace_ms = 300;
+  const std::string sock2 = (dir_ / "grace.sock").string();
+  extra_servers_.push_back(start_server(o, sock2));
+  Client c;
+  ASSERT_TRUE(c.connect_unix(sock2));
+  c.handshake(false);
+  // 8 MiB of READ replies that the client never takes: the reply writer blocks on the socket.
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE(c.send(nbd::kCmdRead, 0, kPayloadMax));
+  NbdServer& srv = *extra_servers_.back();
+  // Poll (bounded) until the server has read all eight: their replies cannot all fit in the
+  // socket buffer, so the writer is stuck when the stop begins.
+  std::uint64_t read_requests = 0;
+  for (int i = 0; i < 500 && read_requests < 8; ++i) {
+    on_io([&] { read_requests = srv.counters().requests; });
+    if (read_requests < 8) std::this_thread::sleep_for(10ms);
+  }
+  ASSERT_EQ(read_requests, 8u);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto stopped = start_on_io(srv.stop());
+  ASSERT_EQ(stopped.wait_for(20s), std::future_status::ready);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+  EXPECT_TRUE(c.wait_closed());
 }
 
 }  // namespace
