@@ -73,6 +73,10 @@ class Checker(threading.Thread):
         try:
             h = nbd.NBD()
             h.connect_uri(self.uri)
+            # FLUSH goes out on a second connection: with CAN_MULTI_CONN a flush on any
+            # connection covers writes completed on all of them, and the model relies on it.
+            hf = nbd.NBD()
+            hf.connect_uri(self.uri)
             while not self.stop_flag.is_set():
                 b = CHECK_FIRST + self.rnd.randrange(CHECK_BLOCKS)
                 self.seq += 1
@@ -87,7 +91,7 @@ class Checker(threading.Thread):
                     pending.append((b, self.seq))
                 if len(pending) >= 16:
                     covered, pending = pending, []
-                    h.flush()
+                    hf.flush()
                     for cb, cs in covered:
                         self.model.make_durable(cb, cs)
         except nbd.Error as e:

@@ -176,5 +176,34 @@ class NbdClients(unittest.TestCase):
         self.d.start()  # tearDown stops it again
 
 
+class NbdOverTcp(unittest.TestCase):
+    def test_tcp_export_on_loopback(self):
+        with Workdir() as wd:
+            d = Daemon(wd.path, [("vol0", SIZE)], extra_volume_keys={"nbd_listen": "127.0.0.1:0"})
+            d.start()
+            try:
+                import re
+                m = None
+
+                def port_logged():
+                    nonlocal m
+                    m = re.search(r"NBD export on tcp 127\.0\.0\.1:0 \(port (\d+)\)", d.log())
+                    return m is not None
+                wait_until(port_logged, "the TCP port in the log")
+                uri = "nbd://127.0.0.1:%s/vol0" % m.group(1)
+                h = nbd.NBD()
+                h.connect_uri(uri)
+                self.assertEqual(h.get_size(), SIZE)
+                h.pwrite(b"t" * 8192, 4096, nbd.CMD_FLAG_FUA)
+                h.shutdown()
+                # Data written over TCP reads back over the Unix socket: one volume.
+                h2 = nbd.NBD()
+                h2.connect_uri(d.uri("vol0"))
+                self.assertEqual(h2.pread(8192, 4096), b"t" * 8192)
+                h2.shutdown()
+            finally:
+                self.assertEqual(d.stop(), 0, d.log())
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
