@@ -74,7 +74,9 @@ asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const 
   if (!env) co_return Error(env.error().code, "volume " + vc.id + ": " + env.error().message());
   rt.env = std::move(env).value();
   TANDEM_CO_TRY(ensure_dir(fs::path(vc.meta_path).parent_path().string(), fs::perms::owner_all));
-  auto vol = co_await engine::Volume::open(*rt.env, volume_options(vc));
+  // A named local, moved in: GCC 12 mishandles a temporary argument inside co_await (double free).
+  engine::VolumeOptions opts = volume_options(vc);
+  auto vol = co_await engine::Volume::open(*rt.env, std::move(opts));
   if (!vol) {
     rt.env->stop();
     co_return vol.error();
