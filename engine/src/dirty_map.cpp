@@ -16,6 +16,26 @@ DirtyMap::DirtyMap(MetaStore& meta, DirtyMapOptions opts)
   TANDEM_ASSERT(region_blocks_ > 0 && std::has_single_bit(region_blocks_));
   TANDEM_ASSERT(hot_max_ > 0 && hot_max_ <= MetaLayout::kIntentEntriesMax / 2);
   bits_.assign(meta.layout().bitmap_pages * (MetaLayout::kBitmapPageBytes / 8), 0);
+  // Unknown until read: assume every page may hold bits.
+  disk_nonzero_.assign(meta.layout().bitmap_pages, true);
+  cycle_disk_nonzero_.assign(meta.layout().bitmap_pages, true);
+}
+
+bool DirtyMap::page_nonzero(const std::vector<std::uint64_t>& words, std::uint64_t page) const {
+  constexpr std::uint64_t kWords = MetaLayout::kBitmapPageBytes / 8;
+  for (std::uint64_t w = page * kWords; w < (page + 1) * kWords; ++w) {
+    if (words[w] != 0) return true;
+  }
+  return false;
+}
+
+asio::awaitable<Status> DirtyMap::write_pages(const std::vector<std::uint64_t>& words,
+                                              std::uint64_t first, std::uint64_t count,
+                                              MetaStore::BitmapArea area) {
+  TANDEM_CO_TRY(co_await meta_.write_bitmap_pages(words, first, count, area));
+  auto& track = area == MetaStore::BitmapArea::dirty ? disk_nonzero_ : cycle_disk_nonzero_;
+  for (std::uint64_t p = first; p < first + count; ++p) track[p] = page_nonzero(words, p);
+  co_return Status{};
 }
 
 void DirtyMap::set_bits(std::uint64_t first, std::uint64_t count) {
@@ -101,7 +121,7 @@ asio::awaitable<Status> DirtyMap::recover() {
 asio::awaitable<Status> DirtyMap::persist_all() {
   for (auto& [r, h] : hot_) TANDEM_ASSERT_MSG(h.pins == 0, "persist_all with writes in flight");
   TANDEM_ASSERT(wanted_.empty() && !writing_intent_);
-  TANDEM_CO_TRY(co_await meta_.write_bitmap_pages(bits_, 0, meta_.layout().bitmap_pages));
+  TANDEM_CO_TRY(co_await write_pages(bits_, 0, meta_.layout().bitmap_pages, MetaStore::BitmapArea::dirty));
   TANDEM_CO_TRY(co_await meta_.flush());
   // Only now may the intent log forget the hot regions: their bits are durable.
   TANDEM_CO_TRY(co_await meta_.write_intent({}));
@@ -199,7 +219,7 @@ asio::awaitable<Status> DirtyMap::update_intent_log() {
     }
     std::sort(pages.begin(), pages.end());
     pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-    for (auto p : pages) TANDEM_CO_TRY(co_await meta_.write_bitmap_pages(bits_, p, 1));
+    for (auto p : pages) TANDEM_CO_TRY(co_await write_pages(bits_, p, 1, MetaStore::BitmapArea::dirty));
     TANDEM_CO_TRY(co_await meta_.flush());
     evictions_ += victims.size();
   }
@@ -220,6 +240,63 @@ asio::awaitable<Status> DirtyMap::update_intent_log() {
     wanted_.erase(it);
   }
   co_return Status{};
+}
+
+}  // namespace tandem::engine
+
+namespace tandem::engine {
+
+asio::awaitable<Result<BlockBitmap>> DirtyMap::freeze() {
+  for (auto& [r, h] : hot_) TANDEM_ASSERT_MSG(h.pins == 0, "cut with writes in flight");
+  TANDEM_ASSERT(wanted_.empty() && !writing_intent_);
+  const std::uint64_t pages = meta_.layout().bitmap_pages;
+  // Every page that has bits now or had bits before (stale bits must not survive).
+  for (std::uint64_t p = 0; p < pages; ++p) {
+    if (cycle_disk_nonzero_[p] || page_nonzero(bits_, p)) {
+      TANDEM_CO_TRY(co_await write_pages(bits_, p, 1, MetaStore::BitmapArea::cycle));
+    }
+  }
+  TANDEM_CO_TRY(co_await meta_.flush());
+  co_return BlockBitmap(blocks_, bits_);
+}
+
+asio::awaitable<Status> DirtyMap::drop_frozen(const BlockBitmap& frozen) {
+  for (auto& [r, h] : hot_) TANDEM_ASSERT_MSG(h.pins == 0, "cut with writes in flight");
+  TANDEM_ASSERT(frozen.blocks() == blocks_);
+  const auto& fw = frozen.words();
+  for (std::size_t i = 0; i < bits_.size(); ++i) bits_[i] &= ~fw[i];
+  dirty_count_ = 0;
+  for (auto w : bits_) dirty_count_ += static_cast<std::uint64_t>(std::popcount(w));
+  bool wrote = false;
+  for (std::uint64_t p = 0; p < meta_.layout().bitmap_pages; ++p) {
+    if (disk_nonzero_[p]) {
+      TANDEM_CO_TRY(co_await write_pages(bits_, p, 1, MetaStore::BitmapArea::dirty));
+      wrote = true;
+    }
+  }
+  if (wrote) TANDEM_CO_TRY(co_await meta_.flush());
+  co_return Status{};
+}
+
+asio::awaitable<Result<BlockBitmap>> DirtyMap::load_frozen() {
+  std::vector<std::uint64_t> words;
+  TANDEM_CO_TRY(co_await meta_.read_bitmap(words, MetaStore::BitmapArea::cycle));
+  for (std::uint64_t b = blocks_; b < words.size() * 64; ++b) {
+    if (((words[b / 64] >> (b % 64)) & 1u) != 0) {
+      co_return Error(errc::corrupt_metadata, "cycle bitmap has bits beyond the end of the volume");
+    }
+  }
+  for (std::uint64_t p = 0; p < meta_.layout().bitmap_pages; ++p) cycle_disk_nonzero_[p] = page_nonzero(words, p);
+  co_return BlockBitmap(blocks_, std::move(words));
+}
+
+void DirtyMap::merge(const BlockBitmap& frozen) {
+  TANDEM_ASSERT(frozen.blocks() == blocks_);
+  const auto& w = frozen.words();
+  for (std::size_t i = 0; i < w.size() && i < bits_.size(); ++i) {
+    dirty_count_ += static_cast<std::uint64_t>(std::popcount(w[i] & ~bits_[i]));
+    bits_[i] |= w[i];
+  }
 }
 
 }  // namespace tandem::engine

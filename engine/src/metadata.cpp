@@ -95,7 +95,8 @@ MetaLayout MetaLayout::for_volume(std::uint64_t size_bytes, std::uint32_t block_
   l.bitmap_offset = l.intent_offset + 2 * kIntentSlotBytes;
   l.bitmap_pages = (l.blocks + kBlocksPerBitmapPage - 1) / kBlocksPerBitmapPage;
   if (l.bitmap_pages == 0) l.bitmap_pages = 1;
-  l.total_bytes = l.bitmap_offset + l.bitmap_pages * kBitmapPageBytes;
+  l.cycle_bitmap_offset = l.bitmap_offset + l.bitmap_pages * kBitmapPageBytes;
+  l.total_bytes = l.cycle_bitmap_offset + l.bitmap_pages * kBitmapPageBytes;
   return l;
 }
 
@@ -295,7 +296,8 @@ asio::awaitable<Status> MetaStore::write_intent(const std::vector<std::uint32_t>
   co_return Status{};
 }
 
-asio::awaitable<Status> MetaStore::read_bitmap(std::vector<std::uint64_t>& words) {
+asio::awaitable<Status> MetaStore::read_bitmap(std::vector<std::uint64_t>& words, BitmapArea area) {
+  const std::uint64_t base = area == BitmapArea::dirty ? layout_.bitmap_offset : layout_.cycle_bitmap_offset;
   const std::uint64_t words_per_page = MetaLayout::kBitmapPageBytes / 8;
   words.assign(layout_.bitmap_pages * words_per_page, 0);
   // Read in chunks of up to 1 MiB to bound the buffer.
@@ -304,8 +306,7 @@ asio::awaitable<Status> MetaStore::read_bitmap(std::vector<std::uint64_t>& words
   for (std::uint64_t page = 0; page < layout_.bitmap_pages; page += kChunkPages) {
     const std::uint64_t n = std::min(kChunkPages, layout_.bitmap_pages - page);
     const std::size_t len = n * MetaLayout::kBitmapPageBytes;
-    TANDEM_CO_TRY(co_await dev_->read(layout_.bitmap_offset + page * MetaLayout::kBitmapPageBytes,
-                                      len, buf));
+    TANDEM_CO_TRY(co_await dev_->read(base + page * MetaLayout::kBitmapPageBytes, len, buf));
     const auto* p = reinterpret_cast<const unsigned char*>(buf.data());
     for (std::uint64_t w = 0; w < n * words_per_page; ++w) {
       words[page * words_per_page + w] = get_le64(p + 8 * w);
@@ -315,7 +316,9 @@ asio::awaitable<Status> MetaStore::read_bitmap(std::vector<std::uint64_t>& words
 }
 
 asio::awaitable<Status> MetaStore::write_bitmap_pages(const std::vector<std::uint64_t>& words,
-                                                      std::uint64_t first_page, std::uint64_t count) {
+                                                      std::uint64_t first_page, std::uint64_t count,
+                                                      BitmapArea area) {
+  const std::uint64_t base = area == BitmapArea::dirty ? layout_.bitmap_offset : layout_.cycle_bitmap_offset;
   const std::uint64_t words_per_page = MetaLayout::kBitmapPageBytes / 8;
   TANDEM_ASSERT(first_page + count <= layout_.bitmap_pages);
   TANDEM_ASSERT(words.size() >= (first_page + count) * words_per_page);
@@ -327,7 +330,7 @@ asio::awaitable<Status> MetaStore::write_bitmap_pages(const std::vector<std::uin
     for (std::uint64_t w = 0; w < n * words_per_page; ++w) {
       put_le64(p + 8 * w, words[page * words_per_page + w]);
     }
-    TANDEM_CO_TRY(co_await dev_->write(layout_.bitmap_offset + page * MetaLayout::kBitmapPageBytes,
+    TANDEM_CO_TRY(co_await dev_->write(base + page * MetaLayout::kBitmapPageBytes,
                                        n * MetaLayout::kBitmapPageBytes, buf, false));
   }
   co_return Status{};

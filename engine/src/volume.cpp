@@ -35,6 +35,40 @@ class Volume::OpGuard {
   Volume& v_;
 };
 
+// Releases the count of a host write admitted by admit_write(), so hold_writes() can wait.
+class Volume::WriteGuard {
+ public:
+  explicit WriteGuard(Volume& v) : v_(v) { TANDEM_ASSERT(v_.writes_in_flight_ > 0); }
+  ~WriteGuard() {
+    TANDEM_ASSERT(v_.writes_in_flight_ > 0);
+    if (--v_.writes_in_flight_ == 0) v_.writes_drained_.notify_all();
+  }
+  WriteGuard(const WriteGuard&) = delete;
+  WriteGuard& operator=(const WriteGuard&) = delete;
+
+ private:
+  Volume& v_;
+};
+
+asio::awaitable<void> Volume::admit_write() {
+  while (writes_held_) co_await writes_released_.wait();
+  // Counted before returning, with no suspension in between, so a hold that starts after this
+  // point waits for this write.
+  ++writes_in_flight_;
+}
+
+asio::awaitable<void> Volume::hold_writes() {
+  TANDEM_ASSERT_MSG(!writes_held_, "writes already held");
+  writes_held_ = true;
+  while (writes_in_flight_ > 0) co_await writes_drained_.wait();
+}
+
+void Volume::release_writes() {
+  TANDEM_ASSERT(writes_held_);
+  writes_held_ = false;
+  writes_released_.notify_all();
+}
+
 asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, VolumeOptions opts) {
   const std::string who = "volume " + opts.id;
   if (opts.path.empty()) co_return Error(errc::bad_config, who + ": no path");
@@ -135,6 +169,9 @@ asio::awaitable<Status> Volume::write(std::uint64_t offset, std::size_t len, con
   TANDEM_ASSERT(len <= src.capacity());
   if (len == 0) co_return Status{};
   OpGuard g(*this);
+  co_await admit_write();
+  WriteGuard wg(*this);
+  TANDEM_CO_TRY(check_write(offset, len));  // the role may have changed while held
   ++stats_.writes;
   Status st = co_await write_locked(offset, len, &src, fua);
   if (st) {
@@ -152,6 +189,7 @@ asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t l
   const std::uint64_t first = a0 / kBlock;
   const std::uint64_t count = (a1 - a0) / kBlock;
   auto guard = co_await locks_.acquire(first, count);
+  if (hook_ != nullptr) TANDEM_CO_TRY(co_await hook_->before_write(first, count));
   TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
   Status st;
   if (a0 == offset && a1 == offset + len) {
@@ -185,6 +223,9 @@ asio::awaitable<Status> Volume::write_zeroes(std::uint64_t offset, std::uint64_t
   TANDEM_CO_TRY(check_write(offset, len));
   if (len == 0) co_return Status{};
   OpGuard g(*this);
+  co_await admit_write();
+  WriteGuard wg(*this);
+  TANDEM_CO_TRY(check_write(offset, len));  // the role may have changed while held
   ++stats_.zeroes;
   Status st = co_await zero_locked(offset, len, may_unmap, fast_only, false);
   if (st && fua) st = co_await flush();
@@ -196,6 +237,9 @@ asio::awaitable<Status> Volume::trim(std::uint64_t offset, std::uint64_t len, bo
   TANDEM_CO_TRY(check_write(offset, len));
   if (len == 0) co_return Status{};
   OpGuard g(*this);
+  co_await admit_write();
+  WriteGuard wg(*this);
+  TANDEM_CO_TRY(check_write(offset, len));  // the role may have changed while held
   ++stats_.trims;
   Status st = co_await zero_locked(offset, len, true, false, true);
   if (st && fua) st = co_await flush();
@@ -215,6 +259,7 @@ asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t 
   const std::uint64_t first = l0 / kBlock;
   const std::uint64_t count = (l1 - l0) / kBlock;
   auto guard = co_await locks_.acquire(first, count);
+  if (hook_ != nullptr) TANDEM_CO_TRY(co_await hook_->before_write(first, count));
   TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
   Status st;
   // Whole blocks first, so a refused fast zero has changed nothing.
@@ -262,6 +307,29 @@ asio::awaitable<Status> Volume::zero_by_writing(std::uint64_t offset, std::uint6
     done += n;
   }
   co_return Status{};
+}
+
+asio::awaitable<Status> Volume::write_replicated(std::uint64_t offset, std::size_t len,
+                                                 const IoBuffer& src) {
+  if (closing_) co_return errc::shutting_down;
+  TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0 && len <= src.capacity());
+  if (offset > size_ || len > size_ - offset) co_return errc::no_space;
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  auto guard = co_await locks_.acquire(offset / kBlock, len / kBlock);
+  co_return co_await data_->write(offset, len, src, false);
+}
+
+asio::awaitable<Status> Volume::zero_replicated(std::uint64_t offset, std::uint64_t len) {
+  if (closing_) co_return errc::shutting_down;
+  TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0);
+  if (offset > size_ || len > size_ - offset) co_return errc::no_space;
+  if (len == 0) co_return Status{};
+  OpGuard g(*this);
+  auto guard = co_await locks_.acquire(offset / kBlock, len / kBlock);
+  Status st = co_await data_->zero(offset, len, true);
+  if (st.code() == make_error_code(errc::not_supported)) st = co_await zero_by_writing(offset, len);
+  co_return st;
 }
 
 asio::awaitable<Status> Volume::flush() {

@@ -24,6 +24,7 @@
 
 #include "tandem/common/async.h"
 #include "tandem/common/result.h"
+#include "tandem/engine/bitmap.h"
 #include "tandem/engine/metadata.h"
 
 namespace tandem::engine {
@@ -65,6 +66,24 @@ class DirtyMap {
   // Writes the whole bitmap, flushes, and empties the intent log (clean shutdown).
   asio::awaitable<Status> persist_all();
 
+  // A cycle cut moves every dirty bit into the frozen set of a new cycle, in two steps with
+  // the caller's durable record of the cut between them, so a crash at any point leaves every
+  // block in the dirty bitmap or in a frozen set the caller knows about:
+  //   freeze()       writes the dirty bits to the metadata's cycle area, flushes, and returns
+  //                  them; nothing else changes;
+  //   (the caller records "cycle N cut" durably)
+  //   drop_frozen()  clears those bits from the dirty bitmap, in memory and on disk, flushed.
+  // Hot regions stay hot. The caller holds writes across both: none may be in flight.
+  asio::awaitable<Result<BlockBitmap>> freeze();
+  asio::awaitable<Status> drop_frozen(const BlockBitmap& frozen);
+  // The frozen set stored in the cycle area by the last cut (after a restart).
+  asio::awaitable<Result<BlockBitmap>> load_frozen();
+  // Folds a frozen set back into the dirty bits (a cycle given up); durable with persist_all()
+  // or lazily as pages are written.
+  void merge(const BlockBitmap& frozen);
+  // The dirty bits as a bitmap (a copy).
+  [[nodiscard]] BlockBitmap snapshot() const { return BlockBitmap(blocks_, bits_); }
+
   [[nodiscard]] std::size_t hot_regions() const { return hot_.size(); }
   [[nodiscard]] std::uint64_t evictions() const { return evictions_; }
   [[nodiscard]] std::uint32_t region_blocks() const { return region_blocks_; }
@@ -77,6 +96,9 @@ class DirtyMap {
   };
   void set_bits(std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> update_intent_log();
+  asio::awaitable<Status> write_pages(const std::vector<std::uint64_t>& words, std::uint64_t first,
+                                      std::uint64_t count, MetaStore::BitmapArea area);
+  [[nodiscard]] bool page_nonzero(const std::vector<std::uint64_t>& words, std::uint64_t page) const;
 
   MetaStore& meta_;
   std::uint64_t blocks_;
@@ -84,6 +106,9 @@ class DirtyMap {
   std::uint32_t hot_max_;
   std::vector<std::uint64_t> bits_;
   std::uint64_t dirty_count_ = 0;
+  // Which on-disk pages may hold set bits, per area: a cut zeroes exactly those.
+  std::vector<bool> disk_nonzero_;
+  std::vector<bool> cycle_disk_nonzero_;
   std::unordered_map<std::uint32_t, Hot> hot_;       // durable in the intent log
   std::unordered_map<std::uint32_t, std::uint32_t> wanted_;  // region -> pins waiting for it
   std::uint64_t tick_ = 0;

@@ -65,8 +65,9 @@ struct MetaLayout {
 
   std::uint64_t blocks = 0;
   std::uint64_t intent_offset = 0;
-  std::uint64_t bitmap_offset = 0;
-  std::uint64_t bitmap_pages = 0;
+  std::uint64_t bitmap_offset = 0;        // dirty bitmap (writes not yet in any cycle)
+  std::uint64_t cycle_bitmap_offset = 0;  // frozen set of the cycle in progress
+  std::uint64_t bitmap_pages = 0;         // pages in each bitmap area
   std::uint64_t total_bytes = 0;
 
   static MetaLayout for_volume(std::uint64_t size_bytes, std::uint32_t block_bytes);
@@ -119,11 +120,14 @@ class MetaStore {
   asio::awaitable<Result<IntentRecord>> read_intent();
   // Writes the hot-region set to the other slot, then flushes.
   asio::awaitable<Status> write_intent(const std::vector<std::uint32_t>& regions);
-  // Reads the whole on-disk bitmap into words (one bit per block, LSB first).
-  asio::awaitable<Status> read_bitmap(std::vector<std::uint64_t>& words);
+  enum class BitmapArea { dirty, cycle };
+  // Reads a whole on-disk bitmap into words (one bit per block, LSB first).
+  asio::awaitable<Status> read_bitmap(std::vector<std::uint64_t>& words,
+                                      BitmapArea area = BitmapArea::dirty);
   // Writes bitmap pages [first, first+count) from words. Not flushed: call flush().
   asio::awaitable<Status> write_bitmap_pages(const std::vector<std::uint64_t>& words,
-                                             std::uint64_t first_page, std::uint64_t count);
+                                             std::uint64_t first_page, std::uint64_t count,
+                                             BitmapArea area = BitmapArea::dirty);
   asio::awaitable<Status> flush() { return dev_->flush(); }
 
   [[nodiscard]] std::uint64_t intent_writes() const { return intent_writes_; }

@@ -40,6 +40,15 @@ struct VolumeOptions {
 
 enum class Access { read_write, read_only };
 
+// Sees every host write before it reaches the device (replication's copy-on-write of blocks a
+// cycle still has to ship). Called under the write's block-range lock, so the blocks' old
+// contents are stable while it runs; an error fails the host write before anything is written.
+class WriteHook {
+ public:
+  virtual ~WriteHook() = default;
+  virtual asio::awaitable<Status> before_write(std::uint64_t first_block, std::uint64_t count) = 0;
+};
+
 struct VolumeStats {
   std::uint64_t reads = 0, writes = 0, flushes = 0, zeroes = 0, trims = 0;
   std::uint64_t bytes_read = 0, bytes_written = 0;
@@ -88,9 +97,22 @@ class Volume {
   // Refuses new requests, waits for those in flight, flushes data and metadata.
   asio::awaitable<Status> close();
 
+  // Replication's own I/O. Aligned to 4 KiB. Not dirty-tracked and not hooked (the data comes
+  // from the peer), allowed whatever the host access; ordered with host writes by the range lock.
+  asio::awaitable<Status> write_replicated(std::uint64_t offset, std::size_t len, const IoBuffer& src);
+  asio::awaitable<Status> zero_replicated(std::uint64_t offset, std::uint64_t len);
+
+  // Stops admitting host writes and waits until none is in flight (a consistent cut across one
+  // or many volumes); reads go on. release_writes() lets them through again.
+  asio::awaitable<void> hold_writes();
+  void release_writes();
+  void set_write_hook(WriteHook* hook) { hook_ = hook; }
+
  private:
   Volume(DeviceEnv& env, VolumeOptions opts) : env_(env), opts_(std::move(opts)) {}
   class OpGuard;
+  class WriteGuard;
+  asio::awaitable<void> admit_write();
   Status check_write(std::uint64_t offset, std::uint64_t len) const;
   asio::awaitable<Status> write_locked(std::uint64_t offset, std::size_t len, const IoBuffer* src,
                                        bool fua);
@@ -113,6 +135,11 @@ class Volume {
   bool created_ = false;
   std::uint32_t ops_in_flight_ = 0;
   WaitQueue drained_;
+  std::uint32_t writes_in_flight_ = 0;
+  bool writes_held_ = false;
+  WaitQueue writes_drained_;
+  WaitQueue writes_released_;
+  WriteHook* hook_ = nullptr;
   VolumeStats stats_;
 };
 
