@@ -188,6 +188,19 @@ class UringEnv final : public DeviceEnv {
     return std::unique_ptr<BlockDevice>(new UringDevice(*ring_, fd, spec.path, size, blk));
   }
 
+  Status remove(const std::string& path) override {
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) return errno_error(errno, "unlink " + path);
+    // Make the removal durable: a stale file must not reappear after a crash.
+    const auto slash = path.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return errno_error(errno, "open " + dir);
+    const int rc = ::fsync(dfd);
+    const int e = errno;
+    ::close(dfd);
+    if (rc != 0) return errno_error(e, "fsync " + dir);
+    return {};
+  }
   BufferArena& buffers() override { return arena_; }
   void stop() override { ring_->stop(); }
   Ring& ring() { return *ring_; }

@@ -117,6 +117,10 @@ class FaultEnv final : public engine::DeviceEnv {
     }
     return std::unique_ptr<BlockDevice>(new FaultDisk(*this, it->second, spec.path));
   }
+  Status remove(const std::string& path) override {
+    disks_.erase(path);
+    return {};
+  }
   BufferArena& buffers() override { return arena_; }
 
   std::shared_ptr<FaultDiskState> disk(const std::string& path) { return disks_.at(path); }

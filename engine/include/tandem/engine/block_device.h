@@ -58,6 +58,8 @@ class DeviceEnv {
  public:
   virtual ~DeviceEnv() = default;
   virtual Result<std::unique_ptr<BlockDevice>> open(const OpenSpec& spec) = 0;
+  // Removes a regular file (not open), durably; a missing file is not an error.
+  virtual Status remove(const std::string& path) = 0;
   virtual BufferArena& buffers() = 0;
   // Stops background work (the ring's reaper) once nothing is in flight.
   virtual void stop() {}
