@@ -17,6 +17,7 @@ class Category final : public std::error_category {
       case errc::unrelated_volumes: return "unrelated volumes";
       case errc::peer_unreachable: return "peer unreachable";
       case errc::unknown_session: return "unknown session";
+      case errc::bad_message: return "malformed replication message";
     }
     return "unknown replication error " + std::to_string(c);
   }

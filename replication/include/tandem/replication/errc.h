@@ -13,6 +13,7 @@ enum class errc {
   unrelated_volumes = 4,
   peer_unreachable = 5,
   unknown_session = 6,
+  bad_message = 7,
 };
 
 const std::error_category& replication_category() noexcept;
