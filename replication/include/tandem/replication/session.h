@@ -1,0 +1,222 @@
+// Session: one replication relationship between a local volume (or a consistency group of
+// volumes) and its peer, in one role: source or destination. It is the only place that knows
+// the rules of the design's data path:
+//
+// Source. Host writes mark the dirty map (engine). A cycle cuts it (all members at one instant,
+// writes held briefly): the frozen set ships in LBA order as extents hashed with xxh3, a window
+// of them in flight; a host write to a frozen block the peer does not have durably yet first
+// copies the old block into the preserve log (copy-on-write), so the cycle ships exactly the
+// image of the cut and can be resumed after any interruption. The cycle is forgotten only when
+// the destination says it is committed. A source that writes while disconnected starts a new
+// generation first.
+//
+// Destination. Extents are verified against their hash and staged in the cycle journal; every
+// durable batch is acknowledged with the restart address. At the cycle's end a commit record is
+// written, the journal is applied in place, the volume flushed, and the commit acknowledged.
+// The volume is therefore always exactly at a committed cycle (a crash mid-apply is repaired by
+// applying again on start). The initial sync is not staged: the destination is Initializing
+// (inconsistent) until it and the first cycle complete; it restarts from its durable checkpoint.
+//
+// On connect both sides exchange a SessionHello; the source compares generation histories
+// (generation.h) and refuses split brain and unrelated volumes, touching nothing.
+//
+// Threading: one io_context thread. Ownership: the session does not own its volumes or envs
+// (the daemon does); they outlive stop().
+#pragma once
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "tandem/common/async.h"
+#include "tandem/common/result.h"
+#include "tandem/engine/bitmap.h"
+#include "tandem/engine/cycle_journal.h"
+#include "tandem/engine/preserve_log.h"
+#include "tandem/engine/volume.h"
+#include "tandem/replication/generation.h"
+#include "tandem/replication/messages.h"
+#include "tandem/replication/session_state.h"
+#include "tandem/transport/connection.h"
+
+namespace tandem::replication {
+
+struct SessionMember {
+  engine::Volume* volume = nullptr;
+  engine::DeviceEnv* env = nullptr;  // opens the member's journal / preserve files
+  std::string state_dir;             // where they live
+};
+
+struct SessionOptions {
+  std::string id;
+  Role role = Role::source;  // initial role (the persisted one wins once written)
+  std::vector<SessionMember> members;
+  std::vector<std::string> remote_volumes;
+  std::string peer_name;
+  std::uint32_t rpo_seconds = 10;
+  // Unacknowledged bytes in flight. 64 MiB keeps a 10 Gb/s link busy at 50 ms round trips and
+  // bounds what a resume may re-ship.
+  std::uint64_t window_bytes = 64ull << 20;
+  // Largest extent shipped in one frame.
+  std::uint32_t extent_bytes = 1u << 20;
+  // Destination: staged bytes per journal record / acknowledgement.
+  std::uint64_t stage_batch_bytes = 8ull << 20;
+  // Destination: initial-sync bytes between durable checkpoints (each flushes the volume).
+  std::uint64_t initial_checkpoint_bytes = 64ull << 20;
+};
+
+struct RestartAddress {
+  std::uint64_t cycle = 0;
+  std::uint64_t offset = 0;
+};
+
+struct SessionStatus {
+  std::string state;  // control-API state name
+  Role role = Role::source;
+  bool connected = false;
+  std::uint64_t committed_cycle = 0;
+  std::uint64_t transfer_cycle = 0;
+  RestartAddress restart;
+  std::uint64_t lag_bytes = 0;       // source: dirty + frozen bytes not yet committed
+  std::uint64_t bytes_shipped = 0;   // source: extent bytes sent
+  std::uint64_t bytes_reshipped = 0; // source: sent again after a resume
+  std::uint64_t transfer_bytes_total = 0;
+  std::uint64_t transfer_bytes_done = 0;
+  std::optional<std::chrono::system_clock::time_point> last_sync;
+  std::uint64_t last_sync_duration_ms = 0;
+  std::string error;                 // why it is refused / paused
+  std::vector<std::uint64_t> generations;
+};
+
+class Session {
+ public:
+  static asio::awaitable<Result<std::unique_ptr<Session>>> open(asio::any_io_executor ex, SessionOptions opts);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  [[nodiscard]] const std::string& id() const { return opts_.id; }
+  [[nodiscard]] Role role() const { return state_.role; }
+
+  // The link came up: send our hello. The session uses this connection until detach().
+  void attach(std::shared_ptr<transport::Connection> conn);
+  void detach(const std::string& reason);
+  // A replication frame for this session, from the link's receive loop.
+  asio::awaitable<Status> handle(MsgType type, std::span<const std::byte> payload);
+  // Start a cycle now (source).
+  void request_sync();
+  asio::awaitable<void> stop();
+  [[nodiscard]] SessionStatus status() const;
+
+ private:
+  class CowHook;
+  struct Member {
+    SessionMember m;
+    std::uint64_t base = 0;  // global offset of the member's first byte
+    std::optional<engine::BlockBitmap> frozen;
+    std::unique_ptr<engine::PreserveLog> preserve;
+    std::unique_ptr<engine::CycleJournal> journal;
+    std::unique_ptr<CowHook> hook;
+  };
+  enum class Plan { wait, initial, cycle, refused };
+
+  Session(asio::any_io_executor ex, SessionOptions opts);
+  asio::awaitable<Status> recover();
+  asio::awaitable<Status> persist();
+  asio::awaitable<Status> persist_generations(std::vector<std::uint64_t> gens);
+  SessionHello make_hello() const;
+  std::string journal_path(const Member& m) const;
+  std::string preserve_path(const Member& m) const;
+  std::uint64_t total_bytes() const;
+  std::pair<std::size_t, std::uint64_t> locate(std::uint64_t global) const;
+  asio::awaitable<Status> send(MsgType t, std::vector<std::byte> payload,
+                               std::span<const std::byte> data = {});
+
+  // Source.
+  asio::awaitable<void> run_source();
+  asio::awaitable<void> run_timer();
+  asio::awaitable<Status> on_peer_hello(const SessionHello& h);
+  asio::awaitable<Status> cut();
+  asio::awaitable<Status> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
+  asio::awaitable<Status> read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
+                                      const engine::IoBuffer& buf, bool frozen_view);
+  asio::awaitable<Status> wait_window(std::uint64_t conn_gen);
+  asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
+  asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
+
+  // Destination.
+  asio::awaitable<Status> on_sync_begin(const SyncBegin& m);
+  asio::awaitable<Status> on_extent(const Extent& m);
+  asio::awaitable<Status> on_extent_hash(const ExtentHash& m);
+  asio::awaitable<Status> on_cycle_end(const CycleEnd& m);
+  asio::awaitable<Status> stage_flush();
+  asio::awaitable<Status> initial_checkpoint();
+  asio::awaitable<Status> apply_committed(std::uint64_t cycle);
+  std::uint64_t staged_global_end() const;
+
+  asio::any_io_executor ex_;
+  SessionOptions opts_;
+  std::vector<Member> members_;
+  SessionState state_;
+  std::vector<std::uint64_t> generations_;
+  std::shared_ptr<transport::Connection> conn_;
+  std::uint64_t conn_gen_ = 0;
+  bool stopping_ = false;
+  bool running_ = false;
+  WaitQueue wake_;
+  WaitQueue window_;
+  WaitQueue done_;
+  std::unique_ptr<asio::steady_timer> timer_;
+  bool sync_requested_ = false;
+  std::string error_;
+  std::string state_name_;
+
+  // Source run state.
+  Plan plan_ = Plan::wait;
+  TransferMode plan_mode_ = TransferMode::cycle;
+  std::uint64_t plan_start_ = 0;
+  std::uint64_t peer_committed_ = 0;
+  bool peer_ready_ = false;
+  bool need_new_generation_ = true;  // until the first hello: writes before it bump
+  bool bumping_ = false;
+  WaitQueue bump_done_;
+  std::uint64_t acked_offset_ = 0;
+  std::uint64_t sent_end_ = 0;
+  std::uint64_t acked_cycle_ = 0;
+  std::uint64_t committed_seen_ = ~0ull;  // last Committed received (~0 = none)
+  std::uint64_t high_water_ = 0;          // furthest offset sent in the current transfer
+  std::uint64_t high_water_cycle_ = ~0ull;
+  std::uint64_t pending_hashes_ = 0;
+  std::deque<std::pair<std::uint64_t, std::uint32_t>> resend_;
+  std::uint64_t bytes_shipped_ = 0;
+  std::uint64_t bytes_reshipped_ = 0;
+  std::uint64_t transfer_total_ = 0;
+  std::uint64_t transfer_done_ = 0;
+  std::optional<std::chrono::system_clock::time_point> last_sync_;
+  std::uint64_t last_sync_ms_ = 0;
+
+  // Destination run state.
+  std::optional<TransferMode> dmode_;
+  std::uint64_t dcycle_ = 0;
+  std::uint64_t dnext_ = 0;  // where the next extent must start (at least)
+  struct Pending {
+    std::size_t member;
+    engine::JournalExtent e;
+    engine::IoBuffer data;
+  };
+  std::vector<Pending> pending_;
+  std::uint64_t pending_bytes_ = 0;
+  std::uint64_t since_checkpoint_ = 0;
+  std::uint64_t processed_end_ = 0;
+  std::set<std::uint64_t> awaiting_data_;
+};
+
+}  // namespace tandem::replication

@@ -1,0 +1,40 @@
+// SessionState: what a replication session keeps durably, in the superblock of its first
+// member volume (its session blob, checksummed with the superblock). The generation history
+// lives in each member's superblock proper.
+//
+// Every change that matters to recovery is written before it is acted on: a cut before the
+// dirty bitmap forgets the frozen blocks, a commit record before the journal is applied, an
+// initial-sync checkpoint after the data before it is acknowledged.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "tandem/common/result.h"
+#include "tandem/replication/messages.h"
+
+namespace tandem::replication {
+
+struct SessionState {
+  static constexpr std::uint8_t kVersion = 1;
+
+  Role role = Role::source;
+  bool paired = false;                         // has been part of this pair
+  InitialState initial = InitialState::none;   // destination: initial sync progress
+  std::uint64_t initial_offset = 0;            // destination: durable restart address of it
+  std::uint64_t committed_cycle = 0;           // last cycle both sides agree is committed
+  // Source: the cycle whose frozen set is in the cycle area (cut, not yet committed).
+  // Destination: the cycle being staged in the journal. 0 = none.
+  std::uint64_t transfer_cycle = 0;
+  std::uint64_t applying_cycle = 0;            // destination: commit record (journal being applied)
+  std::uint64_t next_cycle = 1;                // source: number of the next cut
+  bool operator==(const SessionState&) const = default;
+};
+
+std::vector<std::uint8_t> encode_state(const SessionState& s);
+// An empty blob (never written) gives the defaults for `role`.
+Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role);
+
+}  // namespace tandem::replication

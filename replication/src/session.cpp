@@ -1,0 +1,959 @@
+#include "tandem/replication/session.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cstring>
+
+#include "tandem/common/hash.h"
+#include "tandem/engine/errc.h"
+#include "tandem/replication/errc.h"
+
+namespace tandem::replication {
+namespace {
+
+constexpr std::uint64_t kBlock = 4096;
+
+bool all_zero(const std::byte* p, std::size_t n) {
+  // Word-wise: the initial sync runs this over the whole volume.
+  const auto* w = reinterpret_cast<const std::uint64_t*>(p);
+  for (std::size_t i = 0; i < n / 8; ++i) {
+    if (w[i] != 0) return false;
+  }
+  return true;
+}
+
+void log_and_abort(std::exception_ptr e) {
+  if (!e) return;
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    spdlog::critical("replication: unhandled exception: {}", ex.what());
+  }
+  std::abort();
+}
+
+}  // namespace
+
+// Copy-on-write: sees each host write to a member before it reaches the device.
+class Session::CowHook final : public engine::WriteHook {
+ public:
+  CowHook(Session& s, std::size_t mi) : s_(s), mi_(mi) {}
+  asio::awaitable<Status> before_write(std::uint64_t first, std::uint64_t count) override {
+    return s_.cow(mi_, first, count);
+  }
+
+ private:
+  Session& s_;
+  std::size_t mi_;
+};
+
+Session::Session(asio::any_io_executor ex, SessionOptions opts) : ex_(std::move(ex)), opts_(std::move(opts)) {}
+
+Session::~Session() {
+  for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
+}
+
+asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_executor ex, SessionOptions opts) {
+  TANDEM_ASSERT(!opts.members.empty() && opts.members.size() <= kMembersMax);
+  std::unique_ptr<Session> s(new Session(ex, std::move(opts)));
+  std::uint64_t base = 0;
+  for (const auto& sm : s->opts_.members) {
+    Member m;
+    m.m = sm;
+    m.base = base;
+    base += sm.volume->size_bytes();
+    s->members_.push_back(std::move(m));
+  }
+  const auto& sb = s->members_[0].m.volume->meta().superblock();
+  auto st = decode_state(sb.session_blob, s->opts_.role);
+  if (!st) co_return Error(st.error().code, "session " + s->opts_.id + ": " + st.error().message());
+  s->state_ = *st;
+  s->generations_ = sb.generations;
+  if (s->state_.role != s->opts_.role) {
+    spdlog::warn("session {}: configured as {} but its volumes say {}; keeping {}", s->opts_.id,
+                 s->opts_.role == Role::source ? "source" : "destination",
+                 s->state_.role == Role::source ? "source" : "destination",
+                 s->state_.role == Role::source ? "source" : "destination");
+  }
+  TANDEM_CO_TRY(co_await s->recover());
+  for (std::size_t i = 0; i < s->members_.size(); ++i) {
+    auto& m = s->members_[i];
+    if (s->state_.role == Role::source) {
+      m.hook = std::make_unique<CowHook>(*s, i);
+      m.m.volume->set_write_hook(m.hook.get());
+      m.m.volume->set_access(engine::Access::read_write);
+    } else {
+      m.m.volume->set_access(engine::Access::read_only);
+    }
+  }
+  s->state_name_ = s->state_.role == Role::destination && s->state_.committed_cycle == 0 ? "Initializing"
+                   : s->state_.role == Role::source && !s->state_.paired             ? "Initializing"
+                                                                                     : "OK";
+  if (s->state_.role == Role::source) {
+    s->running_ = true;
+    asio::co_spawn(s->ex_, s->run_source(), log_and_abort);
+    s->timer_ = std::make_unique<asio::steady_timer>(s->ex_);
+    asio::co_spawn(s->ex_, s->run_timer(), log_and_abort);
+  }
+  co_return s;
+}
+
+std::string Session::journal_path(const Member& m) const {
+  return m.m.state_dir + "/" + m.m.volume->id() + ".journal";
+}
+std::string Session::preserve_path(const Member& m) const {
+  return m.m.state_dir + "/" + m.m.volume->id() + ".preserve";
+}
+
+std::uint64_t Session::total_bytes() const {
+  return members_.back().base + members_.back().m.volume->size_bytes();
+}
+
+std::pair<std::size_t, std::uint64_t> Session::locate(std::uint64_t global) const {
+  for (std::size_t i = members_.size(); i-- > 0;) {
+    if (global >= members_[i].base) return {i, global - members_[i].base};
+  }
+  return {0, global};
+}
+
+asio::awaitable<Status> Session::persist() {
+  // Member 0's superblock is authoritative for the session state.
+  auto& meta = members_[0].m.volume->meta();
+  engine::Superblock sb = meta.superblock();
+  sb.session_blob = encode_state(state_);
+  sb.role = state_.role == Role::source ? engine::Role::source : engine::Role::destination;
+  co_return co_await meta.write_superblock(std::move(sb));
+}
+
+asio::awaitable<Status> Session::persist_generations(std::vector<std::uint64_t> gens) {
+  // Members first, member 0 last: it is the one read on start.
+  for (std::size_t i = members_.size(); i-- > 0;) {
+    auto& meta = members_[i].m.volume->meta();
+    engine::Superblock sb = meta.superblock();
+    sb.generations = gens;
+    if (i == 0) sb.session_blob = encode_state(state_);
+    TANDEM_CO_TRY(co_await meta.write_superblock(std::move(sb)));
+  }
+  generations_ = std::move(gens);
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::recover() {
+  if (state_.role == Role::source) {
+    if (state_.transfer_cycle != 0) {
+      for (auto& m : members_) {
+        auto f = co_await m.m.volume->dirty().load_frozen();
+        if (!f) co_return f.error();
+        m.frozen = std::move(f).value();
+        auto log = co_await engine::PreserveLog::open(*m.m.env, preserve_path(m), state_.transfer_cycle, *m.frozen, true);
+        if (!log) co_return log.error();
+        m.preserve = std::move(log).value();
+      }
+      spdlog::info("session {}: resuming cycle {} after restart ({} frozen blocks)", opts_.id,
+                   state_.transfer_cycle, members_[0].frozen->count());
+    }
+    co_return Status{};
+  }
+  if (state_.applying_cycle != 0) {
+    // A commit record without the apply finished: apply again (idempotent).
+    spdlog::info("session {}: finishing the apply of committed cycle {} after restart", opts_.id,
+                 state_.applying_cycle);
+    for (auto& m : members_) {
+      auto j = co_await engine::CycleJournal::open(*m.m.env, journal_path(m), state_.applying_cycle, 0, true);
+      if (!j) co_return j.error();
+      m.journal = std::move(j).value();
+    }
+    TANDEM_CO_TRY(co_await apply_committed(state_.applying_cycle));
+  } else if (state_.transfer_cycle != 0) {
+    for (auto& m : members_) {
+      auto j = co_await engine::CycleJournal::open(*m.m.env, journal_path(m), state_.transfer_cycle, 0, true);
+      if (!j) co_return j.error();
+      m.journal = std::move(j).value();
+    }
+    spdlog::info("session {}: cycle {} staged up to offset {} before restart", opts_.id, state_.transfer_cycle,
+                 staged_global_end());
+  }
+  co_return Status{};
+}
+
+SessionHello Session::make_hello() const {
+  SessionHello h;
+  h.session_id = opts_.id;
+  h.role = state_.role;
+  for (const auto& m : members_) h.members.push_back({m.m.volume->id(), m.m.volume->size_bytes()});
+  h.generations = generations_;
+  h.paired = state_.paired;
+  h.blank = members_[0].m.volume->created() && !state_.paired;
+  h.committed_cycle = state_.committed_cycle;
+  h.staged_cycle = state_.role == Role::destination ? state_.transfer_cycle : 0;
+  h.staged_offset = h.staged_cycle != 0 ? staged_global_end() : 0;
+  h.initial = state_.initial;
+  h.initial_offset = state_.initial_offset;
+  return h;
+}
+
+std::uint64_t Session::staged_global_end() const {
+  std::uint64_t end = 0;
+  for (const auto& m : members_) {
+    if (m.journal && !m.journal->extents().empty()) end = std::max(end, m.base + m.journal->staged_end_offset());
+  }
+  return end;
+}
+
+asio::awaitable<Status> Session::send(MsgType t, std::vector<std::byte> payload, std::span<const std::byte> data) {
+  auto conn = conn_;
+  if (!conn) co_return Error(errc::peer_unreachable, "not connected");
+  std::array<asio::const_buffer, 2> bufs{asio::buffer(payload), asio::buffer(data.data(), data.size())};
+  co_return co_await conn->send(static_cast<std::uint16_t>(t), 0,
+                                std::span<const asio::const_buffer>(bufs.data(), data.empty() ? 1 : 2));
+}
+
+void Session::attach(std::shared_ptr<transport::Connection> conn) {
+  conn_ = std::move(conn);
+  ++conn_gen_;
+  peer_ready_ = false;
+  plan_ = Plan::wait;
+  asio::co_spawn(
+      ex_,
+      [](Session* self, std::uint64_t gen) -> asio::awaitable<void> {
+        auto st = co_await self->send(MsgType::session_hello, encode(self->make_hello()));
+        if (!st && gen == self->conn_gen_) {
+          spdlog::warn("session {}: cannot send hello: {}", self->opts_.id, st.error().message());
+        }
+      }(this, conn_gen_),
+      log_and_abort);
+  wake_.notify_all();
+}
+
+void Session::detach(const std::string& reason) {
+  if (!conn_) return;
+  spdlog::info("session {}: link to {} lost: {}", opts_.id, opts_.peer_name, reason);
+  conn_.reset();
+  ++conn_gen_;
+  peer_ready_ = false;
+  // Writes from now on happen without the peer: the first one starts a new generation.
+  if (state_.role == Role::source) need_new_generation_ = true;
+  if (state_name_ != "Error") state_name_ = "System_Paused";
+  window_.notify_all();
+  done_.notify_all();
+  wake_.notify_all();
+}
+
+void Session::request_sync() {
+  sync_requested_ = true;
+  wake_.notify_all();
+}
+
+asio::awaitable<void> Session::stop() {
+  stopping_ = true;
+  if (timer_) timer_->cancel();
+  wake_.notify_all();
+  window_.notify_all();
+  done_.notify_all();
+  while (running_) co_await done_.wait();
+  for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
+}
+
+SessionStatus Session::status() const {
+  SessionStatus s;
+  s.state = state_name_;
+  s.role = state_.role;
+  s.connected = conn_ != nullptr;
+  s.committed_cycle = state_.committed_cycle;
+  s.transfer_cycle = state_.transfer_cycle;
+  if (state_.role == Role::source) {
+    s.restart = {state_.transfer_cycle, acked_offset_};
+    std::uint64_t lag = 0;
+    for (const auto& m : members_) {
+      lag += m.m.volume->dirty().dirty_blocks() * kBlock;
+      if (m.frozen) lag += m.frozen->count() * kBlock;
+    }
+    s.lag_bytes = lag;
+  } else {
+    s.restart = {state_.transfer_cycle, state_.transfer_cycle ? staged_global_end() : state_.initial_offset};
+  }
+  s.bytes_shipped = bytes_shipped_;
+  s.bytes_reshipped = bytes_reshipped_;
+  s.transfer_bytes_total = transfer_total_;
+  s.transfer_bytes_done = transfer_done_;
+  s.last_sync = last_sync_;
+  s.last_sync_duration_ms = last_sync_ms_;
+  s.error = error_;
+  s.generations = generations_;
+  return s;
+}
+
+asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte> payload) {
+  switch (type) {
+    case MsgType::session_hello: {
+      auto h = decode_session_hello(payload);
+      if (!h) co_return h.error();
+      if (state_.role == Role::source) co_return co_await on_peer_hello(*h);
+      if (h->role != Role::source) {
+        error_ = "both sides of session " + opts_.id + " are destinations";
+        spdlog::error("session {}: {}", opts_.id, error_);
+      }
+      co_return Status{};
+    }
+    case MsgType::refuse: {
+      auto r = decode_refuse(payload);
+      if (!r) co_return r.error();
+      error_ = r->message;
+      state_name_ = "Error";
+      spdlog::error("session {}: the peer refused the session: {}", opts_.id, r->message);
+      co_return Status{};
+    }
+    case MsgType::ack: {
+      auto a = decode_ack(payload);
+      if (!a) co_return a.error();
+      if (state_.role != Role::source) co_return Error(errc::bad_message, "ack sent to a destination");
+      acked_offset_ = std::max(acked_offset_, a->durable_offset);
+      acked_cycle_ = a->cycle;
+      window_.notify_all();
+      co_return Status{};
+    }
+    case MsgType::hash_result: {
+      auto r = decode_hash_result(payload);
+      if (!r) co_return r.error();
+      if (pending_hashes_ > 0) --pending_hashes_;
+      if (!r->match) resend_.emplace_back(r->offset, r->length);
+      window_.notify_all();
+      co_return Status{};
+    }
+    case MsgType::committed: {
+      auto c = decode_committed(payload);
+      if (!c) co_return c.error();
+      committed_seen_ = c->cycle;
+      done_.notify_all();
+      co_return Status{};
+    }
+    case MsgType::sync_begin: {
+      auto m = decode_sync_begin(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_sync_begin(*m);
+    }
+    case MsgType::extent: {
+      auto m = decode_extent(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_extent(*m);
+    }
+    case MsgType::extent_hash: {
+      auto m = decode_extent_hash(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_extent_hash(*m);
+    }
+    case MsgType::cycle_end: {
+      auto m = decode_cycle_end(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_cycle_end(*m);
+    }
+  }
+  co_return Error(errc::bad_message, "unknown message type " + std::to_string(static_cast<int>(type)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Source
+
+asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
+  auto refuse = [&](std::uint16_t code, std::string why) -> asio::awaitable<Status> {
+    error_ = why;
+    state_name_ = "Error";
+    plan_ = Plan::refused;
+    spdlog::error("session {}: refusing to replicate to {}: {}", opts_.id, opts_.peer_name, why);
+    (void)co_await send(MsgType::refuse, encode(Refuse{opts_.id, code, why}));
+    co_return Status{};
+  };
+  if (h.role != Role::destination) {
+    co_return co_await refuse(1, "the peer's side of session " + opts_.id + " is also a source");
+  }
+  if (h.members.size() != members_.size()) {
+    co_return co_await refuse(2, "the peer has " + std::to_string(h.members.size()) + " volumes in session " +
+                                     opts_.id + ", this side " + std::to_string(members_.size()));
+  }
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    if (h.members[i].size_bytes != members_[i].m.volume->size_bytes()) {
+      co_return co_await refuse(3, "volume " + members_[i].m.volume->id() + " is " +
+                                       std::to_string(members_[i].m.volume->size_bytes()) + " bytes but the peer's " +
+                                       h.members[i].volume_id + " is " + std::to_string(h.members[i].size_bytes));
+    }
+  }
+  const SyncDecision d = decide(GenerationView{generations_, true}, GenerationView{h.generations, h.paired});
+  spdlog::info("session {}: connected to {}: local generations {}, peer {}: {}", opts_.id, opts_.peer_name,
+               describe(generations_), describe(h.generations), to_string(d));
+  switch (d) {
+    case SyncDecision::split_brain:
+      co_return co_await refuse(10, "split brain: both sides were written since they last agreed (local " +
+                                        describe(generations_) + ", peer " + describe(h.generations) +
+                                        "); nothing was changed on either side. Choose the side to keep");
+    case SyncDecision::unrelated:
+      co_return co_await refuse(11, "unrelated volumes: no common generation (local " + describe(generations_) +
+                                        ", peer " + describe(h.generations) + "); nothing was changed");
+    case SyncDecision::destination_ahead:
+      co_return co_await refuse(12, "the peer holds newer data (it was promoted: peer " + describe(h.generations) +
+                                        ", local " + describe(generations_) + "); reprotect is needed");
+    default:
+      break;
+  }
+  error_.clear();
+  need_new_generation_ = false;  // connected: writes are tracked for this peer
+  peer_committed_ = h.committed_cycle;
+  if (h.initial == InitialState::running) {
+    // Resumed in full mode: correct whatever the destination held (a resumed compare would
+    // also be, but full never reads the destination's stale blocks).
+    plan_ = Plan::initial;
+    plan_mode_ = TransferMode::initial_full;
+    plan_start_ = h.initial_offset;
+  } else if (d == SyncDecision::initial_sync) {
+    plan_ = Plan::initial;
+    plan_mode_ = h.blank ? TransferMode::initial_full : TransferMode::initial_compare;
+    plan_start_ = 0;
+  } else if (state_.transfer_cycle != 0) {
+    if (h.committed_cycle >= state_.transfer_cycle) {
+      // The destination committed it; we missed the acknowledgement.
+      TANDEM_CO_TRY(co_await finish_cycle(state_.transfer_cycle));
+      plan_ = Plan::wait;
+    } else {
+      plan_ = Plan::cycle;
+      plan_start_ = h.staged_cycle == state_.transfer_cycle ? h.staged_offset : 0;
+    }
+  } else {
+    plan_ = Plan::wait;
+    if (h.committed_cycle == 0) sync_requested_ = true;  // the first cycle makes it consistent
+  }
+  state_.paired = true;
+  peer_ready_ = true;
+  if (state_name_ != "Initializing") state_name_ = plan_ == Plan::wait ? "OK" : "Synchronizing";
+  wake_.notify_all();
+  co_return Status{};
+}
+
+asio::awaitable<void> Session::run_timer() {
+  const auto period = std::chrono::milliseconds(std::max<std::uint64_t>(opts_.rpo_seconds * 500ull, 100));
+  while (!stopping_) {
+    timer_->expires_after(period);
+    auto [ec] = co_await timer_->async_wait(asio::as_tuple(asio::use_awaitable));
+    if (ec || stopping_) break;
+    request_sync();
+  }
+}
+
+asio::awaitable<void> Session::run_source() {
+  while (!stopping_) {
+    if (!peer_ready_ || plan_ == Plan::refused) {
+      co_await wake_.wait();
+      continue;
+    }
+    const std::uint64_t gen = conn_gen_;
+    Status st;
+    if (plan_ == Plan::initial) {
+      st = co_await ship(plan_mode_, 0, plan_start_);
+      if (st && gen == conn_gen_) {
+        state_.initial = InitialState::done;
+        st = co_await persist();
+        plan_ = Plan::wait;
+        sync_requested_ = true;  // the first cycle makes the destination consistent
+      }
+    } else if (plan_ == Plan::cycle) {
+      st = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
+      if (st && gen == conn_gen_) plan_ = Plan::wait;
+    } else if (sync_requested_) {
+      sync_requested_ = false;
+      bool dirty = false;
+      for (auto& m : members_) dirty = dirty || m.m.volume->dirty().dirty_blocks() > 0;
+      if (!dirty && peer_committed_ > 0) {
+        last_sync_ = std::chrono::system_clock::now();
+        continue;
+      }
+      st = co_await cut();
+      if (st) {
+        plan_ = Plan::cycle;
+        plan_start_ = 0;
+        continue;
+      }
+    } else {
+      co_await wake_.wait();
+      continue;
+    }
+    if (!st && !stopping_) {
+      if (gen == conn_gen_) {
+        spdlog::warn("session {}: transfer failed: {}; closing the link to resume on reconnect", opts_.id,
+                     st.error().message());
+        error_ = st.error().message();
+        if (conn_) conn_->close("transfer failed: " + st.error().message());
+      }
+    }
+  }
+  running_ = false;
+  done_.notify_all();
+}
+
+asio::awaitable<Status> Session::cut() {
+  const std::uint64_t cycle = state_.next_cycle;
+  for (auto& m : members_) co_await m.m.volume->hold_writes();
+  Status st;
+  std::vector<engine::BlockBitmap> frozen;
+  for (auto& m : members_) {
+    auto f = co_await m.m.volume->dirty().freeze();
+    if (!f) {
+      st = f.error();
+      break;
+    }
+    frozen.push_back(std::move(f).value());
+  }
+  if (st) {
+    for (std::size_t i = 0; i < members_.size(); ++i) {
+      auto log = co_await engine::PreserveLog::open(*members_[i].m.env, preserve_path(members_[i]), cycle,
+                                                    frozen[i], false);
+      if (!log) {
+        st = log.error();
+        break;
+      }
+      members_[i].frozen = std::move(frozen[i]);
+      members_[i].preserve = std::move(log).value();
+      // The log refers to the bitmap it was opened with: reopen it on the stored copy.
+      members_[i].preserve.reset();
+      auto again = co_await engine::PreserveLog::open(*members_[i].m.env, preserve_path(members_[i]), cycle,
+                                                      *members_[i].frozen, true);
+      if (!again) {
+        st = again.error();
+        break;
+      }
+      members_[i].preserve = std::move(again).value();
+    }
+  }
+  if (st) {
+    state_.transfer_cycle = cycle;
+    state_.next_cycle = cycle + 1;
+    st = co_await persist();  // the cut is recorded: now the dirty maps may forget
+  }
+  if (st) {
+    for (std::size_t i = 0; i < members_.size() && st; ++i) {
+      st = co_await members_[i].m.volume->dirty().drop_frozen(*members_[i].frozen);
+    }
+  }
+  for (auto& m : members_) m.m.volume->release_writes();
+  if (st) {
+    std::uint64_t blocks = 0;
+    for (auto& m : members_) blocks += m.frozen->count();
+    spdlog::debug("session {}: cycle {} cut: {} blocks", opts_.id, cycle, blocks);
+  }
+  co_return st;
+}
+
+asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::uint64_t count) {
+  if (state_.role != Role::source) co_return Status{};
+  if (need_new_generation_ && state_.paired) {
+    // The first write without the peer starts a new generation, durably, before it lands.
+    while (bumping_) co_await bump_done_.wait();
+    if (need_new_generation_) {
+      bumping_ = true;
+      auto gens = generations_;
+      push_generation(gens, engine::random_u64(), engine::Superblock::kGenerationsMax);
+      Status st = co_await persist_generations(gens);
+      bumping_ = false;
+      bump_done_.notify_all();
+      if (!st) co_return st;
+      need_new_generation_ = false;
+      spdlog::info("session {}: written without the peer: new generation {}", opts_.id, describe(generations_));
+    }
+  }
+  Member& m = members_[mi];
+  if (!m.frozen || !m.preserve) co_return Status{};
+  engine::IoBuffer buf;
+  for (std::uint64_t b = first; b < first + count; ++b) {
+    if (!m.frozen->test(b) || m.preserve->contains(b)) continue;
+    if (m.base + b * kBlock < acked_offset_ && acked_cycle_ == state_.transfer_cycle) continue;  // durable there
+    if (!buf) buf = m.m.env->buffers().allocate(kBlock);
+    TANDEM_CO_TRY(co_await m.m.volume->read(b * kBlock, kBlock, buf));
+    TANDEM_CO_TRY(co_await m.preserve->preserve(b, buf.data()));
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::wait_window(std::uint64_t gen) {
+  while (gen == conn_gen_ && !stopping_ && sent_end_ > acked_offset_ + opts_.window_bytes) co_await window_.wait();
+  if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
+                                             const engine::IoBuffer& buf, bool frozen_view) {
+  Member& m = members_[mi];
+  TANDEM_CO_TRY(co_await m.m.volume->read(offset, len, buf));
+  if (frozen_view && m.preserve) {
+    // Checked after the read: a host write that landed during it preserved the block first.
+    for (std::uint64_t i = 0; i < len / kBlock; ++i) {
+      const std::uint64_t b = offset / kBlock + i;
+      if (m.preserve->contains(b)) TANDEM_CO_TRY(co_await m.preserve->read(b, buf.data() + i * kBlock));
+    }
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start) {
+  const std::uint64_t gen = conn_gen_;
+  const auto started = std::chrono::steady_clock::now();
+  const bool is_cycle = mode == TransferMode::cycle;
+  if (!is_cycle && start == 0 && state_.initial != InitialState::running) {
+    // The whole volume ships now: what the dirty maps hold is covered. Cut them (the frozen sets
+    // are discarded) so only writes from now on go into the first cycle.
+    for (auto& m : members_) co_await m.m.volume->hold_writes();
+    Status st;
+    std::vector<engine::BlockBitmap> frozen;
+    for (auto& m : members_) {
+      auto f = co_await m.m.volume->dirty().freeze();
+      if (!f) {
+        st = f.error();
+        break;
+      }
+      frozen.push_back(std::move(f).value());
+    }
+    if (st) {
+      state_.initial = InitialState::running;
+      st = co_await persist();
+    }
+    for (std::size_t i = 0; st && i < members_.size(); ++i) st = co_await members_[i].m.volume->dirty().drop_frozen(frozen[i]);
+    for (auto& m : members_) m.m.volume->release_writes();
+    TANDEM_CO_TRY(st);
+  }
+  std::uint64_t frozen_blocks = 0;
+  for (auto& m : members_) frozen_blocks += m.frozen ? m.frozen->count() : 0;
+  transfer_total_ = is_cycle ? frozen_blocks * kBlock : total_bytes();
+  transfer_done_ = 0;
+  if (high_water_cycle_ != (is_cycle ? cycle : ~1ull)) {
+    high_water_cycle_ = is_cycle ? cycle : ~1ull;
+    high_water_ = start;
+  }
+  if (start < high_water_) {
+    spdlog::info("session {}: resuming {} at offset {} (sent up to {} before the interruption)", opts_.id,
+                 is_cycle ? "cycle " + std::to_string(cycle) : std::string("initial sync"), start, high_water_);
+  }
+  acked_offset_ = start;
+  acked_cycle_ = cycle;
+  sent_end_ = start;
+  pending_hashes_ = 0;
+  resend_.clear();
+  committed_seen_ = ~0ull;
+  state_name_ = state_.initial == InitialState::done || is_cycle ? (state_name_ == "Initializing" ? state_name_ : "Synchronizing")
+                                                                 : "Initializing";
+  SyncBegin sb{opts_.id, mode, cycle, frozen_blocks, start, generations_};
+  TANDEM_CO_TRY(co_await send(MsgType::sync_begin, encode(sb)));
+  const std::uint32_t ext_max = opts_.extent_bytes;
+  engine::IoBuffer buf = members_[0].m.env->buffers().allocate(ext_max);
+  auto send_data = [&](std::size_t mi, std::uint64_t off, std::uint32_t len, bool detect_zero) -> asio::awaitable<Status> {
+    const std::uint64_t global = members_[mi].base + off;
+    TANDEM_CO_TRY(co_await read_extent(mi, off, len, buf, is_cycle));
+    Extent e{opts_.id, cycle, global, len, false, 0, {}};
+    if (detect_zero && all_zero(buf.data(), len)) {
+      e.zero = true;
+    } else {
+      e.hash = xxh3_64(buf.data(), len);
+    }
+    auto header = encode_extent_header(e);
+    TANDEM_CO_TRY(co_await send(MsgType::extent, std::move(header),
+                                e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(buf.data(), len)));
+    bytes_shipped_ += e.zero ? 0 : len;
+    if (global < high_water_) bytes_reshipped_ += std::min<std::uint64_t>(len, high_water_ - global);
+    co_return Status{};
+  };
+  auto drain_resends = [&]() -> asio::awaitable<Status> {
+    while (!resend_.empty()) {
+      auto [off, len] = resend_.front();
+      resend_.pop_front();
+      auto [mi, local] = locate(off);
+      TANDEM_CO_TRY(co_await send_data(mi, local, len, false));
+    }
+    co_return Status{};
+  };
+  for (std::size_t mi = 0; mi < members_.size(); ++mi) {
+    Member& m = members_[mi];
+    const std::uint64_t size = m.m.volume->size_bytes();
+    if (start >= m.base + size) continue;
+    std::uint64_t pos = start > m.base ? (start - m.base) : 0;
+    while (pos < size) {
+      std::uint64_t off = pos;
+      std::uint32_t len = 0;
+      if (is_cycle) {
+        const std::uint64_t b = m.frozen->next_set(pos / kBlock);
+        if (b >= m.frozen->blocks()) break;
+        const std::uint64_t e = std::min(m.frozen->next_clear(b), b + ext_max / kBlock);
+        off = b * kBlock;
+        len = static_cast<std::uint32_t>((e - b) * kBlock);
+      } else {
+        len = static_cast<std::uint32_t>(std::min<std::uint64_t>(ext_max, size - pos));
+      }
+      TANDEM_CO_TRY(co_await wait_window(gen));
+      TANDEM_CO_TRY(co_await drain_resends());
+      if (mode == TransferMode::initial_compare) {
+        TANDEM_CO_TRY(co_await read_extent(mi, off, len, buf, false));
+        ++pending_hashes_;
+        TANDEM_CO_TRY(co_await send(MsgType::extent_hash,
+                                    encode(ExtentHash{opts_.id, m.base + off, len, xxh3_64(buf.data(), len)})));
+      } else {
+        TANDEM_CO_TRY(co_await send_data(mi, off, len, mode == TransferMode::initial_full));
+      }
+      pos = off + len;
+      sent_end_ = m.base + pos;
+      high_water_ = std::max(high_water_, sent_end_);
+      transfer_done_ += len;
+    }
+  }
+  // Compare mode: every answer in, every differing extent sent.
+  while (pending_hashes_ > 0 || !resend_.empty()) {
+    TANDEM_CO_TRY(co_await drain_resends());
+    if (pending_hashes_ == 0) break;
+    if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
+    co_await window_.wait();
+  }
+  TANDEM_CO_TRY(co_await drain_resends());
+  TANDEM_CO_TRY(co_await send(MsgType::cycle_end, encode(CycleEnd{opts_.id, cycle, total_bytes(), generations_})));
+  while (committed_seen_ != cycle) {
+    if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost before the commit");
+    co_await done_.wait();
+  }
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started);
+  last_sync_ms_ = static_cast<std::uint64_t>(ms.count());
+  last_sync_ = std::chrono::system_clock::now();
+  if (is_cycle) {
+    TANDEM_CO_TRY(co_await finish_cycle(cycle));
+    spdlog::info("session {}: cycle {} committed: {} blocks in {} ms ({} bytes shipped, {} re-shipped in all)",
+                 opts_.id, cycle, frozen_blocks, ms.count(), bytes_shipped_, bytes_reshipped_);
+  } else {
+    spdlog::info("session {}: initial sync complete in {} ms ({} bytes shipped, {} re-shipped)", opts_.id,
+                 ms.count(), bytes_shipped_, bytes_reshipped_);
+  }
+  state_name_ = "OK";
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
+  TANDEM_ASSERT(state_.transfer_cycle == cycle);
+  state_.committed_cycle = cycle;
+  state_.transfer_cycle = 0;
+  peer_committed_ = cycle;
+  TANDEM_CO_TRY(co_await persist());
+  for (auto& m : members_) {
+    if (m.preserve) TANDEM_CO_TRY(co_await m.preserve->remove());
+    m.preserve.reset();
+    m.frozen.reset();
+  }
+  co_return Status{};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination
+
+asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
+  if (state_.role != Role::destination) co_return Error(errc::wrong_role, "sync begin sent to a source");
+  pending_.clear();
+  pending_bytes_ = 0;
+  awaiting_data_.clear();
+  since_checkpoint_ = 0;
+  dcycle_ = m.cycle;
+  dnext_ = m.start_offset;
+  processed_end_ = m.start_offset;
+  if (m.mode != TransferMode::cycle) {
+    if (state_.initial != InitialState::running || m.start_offset != state_.initial_offset) {
+      if (m.start_offset != 0 && !(state_.initial == InitialState::running && m.start_offset <= state_.initial_offset)) {
+        co_return Error(errc::bad_message, "initial sync resumes at " + std::to_string(m.start_offset) +
+                                               " but this side's checkpoint is " + std::to_string(state_.initial_offset));
+      }
+    }
+    state_.paired = true;
+    state_.initial = InitialState::running;
+    state_.initial_offset = m.start_offset;
+    state_.committed_cycle = 0;
+    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    state_name_ = "Initializing";
+    spdlog::info("session {}: initial sync ({}) from {} at offset {}", opts_.id,
+                 m.mode == TransferMode::initial_full ? "full copy" : "compare hashes", opts_.peer_name, m.start_offset);
+    dmode_ = m.mode;
+    co_return Status{};
+  }
+  const bool resume = state_.transfer_cycle == m.cycle && m.start_offset > 0;
+  if (resume) {
+    if (staged_global_end() != m.start_offset) {
+      co_return Error(errc::bad_message, "cycle " + std::to_string(m.cycle) + " resumes at " +
+                                             std::to_string(m.start_offset) + " but this side staged up to " +
+                                             std::to_string(staged_global_end()));
+    }
+  } else {
+    if (m.start_offset != 0) co_return Error(errc::bad_message, "a new cycle must start at offset 0");
+    for (auto& mem : members_) {
+      auto j = co_await engine::CycleJournal::open(*mem.m.env, journal_path(mem), m.cycle,
+                                                   engine::CycleJournal::capacity_for(m.frozen_blocks), false);
+      if (!j) co_return j.error();
+      mem.journal = std::move(j).value();
+    }
+    state_.transfer_cycle = m.cycle;
+    TANDEM_CO_TRY(co_await persist());
+  }
+  dmode_ = TransferMode::cycle;
+  if (state_name_ != "Initializing") state_name_ = "Synchronizing";
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_extent(const Extent& m) {
+  if (!dmode_) co_return Error(errc::bad_message, "extent outside a transfer");
+  if (m.offset < dnext_ || m.offset + m.length > total_bytes()) {
+    if (*dmode_ != TransferMode::initial_compare || !awaiting_data_.contains(m.offset)) {
+      co_return Error(errc::bad_message, "extent at " + std::to_string(m.offset) + " out of order or out of range");
+    }
+  }
+  if (!m.zero && xxh3_64(m.data.data(), m.data.size()) != m.hash) {
+    spdlog::error("session {}: extent at offset {} ({} bytes) of cycle {} fails its xxh3 hash: corrupted in transit; "
+                  "dropping the link to resume",
+                  opts_.id, m.offset, m.length, m.cycle);
+    co_return Error(errc::bad_message, "extent hash mismatch at offset " + std::to_string(m.offset));
+  }
+  auto [mi, local] = locate(m.offset);
+  Member& mem = members_[mi];
+  if (local + m.length > mem.m.volume->size_bytes()) co_return Error(errc::bad_message, "extent crosses a volume end");
+  if (*dmode_ != TransferMode::cycle) {
+    if (m.cycle != 0) co_return Error(errc::bad_message, "initial-sync extent with a cycle number");
+    if (m.zero) {
+      TANDEM_CO_TRY(co_await mem.m.volume->zero_replicated(local, m.length));
+    } else {
+      engine::IoBuffer buf = mem.m.env->buffers().allocate(m.length);
+      std::memcpy(buf.data(), m.data.data(), m.length);
+      TANDEM_CO_TRY(co_await mem.m.volume->write_replicated(local, m.length, buf));
+    }
+    awaiting_data_.erase(m.offset);
+    if (m.offset >= dnext_) {
+      dnext_ = m.offset + m.length;
+      processed_end_ = dnext_;
+    }
+    since_checkpoint_ += m.length;
+    if (since_checkpoint_ >= opts_.initial_checkpoint_bytes) TANDEM_CO_TRY(co_await initial_checkpoint());
+    co_return Status{};
+  }
+  if (m.cycle != dcycle_) co_return Error(errc::bad_message, "extent of cycle " + std::to_string(m.cycle) + " during " + std::to_string(dcycle_));
+  Pending p{mi, engine::JournalExtent{local, m.length, m.zero, m.hash}, {}};
+  if (!m.zero) {
+    p.data = mem.m.env->buffers().allocate(m.length);
+    std::memcpy(p.data.data(), m.data.data(), m.length);
+  }
+  pending_bytes_ += m.length;
+  pending_.push_back(std::move(p));
+  dnext_ = m.offset + m.length;
+  if (pending_bytes_ >= opts_.stage_batch_bytes || pending_.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
+    TANDEM_CO_TRY(co_await stage_flush());
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::stage_flush() {
+  if (pending_.empty()) co_return Status{};
+  // One record per member run; data concatenated.
+  std::size_t i = 0;
+  while (i < pending_.size()) {
+    const std::size_t mi = pending_[i].member;
+    std::size_t j = i;
+    std::uint64_t bytes = 0;
+    while (j < pending_.size() && pending_[j].member == mi && j - i < engine::CycleJournal::kExtentsPerRecordMax) {
+      if (!pending_[j].e.zero) bytes += pending_[j].e.length;
+      ++j;
+    }
+    Member& mem = members_[mi];
+    engine::IoBuffer data = mem.m.env->buffers().allocate(std::max<std::uint64_t>(bytes, 4096));
+    std::vector<engine::JournalExtent> exts;
+    std::uint64_t at = 0;
+    for (std::size_t k = i; k < j; ++k) {
+      exts.push_back(pending_[k].e);
+      if (!pending_[k].e.zero) {
+        std::memcpy(data.data() + at, pending_[k].data.data(), pending_[k].e.length);
+        at += pending_[k].e.length;
+      }
+    }
+    TANDEM_CO_TRY(co_await mem.journal->append(exts, data));
+    i = j;
+  }
+  for (auto& mem : members_) {
+    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->sync());
+  }
+  pending_.clear();
+  pending_bytes_ = 0;
+  TANDEM_CO_TRY(co_await send(MsgType::ack, encode(Ack{opts_.id, dcycle_, staged_global_end()})));
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::initial_checkpoint() {
+  for (auto& mem : members_) TANDEM_CO_TRY(co_await mem.m.volume->flush());
+  std::uint64_t durable = processed_end_;
+  if (!awaiting_data_.empty()) durable = std::min(durable, *awaiting_data_.begin());
+  state_.initial_offset = durable;
+  TANDEM_CO_TRY(co_await persist());
+  since_checkpoint_ = 0;
+  TANDEM_CO_TRY(co_await send(MsgType::ack, encode(Ack{opts_.id, 0, durable})));
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
+  if (!dmode_ || *dmode_ != TransferMode::initial_compare) co_return Error(errc::bad_message, "hash outside a compare");
+  if (m.offset < dnext_ || m.offset + m.length > total_bytes()) co_return Error(errc::bad_message, "hash out of order");
+  auto [mi, local] = locate(m.offset);
+  Member& mem = members_[mi];
+  if (local + m.length > mem.m.volume->size_bytes()) co_return Error(errc::bad_message, "hash crosses a volume end");
+  engine::IoBuffer buf = mem.m.env->buffers().allocate(m.length);
+  TANDEM_CO_TRY(co_await mem.m.volume->read(local, m.length, buf));
+  const bool match = xxh3_64(buf.data(), m.length) == m.hash;
+  if (!match) awaiting_data_.insert(m.offset);
+  dnext_ = m.offset + m.length;
+  processed_end_ = dnext_;
+  since_checkpoint_ += m.length;
+  TANDEM_CO_TRY(co_await send(MsgType::hash_result, encode(HashResult{opts_.id, m.offset, m.length, match})));
+  if (since_checkpoint_ >= opts_.initial_checkpoint_bytes) TANDEM_CO_TRY(co_await initial_checkpoint());
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
+  if (!dmode_) co_return Error(errc::bad_message, "cycle end outside a transfer");
+  if (*dmode_ != TransferMode::cycle) {
+    if (!awaiting_data_.empty()) co_return Error(errc::bad_message, "initial sync ended with extents still missing");
+    processed_end_ = total_bytes();
+    TANDEM_CO_TRY(co_await initial_checkpoint());
+    state_.initial = InitialState::done;
+    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    dmode_.reset();
+    spdlog::info("session {}: initial sync from {} complete; consistent after the first cycle", opts_.id,
+                 opts_.peer_name);
+    TANDEM_CO_TRY(co_await send(MsgType::committed, encode(Committed{opts_.id, 0})));
+    co_return Status{};
+  }
+  if (m.cycle != dcycle_) co_return Error(errc::bad_message, "cycle end for another cycle");
+  TANDEM_CO_TRY(co_await stage_flush());
+  // The commit record: from here on the cycle is applied, whatever happens.
+  state_.applying_cycle = m.cycle;
+  TANDEM_CO_TRY(co_await persist_generations(m.generations));
+  TANDEM_CO_TRY(co_await apply_committed(m.cycle));
+  dmode_.reset();
+  TANDEM_CO_TRY(co_await send(MsgType::committed, encode(Committed{opts_.id, m.cycle})));
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
+  std::uint64_t bytes = 0;
+  for (auto& mem : members_) {
+    if (!mem.journal) continue;
+    bytes += mem.journal->staged_bytes();
+    TANDEM_CO_TRY(co_await mem.journal->apply(*mem.m.volume));
+  }
+  state_.committed_cycle = cycle;
+  state_.applying_cycle = 0;
+  state_.transfer_cycle = 0;
+  TANDEM_CO_TRY(co_await persist());
+  for (auto& mem : members_) {
+    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->remove());
+    mem.journal.reset();
+  }
+  last_sync_ = std::chrono::system_clock::now();
+  state_name_ = "OK";
+  spdlog::info("session {}: cycle {} committed and applied ({} bytes)", opts_.id, cycle, bytes);
+  co_return Status{};
+}
+
+}  // namespace tandem::replication

@@ -1,0 +1,48 @@
+#include "tandem/replication/session_state.h"
+
+#include "tandem/common/units.h"
+#include "tandem/replication/errc.h"
+
+namespace tandem::replication {
+
+namespace {
+constexpr std::size_t kBytes = 1 + 1 + 1 + 1 + 8 * 6;
+}
+
+std::vector<std::uint8_t> encode_state(const SessionState& s) {
+  std::vector<std::uint8_t> b(kBytes);
+  b[0] = SessionState::kVersion;
+  b[1] = static_cast<std::uint8_t>(s.role);
+  b[2] = s.paired ? 1 : 0;
+  b[3] = static_cast<std::uint8_t>(s.initial);
+  unsigned char* p = b.data() + 4;
+  for (std::uint64_t v : {s.initial_offset, s.committed_cycle, s.transfer_cycle, s.applying_cycle, s.next_cycle,
+                          std::uint64_t{0}}) {
+    put_le64(p, v);
+    p += 8;
+  }
+  return b;
+}
+
+Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role) {
+  SessionState s;
+  s.role = role;
+  if (blob.empty()) return s;
+  if (blob.size() != kBytes || blob[0] != SessionState::kVersion || (blob[1] != 1 && blob[1] != 2) ||
+      blob[2] > 1 || blob[3] > 2) {
+    return Error(errc::bad_message, "session state in the superblock is not understood");
+  }
+  s.role = static_cast<Role>(blob[1]);
+  s.paired = blob[2] == 1;
+  s.initial = static_cast<InitialState>(blob[3]);
+  const unsigned char* p = blob.data() + 4;
+  s.initial_offset = get_le64(p);
+  s.committed_cycle = get_le64(p + 8);
+  s.transfer_cycle = get_le64(p + 16);
+  s.applying_cycle = get_le64(p + 24);
+  s.next_cycle = get_le64(p + 32);
+  if (s.next_cycle == 0) s.next_cycle = 1;
+  return s;
+}
+
+}  // namespace tandem::replication
