@@ -506,23 +506,15 @@ asio::awaitable<Status> Session::cut() {
   }
   if (st) {
     for (std::size_t i = 0; i < members_.size(); ++i) {
+      // The log keeps a reference to the frozen set: store it in the member first.
+      members_[i].frozen = std::move(frozen[i]);
       auto log = co_await engine::PreserveLog::open(*members_[i].m.env, preserve_path(members_[i]), cycle,
-                                                    frozen[i], false);
+                                                    *members_[i].frozen, false);
       if (!log) {
         st = log.error();
         break;
       }
-      members_[i].frozen = std::move(frozen[i]);
       members_[i].preserve = std::move(log).value();
-      // The log refers to the bitmap it was opened with: reopen it on the stored copy.
-      members_[i].preserve.reset();
-      auto again = co_await engine::PreserveLog::open(*members_[i].m.env, preserve_path(members_[i]), cycle,
-                                                      *members_[i].frozen, true);
-      if (!again) {
-        st = again.error();
-        break;
-      }
-      members_[i].preserve = std::move(again).value();
     }
   }
   if (st) {
@@ -536,6 +528,13 @@ asio::awaitable<Status> Session::cut() {
     }
   }
   for (auto& m : members_) m.m.volume->release_writes();
+  if (!st && state_.transfer_cycle != cycle) {
+    // Not recorded: the dirty maps still hold everything; forget the half-made cycle.
+    for (auto& m : members_) {
+      m.preserve.reset();
+      m.frozen.reset();
+    }
+  }
   if (st) {
     std::uint64_t blocks = 0;
     for (auto& m : members_) blocks += m.frozen->count();
