@@ -121,8 +121,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   }
   for (auto& [k, v] : root) {
     const std::string key(k.str());
-    // [tls], [peer] and [[session]] belong to replication and are checked there.
-    if (key != "node" && key != "volume") {
+    if (key != "node" && key != "volume" && key != "tls" && key != "peer" && key != "session") {
       return config_error(src + ": unknown section '" + key + "'");
     }
   }
@@ -221,6 +220,103 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     cfg.volumes.push_back(std::move(v));
   }
   if (cfg.volumes.empty()) return config_error(src + ": no [[volume]] is configured");
+
+  // Replication: [tls], [peer] and [[session]] go together.
+  if (const toml::node* n = root.get("tls")) {
+    if (!n->is_table()) return config_error(src + ": 'tls' must be a [tls] table");
+    Reader r(*n->as_table(), src + ": tls");
+    TANDEM_TRY(r.only({"ca", "cert", "key"}));
+    TlsConfig t;
+    for (auto [key, field] : {std::pair<const char*, std::string*>{"ca", &t.ca}, {"cert", &t.cert}, {"key", &t.key}}) {
+      CFG_TRY_ASSIGN(v, r.str(key));
+      if (!v || v->empty() || v->front() != '/') return config_error(r.name(key) + ": an absolute path is required");
+      *field = *v;
+    }
+    cfg.tls = t;
+  }
+  if (const toml::node* n = root.get("peer")) {
+    if (!n->is_table()) return config_error(src + ": 'peer' must be a [peer] table");
+    Reader r(*n->as_table(), src + ": peer");
+    TANDEM_TRY(r.only({"name", "address", "listen", "rate_limit", "keepalive_interval_ms", "peer_timeout_ms"}));
+    PeerConfig p;
+    CFG_TRY_ASSIGN(name, r.str("name"));
+    if (!name || !valid_id(*name)) return config_error(r.name("name") + ": the peer's name (as in its certificate) is required");
+    if (*name == cfg.node.name) return config_error(r.name("name") + ": the peer cannot have this node's name");
+    p.name = *name;
+    CFG_TRY_ASSIGN(address, r.str("address"));
+    if (!address || !valid_listen(*address)) return config_error(r.name("address") + ": host:port of the peer is required");
+    p.address = *address;
+    CFG_TRY_ASSIGN(listen, r.str("listen"));
+    if (!listen || !valid_listen(*listen)) return config_error(r.name("listen") + ": host:port to listen on is required");
+    p.listen = *listen;
+    CFG_TRY_ASSIGN(rate, r.bytes("rate_limit"));
+    if (rate) p.rate_limit_bytes_per_s = *rate;
+    CFG_TRY_ASSIGN(ka, r.integer("keepalive_interval_ms"));
+    if (ka) {
+      if (*ka < 50 || *ka > 60000) return config_error(r.name("keepalive_interval_ms") + ": must be from 50 to 60000");
+      p.keepalive_interval_ms = static_cast<std::uint32_t>(*ka);
+    }
+    CFG_TRY_ASSIGN(to, r.integer("peer_timeout_ms"));
+    if (to) {
+      if (*to < 200 || *to > 600000) return config_error(r.name("peer_timeout_ms") + ": must be from 200 to 600000");
+      p.peer_timeout_ms = static_cast<std::uint32_t>(*to);
+    }
+    if (p.keepalive_interval_ms >= p.peer_timeout_ms) {
+      return config_error(src + ": peer.keepalive_interval_ms must be shorter than peer.peer_timeout_ms");
+    }
+    cfg.peer = p;
+  }
+  if (const toml::node* n = root.get("session")) {
+    if (!n->is_array_of_tables()) return config_error(src + ": 'session' must be written as [[session]] tables");
+    std::set<std::string> session_ids, used_volumes;
+    std::size_t si = 0;
+    for (const auto& el : *n->as_array()) {
+      const auto& t = *el.as_table();
+      std::string where = src + ": session[" + std::to_string(si++) + "]";
+      Reader pre(t, where);
+      CFG_TRY_ASSIGN(id, pre.str("id"));
+      if (!id || !valid_id(*id)) return config_error(where + ": id is required (letters, digits, '-', '_', '.')");
+      where += " (" + *id + ")";
+      Reader r(t, where);
+      TANDEM_TRY(r.only({"id", "volumes", "remote_volumes", "role", "rpo_seconds"}));
+      SessionConfig sc;
+      sc.id = *id;
+      if (!session_ids.insert(sc.id).second) return config_error(where + ": duplicate session id");
+      for (auto [key, out] : {std::pair<const char*, std::vector<std::string>*>{"volumes", &sc.volumes},
+                              {"remote_volumes", &sc.remote_volumes}}) {
+        const toml::node* arr = t.get(key);
+        if (arr == nullptr || !arr->is_array() || arr->as_array()->empty()) {
+          return config_error(r.name(key) + ": a non-empty list of volume ids is required");
+        }
+        for (const auto& v : *arr->as_array()) {
+          if (!v.is_string() || !valid_id(v.as_string()->get())) return config_error(r.name(key) + ": volume ids are strings");
+          out->push_back(v.as_string()->get());
+        }
+      }
+      if (sc.volumes.size() != sc.remote_volumes.size()) {
+        return config_error(where + ": volumes and remote_volumes must list the same number of volumes");
+      }
+      if (sc.volumes.size() > 16) return config_error(where + ": at most 16 volumes in one session");
+      for (const auto& v : sc.volumes) {
+        if (!ids.contains(v)) return config_error(r.name("volumes") + ": no [[volume]] has id \"" + v + "\"");
+        if (!used_volumes.insert(v).second) return config_error(r.name("volumes") + ": volume \"" + v + "\" is in another session");
+      }
+      CFG_TRY_ASSIGN(role, r.str("role"));
+      if (!role || (*role != "source" && *role != "destination")) {
+        return config_error(r.name("role") + ": \"source\" or \"destination\" is required");
+      }
+      sc.role = *role;
+      CFG_TRY_ASSIGN(rpo, r.integer("rpo_seconds"));
+      if (rpo) {
+        if (*rpo < 1 || *rpo > 86400) return config_error(r.name("rpo_seconds") + ": must be from 1 to 86400");
+        sc.rpo_seconds = static_cast<std::uint32_t>(*rpo);
+      }
+      cfg.sessions.push_back(std::move(sc));
+    }
+  }
+  if (!cfg.sessions.empty() && (!cfg.tls || !cfg.peer)) {
+    return config_error(src + ": sessions need a [tls] and a [peer] section");
+  }
   return cfg;
 }
 

@@ -19,6 +19,8 @@
 #include "tandem/engine/block_device.h"
 #include "tandem/engine/volume.h"
 #include "tandem/frontend/nbd_server.h"
+#include "tandem/replication/replicator.h"
+#include "tandem/replication/session.h"
 
 namespace tandem::daemon {
 namespace {
@@ -112,6 +114,33 @@ class Daemon {
                    format_bytes(v.volume->size_bytes()), engine::uuid_to_string(sb.volume_uuid),
                    sb.generations.empty() ? 0 : sb.generations.front(),
                    v.volume->created() ? " (new)" : "", v.volume->dirty().dirty_blocks());
+    }
+    // Sessions before exports: a destination's volumes turn read-only and a source's get their
+    // copy-on-write hook before any host can write.
+    for (const auto& sc : cfg_.sessions) {
+      replication::SessionOptions so;
+      so.id = sc.id;
+      so.role = sc.role == "source" ? replication::Role::source : replication::Role::destination;
+      so.remote_volumes = sc.remote_volumes;
+      so.peer_name = cfg_.peer->name;
+      so.rpo_seconds = sc.rpo_seconds;
+      for (const auto& vid : sc.volumes) {
+        for (auto& v : volumes_) {
+          if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});
+        }
+      }
+      asio::any_io_executor ex = ctx_.get_executor();
+      auto s = co_await replication::Session::open(std::move(ex), std::move(so));
+      if (!s) {
+        spdlog::error("session {}: {}", sc.id, s.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+      sessions_.push_back(std::move(s).value());
+    }
+    for (auto& v : volumes_) {
+      const auto& vc = *v.cfg;
       v.nbd = std::make_unique<frontend::NbdServer>(ctx_.get_executor());
       v.nbd->add_export(vc.id, *v.volume);
       if (!vc.nbd_socket.empty()) {
@@ -137,6 +166,29 @@ class Daemon {
         spdlog::info("volume {}: NBD export on tcp {} (port {})", vc.id, vc.nbd_listen, v.nbd->tcp_port());
       }
     }
+    if (!sessions_.empty()) {
+      replication::ReplicatorOptions ro;
+      ro.node_name = cfg_.node.name;
+      ro.tls = transport::TlsFiles{cfg_.tls->ca, cfg_.tls->cert, cfg_.tls->key};
+      ro.peer_name = cfg_.peer->name;
+      ro.peer_address = cfg_.peer->address;
+      ro.listen_address = cfg_.peer->listen;
+      ro.rate_limit_bytes_per_s = cfg_.peer->rate_limit_bytes_per_s;
+      ro.keepalive_interval_ms = cfg_.peer->keepalive_interval_ms;
+      ro.peer_timeout_ms = cfg_.peer->peer_timeout_ms;
+      replicator_ = std::make_unique<replication::Replicator>(ctx_.get_executor(), std::move(ro));
+      for (auto& s : sessions_) replicator_->add_session(s.get());
+      auto st = replicator_->start();
+      if (!st) {
+        spdlog::error("replication: cannot start the link to {}: {}", cfg_.peer->name, st.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+      spdlog::info("replication: {} session(s) with {}; {} {} (listening on {}, port {})", sessions_.size(),
+                   cfg_.peer->name, replicator_->dials() ? "dialing" : "accepting from", cfg_.peer->address,
+                   cfg_.peer->listen, replicator_->listen_port());
+    }
     spdlog::info("tandemd {} ready: {} volume(s)", cfg_.node.name, volumes_.size());
     asio::co_spawn(ctx_, wait_signals(), abort_on_exception);
   }
@@ -158,6 +210,9 @@ class Daemon {
   asio::awaitable<void> shutdown() {
     if (shutting_down_) co_return;
     shutting_down_ = true;
+    if (replicator_) co_await replicator_->stop();
+    for (auto& s : sessions_) co_await s->stop();
+    sessions_.clear();
     for (auto& v : volumes_) {
       if (v.nbd) co_await v.nbd->stop();
     }
@@ -184,6 +239,8 @@ class Daemon {
   asio::io_context ctx_;
   asio::signal_set signals_;
   std::vector<VolumeRuntime> volumes_;
+  std::vector<std::unique_ptr<replication::Session>> sessions_;
+  std::unique_ptr<replication::Replicator> replicator_;
   bool shutting_down_ = false;
   int exit_code_ = 0;
 };

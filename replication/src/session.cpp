@@ -149,7 +149,8 @@ asio::awaitable<Status> Session::recover() {
         auto f = co_await m.m.volume->dirty().load_frozen();
         if (!f) co_return f.error();
         m.frozen = std::move(f).value();
-        auto log = co_await engine::PreserveLog::open(*m.m.env, preserve_path(m), state_.transfer_cycle, *m.frozen, true);
+        std::string path = preserve_path(m);
+        auto log = co_await engine::PreserveLog::open(*m.m.env, std::move(path), state_.transfer_cycle, *m.frozen, true);
         if (!log) co_return log.error();
         m.preserve = std::move(log).value();
       }
@@ -163,14 +164,16 @@ asio::awaitable<Status> Session::recover() {
     spdlog::info("session {}: finishing the apply of committed cycle {} after restart", opts_.id,
                  state_.applying_cycle);
     for (auto& m : members_) {
-      auto j = co_await engine::CycleJournal::open(*m.m.env, journal_path(m), state_.applying_cycle, 0, true);
+      std::string path = journal_path(m);
+      auto j = co_await engine::CycleJournal::open(*m.m.env, std::move(path), state_.applying_cycle, 0, true);
       if (!j) co_return j.error();
       m.journal = std::move(j).value();
     }
     TANDEM_CO_TRY(co_await apply_committed(state_.applying_cycle));
   } else if (state_.transfer_cycle != 0) {
     for (auto& m : members_) {
-      auto j = co_await engine::CycleJournal::open(*m.m.env, journal_path(m), state_.transfer_cycle, 0, true);
+      std::string path = journal_path(m);
+      auto j = co_await engine::CycleJournal::open(*m.m.env, std::move(path), state_.transfer_cycle, 0, true);
       if (!j) co_return j.error();
       m.journal = std::move(j).value();
     }
@@ -220,7 +223,10 @@ void Session::attach(std::shared_ptr<transport::Connection> conn) {
   asio::co_spawn(
       ex_,
       [](Session* self, std::uint64_t gen) -> asio::awaitable<void> {
-        auto st = co_await self->send(MsgType::session_hello, encode(self->make_hello()));
+        // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
+        const SessionHello hello = self->make_hello();
+        std::vector<std::byte> bytes = encode(hello);
+        auto st = co_await self->send(MsgType::session_hello, std::move(bytes));
         if (!st && gen == self->conn_gen_) {
           spdlog::warn("session {}: cannot send hello: {}", self->opts_.id, st.error().message());
         }
@@ -364,37 +370,54 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
     state_name_ = "Error";
     plan_ = Plan::refused;
     spdlog::error("session {}: refusing to replicate to {}: {}", opts_.id, opts_.peer_name, why);
-    (void)co_await send(MsgType::refuse, encode(Refuse{opts_.id, code, why}));
+    const Refuse msg{opts_.id, code, why};
+    std::vector<std::byte> bytes = encode(msg);
+    (void)co_await send(MsgType::refuse, std::move(bytes));
     co_return Status{};
   };
   if (h.role != Role::destination) {
-    co_return co_await refuse(1, "the peer's side of session " + opts_.id + " is also a source");
+    {
+      std::string why = "the peer's side of session " + opts_.id + " is also a source";
+      co_return co_await refuse(1, std::move(why));
+    }
   }
   if (h.members.size() != members_.size()) {
-    co_return co_await refuse(2, "the peer has " + std::to_string(h.members.size()) + " volumes in session " +
-                                     opts_.id + ", this side " + std::to_string(members_.size()));
+    {
+      std::string why = "the peer has " + std::to_string(h.members.size()) + " volumes in session " +
+                                     opts_.id + ", this side " + std::to_string(members_.size());
+      co_return co_await refuse(2, std::move(why));
+    }
   }
   for (std::size_t i = 0; i < members_.size(); ++i) {
     if (h.members[i].size_bytes != members_[i].m.volume->size_bytes()) {
-      co_return co_await refuse(3, "volume " + members_[i].m.volume->id() + " is " +
+      {
+      std::string why = "volume " + members_[i].m.volume->id() + " is " +
                                        std::to_string(members_[i].m.volume->size_bytes()) + " bytes but the peer's " +
-                                       h.members[i].volume_id + " is " + std::to_string(h.members[i].size_bytes));
+                                       h.members[i].volume_id + " is " + std::to_string(h.members[i].size_bytes);
+      co_return co_await refuse(3, std::move(why));
+    }
     }
   }
   const SyncDecision d = decide(GenerationView{generations_, true}, GenerationView{h.generations, h.paired});
   spdlog::info("session {}: connected to {}: local generations {}, peer {}: {}", opts_.id, opts_.peer_name,
                describe(generations_), describe(h.generations), to_string(d));
   switch (d) {
-    case SyncDecision::split_brain:
-      co_return co_await refuse(10, "split brain: both sides were written since they last agreed (local " +
-                                        describe(generations_) + ", peer " + describe(h.generations) +
-                                        "); nothing was changed on either side. Choose the side to keep");
-    case SyncDecision::unrelated:
-      co_return co_await refuse(11, "unrelated volumes: no common generation (local " + describe(generations_) +
-                                        ", peer " + describe(h.generations) + "); nothing was changed");
-    case SyncDecision::destination_ahead:
-      co_return co_await refuse(12, "the peer holds newer data (it was promoted: peer " + describe(h.generations) +
-                                        ", local " + describe(generations_) + "); reprotect is needed");
+    case SyncDecision::split_brain: {
+      std::string why = "split brain: both sides were written since they last agreed (local " +
+                        describe(generations_) + ", peer " + describe(h.generations) +
+                        "); nothing was changed on either side. Choose the side to keep";
+      co_return co_await refuse(10, std::move(why));
+    }
+    case SyncDecision::unrelated: {
+      std::string why = "unrelated volumes: no common generation (local " + describe(generations_) + ", peer " +
+                        describe(h.generations) + "); nothing was changed";
+      co_return co_await refuse(11, std::move(why));
+    }
+    case SyncDecision::destination_ahead: {
+      std::string why = "the peer holds newer data (it was promoted: peer " + describe(h.generations) +
+                        ", local " + describe(generations_) + "); reprotect is needed";
+      co_return co_await refuse(12, std::move(why));
+    }
     default:
       break;
   }
@@ -508,7 +531,8 @@ asio::awaitable<Status> Session::cut() {
     for (std::size_t i = 0; i < members_.size(); ++i) {
       // The log keeps a reference to the frozen set: store it in the member first.
       members_[i].frozen = std::move(frozen[i]);
-      auto log = co_await engine::PreserveLog::open(*members_[i].m.env, preserve_path(members_[i]), cycle,
+      std::string path = preserve_path(members_[i]);
+      auto log = co_await engine::PreserveLog::open(*members_[i].m.env, std::move(path), cycle,
                                                     *members_[i].frozen, false);
       if (!log) {
         st = log.error();
@@ -640,7 +664,8 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   state_name_ = state_.initial == InitialState::done || is_cycle ? (state_name_ == "Initializing" ? state_name_ : "Synchronizing")
                                                                  : "Initializing";
   SyncBegin sb{opts_.id, mode, cycle, frozen_blocks, start, generations_};
-  TANDEM_CO_TRY(co_await send(MsgType::sync_begin, encode(sb)));
+  std::vector<std::byte> begin_bytes = encode(sb);
+  TANDEM_CO_TRY(co_await send(MsgType::sync_begin, std::move(begin_bytes)));
   const std::uint32_t ext_max = opts_.extent_bytes;
   engine::IoBuffer buf = members_[0].m.env->buffers().allocate(ext_max);
   auto send_data = [&](std::size_t mi, std::uint64_t off, std::uint32_t len, bool detect_zero) -> asio::awaitable<Status> {
@@ -690,8 +715,9 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       if (mode == TransferMode::initial_compare) {
         TANDEM_CO_TRY(co_await read_extent(mi, off, len, buf, false));
         ++pending_hashes_;
-        TANDEM_CO_TRY(co_await send(MsgType::extent_hash,
-                                    encode(ExtentHash{opts_.id, m.base + off, len, xxh3_64(buf.data(), len)})));
+        const ExtentHash eh{opts_.id, m.base + off, len, xxh3_64(buf.data(), len)};
+        std::vector<std::byte> bytes = encode(eh);
+        TANDEM_CO_TRY(co_await send(MsgType::extent_hash, std::move(bytes)));
       } else {
         TANDEM_CO_TRY(co_await send_data(mi, off, len, mode == TransferMode::initial_full));
       }
@@ -709,7 +735,9 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     co_await window_.wait();
   }
   TANDEM_CO_TRY(co_await drain_resends());
-  TANDEM_CO_TRY(co_await send(MsgType::cycle_end, encode(CycleEnd{opts_.id, cycle, total_bytes(), generations_})));
+  const CycleEnd end_msg{opts_.id, cycle, total_bytes(), generations_};
+  std::vector<std::byte> end_bytes = encode(end_msg);
+  TANDEM_CO_TRY(co_await send(MsgType::cycle_end, std::move(end_bytes)));
   while (committed_seen_ != cycle) {
     if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost before the commit");
     co_await done_.wait();
@@ -783,7 +811,8 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   } else {
     if (m.start_offset != 0) co_return Error(errc::bad_message, "a new cycle must start at offset 0");
     for (auto& mem : members_) {
-      auto j = co_await engine::CycleJournal::open(*mem.m.env, journal_path(mem), m.cycle,
+      std::string path = journal_path(mem);
+      auto j = co_await engine::CycleJournal::open(*mem.m.env, std::move(path), m.cycle,
                                                    engine::CycleJournal::capacity_for(m.frozen_blocks), false);
       if (!j) co_return j.error();
       mem.journal = std::move(j).value();
@@ -876,7 +905,9 @@ asio::awaitable<Status> Session::stage_flush() {
   }
   pending_.clear();
   pending_bytes_ = 0;
-  TANDEM_CO_TRY(co_await send(MsgType::ack, encode(Ack{opts_.id, dcycle_, staged_global_end()})));
+  const Ack ack{opts_.id, dcycle_, staged_global_end()};
+  std::vector<std::byte> bytes = encode(ack);
+  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
   co_return Status{};
 }
 
@@ -887,7 +918,9 @@ asio::awaitable<Status> Session::initial_checkpoint() {
   state_.initial_offset = durable;
   TANDEM_CO_TRY(co_await persist());
   since_checkpoint_ = 0;
-  TANDEM_CO_TRY(co_await send(MsgType::ack, encode(Ack{opts_.id, 0, durable})));
+  const Ack ack{opts_.id, 0, durable};
+  std::vector<std::byte> bytes = encode(ack);
+  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
   co_return Status{};
 }
 
@@ -904,7 +937,9 @@ asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
   dnext_ = m.offset + m.length;
   processed_end_ = dnext_;
   since_checkpoint_ += m.length;
-  TANDEM_CO_TRY(co_await send(MsgType::hash_result, encode(HashResult{opts_.id, m.offset, m.length, match})));
+  const HashResult result{opts_.id, m.offset, m.length, match};
+  std::vector<std::byte> bytes = encode(result);
+  TANDEM_CO_TRY(co_await send(MsgType::hash_result, std::move(bytes)));
   if (since_checkpoint_ >= opts_.initial_checkpoint_bytes) TANDEM_CO_TRY(co_await initial_checkpoint());
   co_return Status{};
 }
@@ -920,7 +955,9 @@ asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
     dmode_.reset();
     spdlog::info("session {}: initial sync from {} complete; consistent after the first cycle", opts_.id,
                  opts_.peer_name);
-    TANDEM_CO_TRY(co_await send(MsgType::committed, encode(Committed{opts_.id, 0})));
+    const Committed done{opts_.id, 0};
+    std::vector<std::byte> bytes = encode(done);
+    TANDEM_CO_TRY(co_await send(MsgType::committed, std::move(bytes)));
     co_return Status{};
   }
   if (m.cycle != dcycle_) co_return Error(errc::bad_message, "cycle end for another cycle");
@@ -930,7 +967,9 @@ asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
   TANDEM_CO_TRY(co_await persist_generations(m.generations));
   TANDEM_CO_TRY(co_await apply_committed(m.cycle));
   dmode_.reset();
-  TANDEM_CO_TRY(co_await send(MsgType::committed, encode(Committed{opts_.id, m.cycle})));
+  const Committed done{opts_.id, m.cycle};
+  std::vector<std::byte> bytes = encode(done);
+  TANDEM_CO_TRY(co_await send(MsgType::committed, std::move(bytes)));
   co_return Status{};
 }
 

@@ -33,10 +33,34 @@ struct VolumeConfig {
   std::uint32_t intent_regions_max = 1024;
 };
 
+struct TlsConfig {
+  std::string ca, cert, key;
+};
+
+struct PeerConfig {
+  std::string name;     // must match the peer certificate's name
+  std::string address;  // host:port where the peer listens
+  std::string listen;   // host:port where this node listens for the peer
+  std::uint64_t rate_limit_bytes_per_s = 0;  // 0 = unlimited
+  std::uint32_t keepalive_interval_ms = 1000;
+  std::uint32_t peer_timeout_ms = 5000;
+};
+
+struct SessionConfig {
+  std::string id;
+  std::vector<std::string> volumes;         // local volume ids; several make a consistency group
+  std::vector<std::string> remote_volumes;  // the peer's volume ids, in the same order
+  std::string role;                         // "source" | "destination" (initial role)
+  std::uint32_t rpo_seconds = 10;
+};
+
 struct Config {
   std::string source;  // file name, for messages
   NodeConfig node;
   std::vector<VolumeConfig> volumes;
+  std::optional<TlsConfig> tls;
+  std::optional<PeerConfig> peer;
+  std::vector<SessionConfig> sessions;
 };
 
 // Parses and validates configuration text. `source` names it in error messages.

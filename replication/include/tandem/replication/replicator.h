@@ -1,0 +1,63 @@
+// Replicator: a node's replication link to its peer and the sessions that share it.
+//
+// It owns the transport Link (mutual TLS; the node whose name sorts first dials, the other
+// accepts, so the two never race to connect), attaches every session to each new connection,
+// and runs the connection's receive loop: each frame goes to the session it names. A frame
+// that fails to decode, names an unknown session, or that a session rejects (a hash mismatch,
+// a protocol violation) closes the connection with the reason logged; every session then
+// resumes from its restart address when the link comes back.
+//
+// Threading: one io_context thread. Ownership: sessions are the daemon's; they outlive stop().
+#pragma once
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tandem/common/result.h"
+#include "tandem/replication/session.h"
+#include "tandem/transport/link.h"
+#include "tandem/transport/tls.h"
+
+namespace tandem::replication {
+
+struct ReplicatorOptions {
+  std::string node_name;
+  transport::TlsFiles tls;
+  std::string peer_name;
+  std::string peer_address;    // host:port to dial
+  std::string listen_address;  // host:port to accept on
+  std::uint64_t rate_limit_bytes_per_s = 0;
+  std::uint32_t keepalive_interval_ms = 1000;
+  std::uint32_t peer_timeout_ms = 5000;
+};
+
+class Replicator {
+ public:
+  Replicator(asio::any_io_executor ex, ReplicatorOptions opts);
+  ~Replicator();
+  void add_session(Session* s) { sessions_.push_back(s); }
+  Status start();
+  asio::awaitable<void> stop();
+  [[nodiscard]] std::uint16_t listen_port() const;
+  [[nodiscard]] bool dials() const { return opts_.node_name < opts_.peer_name; }
+  void set_rate_limit(std::uint64_t bytes_per_s);
+
+ private:
+  void on_connected(std::shared_ptr<transport::Connection> c);
+  asio::awaitable<void> receive_loop(std::shared_ptr<transport::Connection> c, std::uint64_t gen);
+  Session* find(std::span<const std::byte> payload) const;
+
+  asio::any_io_executor ex_;
+  ReplicatorOptions opts_;
+  std::vector<Session*> sessions_;
+  std::unique_ptr<transport::Link> link_;
+  std::shared_ptr<transport::Connection> conn_;
+  std::uint64_t gen_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace tandem::replication
