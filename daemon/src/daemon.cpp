@@ -265,6 +265,59 @@ int run_daemon(const Config& cfg) {
   return d.run();
 }
 
+int set_session_role(const Config& cfg, const std::string& session_id, const std::string& role) {
+  const SessionConfig* sc = nullptr;
+  for (const auto& s : cfg.sessions) {
+    if (s.id == session_id) sc = &s;
+  }
+  if (sc == nullptr) {
+    spdlog::error("no session \"{}\" in {}", session_id, cfg.source);
+    return 2;
+  }
+  if (role != "source" && role != "destination") {
+    spdlog::error("role must be \"source\" or \"destination\", not \"{}\"", role);
+    return 2;
+  }
+  asio::io_context ctx;
+  int rc = 0;
+  auto body = [](asio::io_context& io, const Config& c, const SessionConfig& s, std::string r, int& out) -> asio::awaitable<void> {
+    std::vector<VolumeRuntime> vols;
+    for (const auto& vid : s.volumes) {
+      for (const auto& vc : c.volumes) {
+        if (vc.id != vid) continue;
+        auto rt = co_await open_volume(io, vc);
+        if (!rt) {
+          spdlog::error("{}", rt.error().message());
+          out = 1;
+        } else {
+          vols.push_back(std::move(rt).value());
+        }
+      }
+    }
+    if (out == 0) {
+      replication::SessionOptions so;
+      so.id = s.id;
+      so.role = s.role == "source" ? replication::Role::source : replication::Role::destination;
+      for (auto& v : vols) so.members.push_back({v.volume.get(), v.env.get(), c.node.state_dir});
+      const replication::Role target = r == "source" ? replication::Role::source : replication::Role::destination;
+      Status st = co_await replication::Session::set_role_offline(std::move(so), target);
+      if (!st) {
+        spdlog::error("session {}: {}", s.id, st.error().message());
+        out = 1;
+      }
+    }
+    for (auto& v : vols) {
+      Status st = co_await v.volume->close();
+      if (!st) out = 1;
+      v.volume.reset();
+      v.env->stop();
+    }
+  };
+  asio::co_spawn(ctx, body(ctx, cfg, *sc, role, rc), abort_on_exception);
+  ctx.run();
+  return rc;
+}
+
 int inspect_volumes(const Config& cfg) {
   asio::io_context ctx;
   int rc = 0;

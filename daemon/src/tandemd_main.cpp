@@ -13,10 +13,14 @@ int main(int argc, char** argv) {
   bool check = false;
   bool inspect = false;
   bool version = false;
+  std::string set_role;
   app.add_option("-c,--config", config_path, "configuration file (TOML)")->capture_default_str();
   app.add_flag("--check-config", check, "validate the configuration and exit (0 when valid)");
   app.add_flag("--inspect", inspect,
                "print each volume's metadata and dirty map as JSON and exit (daemon must be stopped)");
+  app.add_option("--set-role", set_role,
+                 "SESSION=ROLE: make this node the source or destination of a session and exit (daemon must be "
+                 "stopped; becoming the source starts a new generation, like a forced promotion)");
   app.add_flag("--version", version, "print the version and exit");
   CLI11_PARSE(app, argc, argv);
   if (version) {
@@ -34,5 +38,13 @@ int main(int argc, char** argv) {
   }
   tandem::daemon::setup_logging(cfg->node.log_level);
   if (inspect) return tandem::daemon::inspect_volumes(*cfg);
+  if (!set_role.empty()) {
+    const auto eq = set_role.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "tandemd: --set-role takes SESSION=ROLE\n");
+      return 2;
+    }
+    return tandem::daemon::set_session_role(*cfg, set_role.substr(0, eq), set_role.substr(eq + 1));
+  }
   return tandem::daemon::run_daemon(*cfg);
 }

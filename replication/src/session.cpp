@@ -102,6 +102,40 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
   co_return s;
 }
 
+asio::awaitable<Status> Session::set_role_offline(SessionOptions opts, Role role) {
+  auto& meta0 = opts.members[0].volume->meta();
+  auto st = decode_state(meta0.superblock().session_blob, opts.role);
+  if (!st) co_return st.error();
+  SessionState s = *st;
+  if (s.applying_cycle != 0) {
+    co_return Error(errc::not_allowed_in_state, "cycle " + std::to_string(s.applying_cycle) +
+                                                    " is committed but not applied yet; start the daemon once to finish it");
+  }
+  if (s.role == Role::source && s.transfer_cycle != 0) {
+    for (auto& m : opts.members) {
+      auto f = co_await m.volume->dirty().load_frozen();
+      if (!f) co_return f.error();
+      m.volume->dirty().merge(*f);
+      TANDEM_CO_TRY(co_await m.volume->dirty().persist_all());
+    }
+  }
+  s.transfer_cycle = 0;
+  auto gens = meta0.superblock().generations;
+  if (role == Role::source && s.role != Role::source) push_generation(gens, engine::random_u64(), engine::Superblock::kGenerationsMax);
+  s.role = role;
+  for (std::size_t i = opts.members.size(); i-- > 0;) {
+    auto& meta = opts.members[i].volume->meta();
+    engine::Superblock sb = meta.superblock();
+    sb.generations = gens;
+    sb.role = role == Role::source ? engine::Role::source : engine::Role::destination;
+    if (i == 0) sb.session_blob = encode_state(s);
+    TANDEM_CO_TRY(co_await meta.write_superblock(std::move(sb)));
+  }
+  spdlog::info("session {}: role set to {} (generations {})", opts.id, role == Role::source ? "source" : "destination",
+               describe(gens));
+  co_return Status{};
+}
+
 std::string Session::journal_path(const Member& m) const {
   return m.m.state_dir + "/" + m.m.volume->id() + ".journal";
 }

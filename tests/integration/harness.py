@@ -57,7 +57,7 @@ class Workdir:
 class Daemon:
     """One tandemd process with file-backed volumes exported on Unix sockets."""
 
-    def __init__(self, workdir, volumes, name="site-a", extra_volume_keys=None):
+    def __init__(self, workdir, volumes, name="site-a", extra_volume_keys=None, extra_config=""):
         self.dir = workdir
         self.name = name
         self.volumes = volumes  # list of (id, size_bytes)
@@ -72,8 +72,13 @@ class Daemon:
             for k, v in (extra_volume_keys or {}).items():
                 lines.append("%s = %s" % (k, json.dumps(v)))
             lines.append("")
+        self.extra_config = extra_config
+        self.base_config = "\n".join(lines)
+        self.write_config()
+
+    def write_config(self):
         with open(self.config, "w") as f:
-            f.write("\n".join(lines))
+            f.write(self.base_config + "\n" + self.extra_config + "\n")
 
     def image(self, vid):
         return os.path.join(self.dir, "%s-%s.img" % (self.name, vid))
@@ -136,3 +141,80 @@ def dirty_set(vol_json):
     for first, count in vol_json["dirty_extents"]:
         s.update(range(first, first + count))
     return s
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_certs(directory):
+    here = os.path.dirname(os.path.abspath(__file__))
+    run(["bash", os.path.join(here, "..", "tools", "make_certs.sh"), directory])
+    return directory
+
+
+def session_config(certs, name, peer, my_port, peer_port, role, volumes=("vol0",), rpo=2,
+                   cert_name=None, ca="ca.crt", peer_timeout_ms=2000):
+    cert = cert_name or name
+    vols = ", ".join('"%s"' % v for v in volumes)
+    return "\n".join([
+        "[tls]",
+        'ca = "%s"' % os.path.join(certs, ca),
+        'cert = "%s"' % os.path.join(certs, cert + ".crt"),
+        'key = "%s"' % os.path.join(certs, cert + ".key"),
+        "[peer]",
+        'name = "%s"' % peer,
+        'address = "127.0.0.1:%d"' % peer_port,
+        'listen = "127.0.0.1:%d"' % my_port,
+        "keepalive_interval_ms = 250",
+        "peer_timeout_ms = %d" % peer_timeout_ms,
+        "[[session]]",
+        'id = "s-vol0"',
+        "volumes = [%s]" % vols,
+        "remote_volumes = [%s]" % vols,
+        'role = "%s"' % role,
+        "rpo_seconds = %d" % rpo,
+    ])
+
+
+class Pair:
+    """site-a (source) and site-b (destination) replicating over mutual TLS on loopback."""
+
+    def __init__(self, workdir, size, volumes=("vol0",), rpo=2, b_overrides=None, a_overrides=None,
+                 extra_volume_keys=None):
+        self.certs = make_certs(os.path.join(workdir, "certs"))
+        self.pa, self.pb = free_port(), free_port()
+        vols = [(v, size) for v in volumes]
+        self.a = Daemon(workdir, vols, name="site-a", extra_volume_keys=extra_volume_keys,
+                        extra_config=session_config(self.certs, "site-a", "site-b", self.pa, self.pb, "source",
+                                                    volumes, rpo, **(a_overrides or {})))
+        self.b = Daemon(workdir, vols, name="site-b", extra_volume_keys=extra_volume_keys,
+                        extra_config=session_config(self.certs, "site-b", "site-a", self.pb, self.pa,
+                                                    "destination", volumes, rpo, **(b_overrides or {})))
+
+    def start(self):
+        self.b.start()
+        self.a.start()
+        return self
+
+    def stop(self):
+        rcs = []
+        for d in (self.a, self.b):
+            if d.proc is not None:
+                rcs.append(d.stop())
+        return rcs
+
+
+def xxh128(path):
+    return run(["xxh128sum", path]).stdout.split()[0]
+
+
+def wait_identical(pair, volumes=("vol0",), timeout_s=120):
+    """Waits (bounded) until every destination image equals its source image."""
+    def same():
+        return all(xxh128(pair.a.image(v)) == xxh128(pair.b.image(v)) for v in volumes)
+    wait_until(same, "the destination to match the source", timeout_s=timeout_s, interval_s=0.5)

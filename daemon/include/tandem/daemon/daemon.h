@@ -18,6 +18,10 @@ int run_daemon(const Config& cfg);
 // JSON on stdout, and closes it. For operators and tests; the daemon must not be running.
 int inspect_volumes(const Config& cfg);
 
+// Offline: makes this node the source or destination of a session (the daemon must be
+// stopped). Becoming the source starts a new generation. Returns the exit code.
+int set_session_role(const Config& cfg, const std::string& session_id, const std::string& role);
+
 // Sets up spdlog: journald-friendly on stderr under systemd, timestamps otherwise.
 void setup_logging(const std::string& level);
 

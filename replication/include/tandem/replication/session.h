@@ -99,6 +99,13 @@ struct SessionStatus {
 class Session {
  public:
   static asio::awaitable<Result<std::unique_ptr<Session>>> open(asio::any_io_executor ex, SessionOptions opts);
+
+  // Offline (daemon stopped): makes this side the source or the destination of the session, as
+  // an operator forcing a role without the peer (DRBD's "primary --force"). Becoming the source
+  // starts a new generation: the peer's data and this side's may now diverge, and the next
+  // connect decides (and refuses a split brain). A cycle in flight is abandoned: a source's
+  // frozen blocks go back to its dirty map; a destination's staged journal is dropped.
+  static asio::awaitable<Status> set_role_offline(SessionOptions opts, Role role);
   ~Session();
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
