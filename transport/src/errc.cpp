@@ -19,6 +19,12 @@ class Category final : public std::error_category {
       case errc::timeout: return "timeout";
       case errc::connection_closed: return "connection closed";
       case errc::protocol_version: return "protocol version";
+      case errc::bad_address: return "bad address (expected host:port or [v6]:port)";
+      case errc::bad_config: return "bad link configuration";
+      case errc::tls_config: return "bad TLS configuration";
+      case errc::not_tls: return "peer does not speak TLS";
+      case errc::send_queue_full: return "send queue full";
+      case errc::stopped: return "link stopped";
     }
     return "unknown transport error " + std::to_string(c);
   }
