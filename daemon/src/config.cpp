@@ -278,7 +278,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (!id || !valid_id(*id)) return config_error(where + ": id is required (letters, digits, '-', '_', '.')");
       where += " (" + *id + ")";
       Reader r(t, where);
-      TANDEM_TRY(r.only({"id", "volumes", "remote_volumes", "role", "rpo_seconds"}));
+      TANDEM_TRY(r.only({"id", "volumes", "remote_volumes", "role", "rpo_seconds", "window"}));
       SessionConfig sc;
       sc.id = *id;
       if (!session_ids.insert(sc.id).second) return config_error(where + ": duplicate session id");
@@ -310,6 +310,11 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (rpo) {
         if (*rpo < 1 || *rpo > 86400) return config_error(r.name("rpo_seconds") + ": must be from 1 to 86400");
         sc.rpo_seconds = static_cast<std::uint32_t>(*rpo);
+      }
+      CFG_TRY_ASSIGN(window, r.bytes("window"));
+      if (window) {
+        if (*window < (1u << 20) || *window > (4ull << 30)) return config_error(r.name("window") + ": must be from 1MiB to 4GiB");
+        sc.window_bytes = *window;
       }
       cfg.sessions.push_back(std::move(sc));
     }

@@ -124,6 +124,7 @@ class Daemon {
       so.remote_volumes = sc.remote_volumes;
       so.peer_name = cfg_.peer->name;
       so.rpo_seconds = sc.rpo_seconds;
+      so.window_bytes = sc.window_bytes;
       for (const auto& vid : sc.volumes) {
         for (auto& v : volumes_) {
           if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});

@@ -138,6 +138,7 @@ std::vector<std::byte> encode(const SyncBegin& m) {
   w.u64(m.cycle);
   w.u64(m.frozen_blocks);
   w.u64(m.start_offset);
+  w.u64(m.window_bytes);
   w.gens(m.generations);
   return w.take();
 }
@@ -148,7 +149,7 @@ Result<SyncBegin> decode_sync_begin(std::span<const std::byte> p) {
   std::uint8_t mode = 0;
   if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u8(mode) || mode > 2 ||
       !r.u64(m.cycle) || !r.u64(m.frozen_blocks) || !r.u64(m.start_offset) || m.start_offset % 4096 != 0 ||
-      !r.gens(m.generations) || !r.done()) {
+      !r.u64(m.window_bytes) || m.window_bytes < (1u << 20) || !r.gens(m.generations) || !r.done()) {
     return bad("sync begin");
   }
   m.mode = static_cast<TransferMode>(mode);

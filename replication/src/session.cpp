@@ -352,6 +352,10 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       if (!a) co_return a.error();
       if (state_.role != Role::source) co_return Error(errc::bad_message, "ack sent to a destination");
       acked_offset_ = std::max(acked_offset_, a->durable_offset);
+      while (!unacked_.empty() && unacked_.front().first <= acked_offset_) {
+        unacked_bytes_ -= unacked_.front().second;
+        unacked_.pop_front();
+      }
       acked_cycle_ = a->cycle;
       window_.notify_all();
       co_return Status{};
@@ -632,7 +636,9 @@ asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::u
 }
 
 asio::awaitable<Status> Session::wait_window(std::uint64_t gen) {
-  while (gen == conn_gen_ && !stopping_ && sent_end_ > acked_offset_ + opts_.window_bytes) co_await window_.wait();
+  // The window counts bytes, not offsets: a sparse frozen set jumps far ahead in offset while
+  // only a little data is in flight.
+  while (gen == conn_gen_ && !stopping_ && unacked_bytes_ > opts_.window_bytes) co_await window_.wait();
   if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
   co_return Status{};
 }
@@ -685,19 +691,32 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     high_water_cycle_ = is_cycle ? cycle : ~1ull;
     high_water_ = start;
   }
-  if (start < high_water_) {
-    spdlog::info("session {}: resuming {} at offset {} (sent up to {} before the interruption)", opts_.id,
-                 is_cycle ? "cycle " + std::to_string(cycle) : std::string("initial sync"), start, high_water_);
+  const bool resumed = start < high_water_;
+  const std::uint64_t resume_high = high_water_;
+  const std::uint64_t reshipped_before = bytes_reshipped_;
+  bool resume_logged = false;
+  const std::string what = is_cycle ? "cycle " + std::to_string(cycle) : std::string("initial sync");
+  if (resumed) {
+    spdlog::info("session {}: resuming {} at offset {} (sent up to {} before the interruption)", opts_.id, what,
+                 start, high_water_);
   }
+  // Bytes sent again are counted until the transfer passes where it had got to.
+  auto log_reship = [&] {
+    if (!resumed || resume_logged) return;
+    resume_logged = true;
+    spdlog::info("session {}: resume of {} re-shipped {} bytes", opts_.id, what, bytes_reshipped_ - reshipped_before);
+  };
   acked_offset_ = start;
   acked_cycle_ = cycle;
   sent_end_ = start;
+  unacked_.clear();
+  unacked_bytes_ = 0;
   pending_hashes_ = 0;
   resend_.clear();
   committed_seen_ = ~0ull;
   state_name_ = state_.initial == InitialState::done || is_cycle ? (state_name_ == "Initializing" ? state_name_ : "Synchronizing")
                                                                  : "Initializing";
-  SyncBegin sb{opts_.id, mode, cycle, frozen_blocks, start, generations_};
+  SyncBegin sb{opts_.id, mode, cycle, frozen_blocks, start, opts_.window_bytes, generations_};
   std::vector<std::byte> begin_bytes = encode(sb);
   TANDEM_CO_TRY(co_await send(MsgType::sync_begin, std::move(begin_bytes)));
   const std::uint32_t ext_max = opts_.extent_bytes;
@@ -758,6 +777,9 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       pos = off + len;
       sent_end_ = m.base + pos;
       high_water_ = std::max(high_water_, sent_end_);
+      unacked_.emplace_back(sent_end_, len);
+      unacked_bytes_ += len;
+      if (sent_end_ >= resume_high) log_reship();
       transfer_done_ += len;
     }
   }
@@ -769,6 +791,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     co_await window_.wait();
   }
   TANDEM_CO_TRY(co_await drain_resends());
+  log_reship();
   const CycleEnd end_msg{opts_.id, cycle, total_bytes(), generations_};
   std::vector<std::byte> end_bytes = encode(end_msg);
   TANDEM_CO_TRY(co_await send(MsgType::cycle_end, std::move(end_bytes)));
@@ -816,7 +839,12 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   since_checkpoint_ = 0;
   dcycle_ = m.cycle;
   dnext_ = m.start_offset;
+  // Acknowledge well within the source's window, or it would wait for us while we wait for it.
+  dbatch_ = std::min(opts_.stage_batch_bytes, m.window_bytes / 4);
+  dcheckpoint_ = std::min(opts_.initial_checkpoint_bytes, m.window_bytes / 2);
   processed_end_ = m.start_offset;
+  spdlog::debug("session {}: transfer begins: mode {}, cycle {}, offset {}, {} frozen blocks", opts_.id,
+                static_cast<int>(m.mode), m.cycle, m.start_offset, m.frozen_blocks);
   if (m.mode != TransferMode::cycle) {
     if (state_.initial != InitialState::running || m.start_offset != state_.initial_offset) {
       if (m.start_offset != 0 && !(state_.initial == InitialState::running && m.start_offset <= state_.initial_offset)) {
@@ -890,7 +918,7 @@ asio::awaitable<Status> Session::on_extent(const Extent& m) {
       processed_end_ = dnext_;
     }
     since_checkpoint_ += m.length;
-    if (since_checkpoint_ >= opts_.initial_checkpoint_bytes) TANDEM_CO_TRY(co_await initial_checkpoint());
+    if (since_checkpoint_ >= dcheckpoint_) TANDEM_CO_TRY(co_await initial_checkpoint());
     co_return Status{};
   }
   if (m.cycle != dcycle_) co_return Error(errc::bad_message, "extent of cycle " + std::to_string(m.cycle) + " during " + std::to_string(dcycle_));
@@ -902,7 +930,7 @@ asio::awaitable<Status> Session::on_extent(const Extent& m) {
   pending_bytes_ += m.length;
   pending_.push_back(std::move(p));
   dnext_ = m.offset + m.length;
-  if (pending_bytes_ >= opts_.stage_batch_bytes || pending_.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
+  if (pending_bytes_ >= dbatch_ || pending_.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
     TANDEM_CO_TRY(co_await stage_flush());
   }
   co_return Status{};
@@ -942,6 +970,7 @@ asio::awaitable<Status> Session::stage_flush() {
   const Ack ack{opts_.id, dcycle_, staged_global_end()};
   std::vector<std::byte> bytes = encode(ack);
   TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
+  spdlog::debug("session {}: cycle {} staged up to {}", opts_.id, dcycle_, staged_global_end());
   co_return Status{};
 }
 
@@ -974,7 +1003,7 @@ asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
   const HashResult result{opts_.id, m.offset, m.length, match};
   std::vector<std::byte> bytes = encode(result);
   TANDEM_CO_TRY(co_await send(MsgType::hash_result, std::move(bytes)));
-  if (since_checkpoint_ >= opts_.initial_checkpoint_bytes) TANDEM_CO_TRY(co_await initial_checkpoint());
+  if (since_checkpoint_ >= dcheckpoint_) TANDEM_CO_TRY(co_await initial_checkpoint());
   co_return Status{};
 }
 

@@ -13,6 +13,18 @@ import tempfile
 import time
 
 TANDEMD = os.environ.get("TANDEMD", "")
+_started = []  # daemons this process started: killed by PID at exit if a test left them running
+
+
+def _kill_leftovers():
+    for d in _started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(timeout=WAIT_S)
+
+
+import atexit  # noqa: E402
+atexit.register(_kill_leftovers)
 WAIT_S = 30  # bound on every wait for a daemon to become ready or exit
 
 
@@ -48,6 +60,9 @@ class Workdir:
         return self
 
     def __exit__(self, *exc):
+        if os.environ.get("TANDEM_KEEP"):
+            print("keeping " + self.path, file=sys.stderr)
+            return
         shutil.rmtree(self.path, ignore_errors=True)
 
     def join(self, *p):
@@ -96,6 +111,7 @@ class Daemon:
                 os.unlink(self.socket(vid))
         self.logf = open(self.log_path, "a")
         self.proc = subprocess.Popen([TANDEMD, "-c", self.config], stdout=self.logf, stderr=self.logf)
+        _started.append(self)
 
         def ready():
             if self.proc.poll() is not None:
@@ -106,8 +122,9 @@ class Daemon:
 
     def log(self):
         try:
-            with open(self.log_path) as f:
-                return f.read()[-8000:]
+            # Whole log (tests search it); a SIGKILLed daemon may leave a torn last line.
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
         except OSError:
             return ""
 
@@ -158,7 +175,7 @@ def make_certs(directory):
 
 
 def session_config(certs, name, peer, my_port, peer_port, role, volumes=("vol0",), rpo=2,
-                   cert_name=None, ca="ca.crt", peer_timeout_ms=2000):
+                   cert_name=None, ca="ca.crt", peer_timeout_ms=2000, window=None):
     cert = cert_name or name
     vols = ", ".join('"%s"' % v for v in volumes)
     return "\n".join([
@@ -178,7 +195,7 @@ def session_config(certs, name, peer, my_port, peer_port, role, volumes=("vol0",
         "remote_volumes = [%s]" % vols,
         'role = "%s"' % role,
         "rpo_seconds = %d" % rpo,
-    ])
+    ] + (['window = "%s"' % window] if window else []))
 
 
 class Pair:

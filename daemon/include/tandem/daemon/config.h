@@ -52,6 +52,7 @@ struct SessionConfig {
   std::vector<std::string> remote_volumes;  // the peer's volume ids, in the same order
   std::string role;                         // "source" | "destination" (initial role)
   std::uint32_t rpo_seconds = 10;
+  std::uint64_t window_bytes = 64ull << 20;  // unacknowledged bytes in flight
 };
 
 struct Config {

@@ -64,6 +64,7 @@ struct SyncBegin {
   std::uint64_t cycle = 0;
   std::uint64_t frozen_blocks = 0;  // sizes the destination's journal
   std::uint64_t start_offset = 0;
+  std::uint64_t window_bytes = 0;   // the source's window: the destination acknowledges well within it
   std::vector<std::uint64_t> generations;
   bool operator==(const SyncBegin&) const = default;
 };

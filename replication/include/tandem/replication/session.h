@@ -197,6 +197,8 @@ class Session {
   WaitQueue bump_done_;
   std::uint64_t acked_offset_ = 0;
   std::uint64_t sent_end_ = 0;
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> unacked_;  // (end offset, bytes) sent, not acked
+  std::uint64_t unacked_bytes_ = 0;
   std::uint64_t acked_cycle_ = 0;
   std::uint64_t committed_seen_ = ~0ull;  // last Committed received (~0 = none)
   std::uint64_t high_water_ = 0;          // furthest offset sent in the current transfer
@@ -222,6 +224,8 @@ class Session {
   std::vector<Pending> pending_;
   std::uint64_t pending_bytes_ = 0;
   std::uint64_t since_checkpoint_ = 0;
+  std::uint64_t dbatch_ = 8ull << 20;
+  std::uint64_t dcheckpoint_ = 32ull << 20;
   std::uint64_t processed_end_ = 0;
   std::set<std::uint64_t> awaiting_data_;
 };
