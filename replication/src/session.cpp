@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "tandem/common/hash.h"
+#include "tandem/common/probe.h"
 #include "tandem/engine/errc.h"
 #include "tandem/replication/errc.h"
 
@@ -51,7 +52,8 @@ class Session::CowHook final : public engine::WriteHook {
   std::size_t mi_;
 };
 
-Session::Session(asio::any_io_executor ex, SessionOptions opts) : ex_(std::move(ex)), opts_(std::move(opts)) {}
+Session::Session(asio::any_io_executor ex, SessionOptions opts)
+    : ex_(std::move(ex)), opts_(std::move(opts)), corrupt_every_(probe::value("corrupt_extent_every")) {}
 
 Session::~Session() {
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
@@ -474,9 +476,9 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
     plan_start_ = 0;
   } else if (state_.transfer_cycle != 0) {
     if (h.committed_cycle >= state_.transfer_cycle) {
-      // The destination committed it; we missed the acknowledgement.
-      TANDEM_CO_TRY(co_await finish_cycle(state_.transfer_cycle));
-      plan_ = Plan::wait;
+      // The destination committed it; we missed the acknowledgement. The run loop finishes it
+      // (only it touches the cycle's frozen sets and preserve logs).
+      plan_ = Plan::finish;
     } else {
       plan_ = Plan::cycle;
       plan_start_ = h.staged_cycle == state_.transfer_cycle ? h.staged_offset : 0;
@@ -521,6 +523,9 @@ asio::awaitable<void> Session::run_source() {
     } else if (plan_ == Plan::cycle) {
       st = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
       if (st && gen == conn_gen_) plan_ = Plan::wait;
+    } else if (plan_ == Plan::finish) {
+      st = co_await finish_cycle(state_.transfer_cycle);
+      if (st) plan_ = Plan::wait;
     } else if (sync_requested_) {
       sync_requested_ = false;
       bool dirty = false;
@@ -730,6 +735,15 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     } else {
       e.hash = xxh3_64(buf.data(), len);
     }
+    // At most three corruptions: each costs a reconnect and a resume, and a test wants the
+    // session to converge afterwards.
+    if (!e.zero && corrupt_every_ != 0 && ++extents_sent_ % corrupt_every_ == 0 && corrupted_ < 3) {
+      ++corrupted_;
+      // Probe: damage the data after hashing, as a bad NIC or memory would; the destination
+      // must catch it by the hash.
+      buf.data()[len / 2] ^= std::byte{0x5a};
+      spdlog::warn("session {}: probe corrupt_extent_every: corrupting the extent at offset {}", opts_.id, global);
+    }
     auto header = encode_extent_header(e);
     TANDEM_CO_TRY(co_await send(MsgType::extent, std::move(header),
                                 e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(buf.data(), len)));
@@ -816,16 +830,25 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
 
 asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
   TANDEM_ASSERT(state_.transfer_cycle == cycle);
+  // Host writes may be inside the copy-on-write hook, using the preserve logs: let them finish
+  // and hold new ones while the cycle's frozen sets and logs go away.
+  for (auto& m : members_) co_await m.m.volume->hold_writes();
   state_.committed_cycle = cycle;
   state_.transfer_cycle = 0;
   peer_committed_ = cycle;
-  TANDEM_CO_TRY(co_await persist());
-  for (auto& m : members_) {
-    if (m.preserve) TANDEM_CO_TRY(co_await m.preserve->remove());
-    m.preserve.reset();
-    m.frozen.reset();
+  Status st = co_await persist();
+  std::vector<std::unique_ptr<engine::PreserveLog>> logs;
+  if (st) {
+    for (auto& m : members_) {
+      logs.push_back(std::move(m.preserve));
+      m.frozen.reset();
+    }
   }
-  co_return Status{};
+  for (auto& m : members_) m.m.volume->release_writes();
+  for (auto& log : logs) {
+    if (log) TANDEM_CO_TRY(co_await log->remove());
+  }
+  co_return st;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ class Workdir:
 class Daemon:
     """One tandemd process with file-backed volumes exported on Unix sockets."""
 
-    def __init__(self, workdir, volumes, name="site-a", extra_volume_keys=None, extra_config=""):
+    def __init__(self, workdir, volumes, name="site-a", extra_volume_keys=None, extra_config="", env=None):
         self.dir = workdir
+        self.env = env
         self.name = name
         self.volumes = volumes  # list of (id, size_bytes)
         self.proc = None
@@ -110,7 +111,8 @@ class Daemon:
             if os.path.exists(self.socket(vid)):
                 os.unlink(self.socket(vid))
         self.logf = open(self.log_path, "a")
-        self.proc = subprocess.Popen([TANDEMD, "-c", self.config], stdout=self.logf, stderr=self.logf)
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen([TANDEMD, "-c", self.config], stdout=self.logf, stderr=self.logf, env=env)
         _started.append(self)
 
         def ready():
@@ -202,12 +204,13 @@ class Pair:
     """site-a (source) and site-b (destination) replicating over mutual TLS on loopback."""
 
     def __init__(self, workdir, size, volumes=("vol0",), rpo=2, b_overrides=None, a_overrides=None,
-                 extra_volume_keys=None):
+                 extra_volume_keys=None, a_env=None, b_port=None, a_dials=None):
         self.certs = make_certs(os.path.join(workdir, "certs"))
-        self.pa, self.pb = free_port(), free_port()
+        self.pa, self.pb = free_port(), (b_port or free_port())
+        a_dials = a_dials or self.pb  # where site-a dials site-b (a fault proxy may sit there)
         vols = [(v, size) for v in volumes]
-        self.a = Daemon(workdir, vols, name="site-a", extra_volume_keys=extra_volume_keys,
-                        extra_config=session_config(self.certs, "site-a", "site-b", self.pa, self.pb, "source",
+        self.a = Daemon(workdir, vols, name="site-a", extra_volume_keys=extra_volume_keys, env=a_env,
+                        extra_config=session_config(self.certs, "site-a", "site-b", self.pa, a_dials, "source",
                                                     volumes, rpo, **(a_overrides or {})))
         self.b = Daemon(workdir, vols, name="site-b", extra_volume_keys=extra_volume_keys,
                         extra_config=session_config(self.certs, "site-b", "site-a", self.pb, self.pa,
@@ -235,3 +238,37 @@ def wait_identical(pair, volumes=("vol0",), timeout_s=120):
     def same():
         return all(xxh128(pair.a.image(v)) == xxh128(pair.b.image(v)) for v in volumes)
     wait_until(same, "the destination to match the source", timeout_s=timeout_s, interval_s=0.5)
+
+
+class FaultProxy:
+    """tests/tools/fault_proxy.py between two addresses, driven through its stdin."""
+
+    def __init__(self, workdir, target_port, seed):
+        here = os.path.dirname(os.path.abspath(__file__))
+        port_file = os.path.join(workdir, "proxy.port")
+        self.log_path = os.path.join(workdir, "proxy.log")
+        self.logf = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", os.path.join(here, "..", "tools", "fault_proxy.py"), "--listen", "127.0.0.1:0",
+             "--target", "127.0.0.1:%d" % target_port, "--seed", str(seed), "--port-file", port_file],
+            stdin=subprocess.PIPE, stdout=self.logf, stderr=self.logf, text=True)
+        wait_until(lambda: os.path.exists(port_file), "the fault proxy to listen")
+        with open(port_file) as f:
+            self.port = int(f.read().strip())
+
+    def command(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self):
+        self.command("quit")
+        try:
+            self.proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=WAIT_S)
+        self.logf.close()

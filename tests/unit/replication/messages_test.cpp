@@ -42,7 +42,7 @@ void roundtrip(const M& m, D decode) {
 
 TEST(Messages, RoundTrip) {
   roundtrip(hello(), decode_session_hello);
-  roundtrip(SyncBegin{"s", TransferMode::initial_compare, 7, 1000, 4096, {9, 8}}, decode_sync_begin);
+  roundtrip(SyncBegin{"s", TransferMode::initial_compare, 7, 1000, 4096, 8 << 20, {9, 8}}, decode_sync_begin);
   roundtrip(ExtentHash{"s", 8192, 65536, 0xabcdef}, decode_extent_hash);
   roundtrip(HashResult{"s", 8192, 65536, true}, decode_hash_result);
   roundtrip(Ack{"s", 7, 123 * 4096}, decode_ack);
@@ -89,7 +89,7 @@ TEST(Messages, BoundsAreEnforced) {
   // A generation count over the bound, forged by hand.
   auto bytes = encode(Committed{"s", 1});
   EXPECT_TRUE(decode_committed(bytes).ok());
-  auto sb = encode(SyncBegin{"s", TransferMode::cycle, 1, 0, 0, {}});
+  auto sb = encode(SyncBegin{"s", TransferMode::cycle, 1, 0, 0, 1 << 20, {}});
   sb.back() = std::byte{33};  // generation count byte
   EXPECT_FALSE(decode_sync_begin(sb).ok());
 }

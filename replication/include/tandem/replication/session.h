@@ -133,7 +133,7 @@ class Session {
     std::unique_ptr<engine::CycleJournal> journal;
     std::unique_ptr<CowHook> hook;
   };
-  enum class Plan { wait, initial, cycle, refused };
+  enum class Plan { wait, initial, cycle, finish, refused };
 
   Session(asio::any_io_executor ex, SessionOptions opts);
   asio::awaitable<Status> recover();
@@ -206,6 +206,9 @@ class Session {
   std::uint64_t pending_hashes_ = 0;
   std::deque<std::pair<std::uint64_t, std::uint32_t>> resend_;
   std::uint64_t bytes_shipped_ = 0;
+  std::uint64_t corrupt_every_ = 0;  // probe: corrupt every Nth extent sent (tests)
+  std::uint64_t extents_sent_ = 0;
+  std::uint64_t corrupted_ = 0;
   std::uint64_t bytes_reshipped_ = 0;
   std::uint64_t transfer_total_ = 0;
   std::uint64_t transfer_done_ = 0;
