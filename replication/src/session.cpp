@@ -551,6 +551,8 @@ asio::awaitable<void> Session::run_source() {
         error_ = st.error().message();
         if (conn_) conn_->close("transfer failed: " + st.error().message());
       }
+      // Nothing more until the next connection's hello: never retry on a dead link.
+      if (gen == conn_gen_) peer_ready_ = false;
     }
   }
   running_ = false;
