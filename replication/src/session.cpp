@@ -559,19 +559,23 @@ asio::awaitable<void> Session::run_source() {
   done_.notify_all();
 }
 
-asio::awaitable<Status> Session::cut() {
-  const std::uint64_t cycle = state_.next_cycle;
-  for (auto& m : members_) co_await m.m.volume->hold_writes();
-  Status st;
+asio::awaitable<Result<std::vector<engine::BlockBitmap>>> Session::freeze_all() {
+  // Step one of a cut on every member (writes are held by the caller): their frozen sets.
   std::vector<engine::BlockBitmap> frozen;
   for (auto& m : members_) {
     auto f = co_await m.m.volume->dirty().freeze();
-    if (!f) {
-      st = f.error();
-      break;
-    }
+    if (!f) co_return f.error();
     frozen.push_back(std::move(f).value());
   }
+  co_return frozen;
+}
+
+asio::awaitable<Status> Session::cut() {
+  const std::uint64_t cycle = state_.next_cycle;
+  for (auto& m : members_) co_await m.m.volume->hold_writes();
+  auto frozen_r = co_await freeze_all();
+  Status st = frozen_r.ok() ? Status{} : Status(frozen_r.error());
+  std::vector<engine::BlockBitmap> frozen = frozen_r.ok() ? std::move(frozen_r).value() : std::vector<engine::BlockBitmap>{};
   if (st) {
     for (std::size_t i = 0; i < members_.size(); ++i) {
       // The log keeps a reference to the frozen set: store it in the member first.
@@ -672,16 +676,9 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     // The whole volume ships now: what the dirty maps hold is covered. Cut them (the frozen sets
     // are discarded) so only writes from now on go into the first cycle.
     for (auto& m : members_) co_await m.m.volume->hold_writes();
-    Status st;
-    std::vector<engine::BlockBitmap> frozen;
-    for (auto& m : members_) {
-      auto f = co_await m.m.volume->dirty().freeze();
-      if (!f) {
-        st = f.error();
-        break;
-      }
-      frozen.push_back(std::move(f).value());
-    }
+    auto frozen_r = co_await freeze_all();
+    Status st = frozen_r.ok() ? Status{} : Status(frozen_r.error());
+    std::vector<engine::BlockBitmap> frozen = frozen_r.ok() ? std::move(frozen_r).value() : std::vector<engine::BlockBitmap>{};
     if (st) {
       state_.initial = InitialState::running;
       st = co_await persist();

@@ -152,6 +152,7 @@ class Session {
   asio::awaitable<void> run_timer();
   asio::awaitable<Status> on_peer_hello(const SessionHello& h);
   asio::awaitable<Status> cut();
+  asio::awaitable<Result<std::vector<engine::BlockBitmap>>> freeze_all();
   asio::awaitable<Status> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
   asio::awaitable<Status> read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
                                       const engine::IoBuffer& buf, bool frozen_view);
