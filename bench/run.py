@@ -60,6 +60,10 @@ SCENARIOS = [
 ]
 GROUPS = {"nbd": [s.name for s in SCENARIOS]}
 SERVERS = ["tandem", "nbdkit", "qemu-nbd"]
+# Reference run, not a server: fio straight on the backing file (io_uring, O_DIRECT, same job), so
+# every row shows what the disk itself gave at that moment. On a VM whose disk speed drifts with
+# the host's load, this is what tells "the servers differ" from "the disk changed".
+DISK_REF = "disk"
 BASELINES = ["nbdkit", "qemu-nbd"]
 GOAL_RATIO = 0.9
 
@@ -304,9 +308,11 @@ def wait_quiet(wait_s_max: float, busy_pct_max: float) -> float:
             return waited
 
 
-def proc_cpu_s(pid: int) -> float:
-    """utime+stime of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def proc_cpu_s(p) -> float:
+    """utime+stime of a process (all its threads), in seconds; 0 for no process."""
+    if p is None:
+        return 0.0
+    fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -349,26 +355,31 @@ def run_one(args, sc: Scenario, server: str, env: dict, run_id: str) -> Result:
     settle(backing)
     waited = wait_quiet(args.quiet_wait, args.quiet_busy)
     sock.unlink(missing_ok=True)
-    name, argv = server_argv(server, env["tandemd"], env["cfg"], sock, backing, args.nbdkit_cache)
-    logf = open(work / "logs" / f"{run_id}-{server}.log", "wb")
-    p = PROCS.start(name, argv, stdout=logf, stderr=subprocess.STDOUT)
+    p, name, logf = None, server, None
+    if server == DISK_REF:
+        target = [f"--filename={backing}", "--ioengine=io_uring", "--direct=1"]
+    else:
+        name, argv = server_argv(server, env["tandemd"], env["cfg"], sock, backing, args.nbdkit_cache)
+        logf = open(work / "logs" / f"{run_id}-{server}.log", "wb")
+        p = PROCS.start(name, argv, stdout=logf, stderr=subprocess.STDOUT)
+        target = ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}"]
     fio = None
     try:
-        wait_listening(sock, p, name)
+        if p is not None:
+            wait_listening(sock, p, name)
         out = work / "logs" / f"{run_id}-{server}.fio.json"
         fio_argv = [
-            "fio", f"--name={sc.name}", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
-            f"--rw={sc.rw}", f"--bs={sc.bs}", f"--iodepth={sc.iodepth}", "--numjobs=1",
+            "fio", f"--name={sc.name}", *target, f"--rw={sc.rw}", f"--bs={sc.bs}", f"--iodepth={sc.iodepth}", "--numjobs=1",
             "--time_based", f"--runtime={args.runtime}", f"--ramp_time={args.ramp}",
             "--norandommap", "--randrepeat=0", "--output-format=json", f"--output={out}"]
         fio = PROCS.start("fio", fio_argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # Sample CPU over (roughly) the measured window: after the ramp, until the runtime ends.
         t0 = time.monotonic()
         time.sleep(args.ramp + 0.2)
-        s_cpu0, f_cpu0, (m_busy0, m_tot0), t1 = proc_cpu_s(p.pid), proc_cpu_s(fio.pid), machine_cpu(), time.monotonic()
+        s_cpu0, f_cpu0, (m_busy0, m_tot0), t1 = proc_cpu_s(p), proc_cpu_s(fio), machine_cpu(), time.monotonic()
         d_ios0, d_sec0, d_q0 = disk_stat(env["disk_stat"])
         time.sleep(max(0.0, args.runtime - 0.4))
-        s_cpu1, f_cpu1, (m_busy1, m_tot1), t2 = proc_cpu_s(p.pid), proc_cpu_s(fio.pid), machine_cpu(), time.monotonic()
+        s_cpu1, f_cpu1, (m_busy1, m_tot1), t2 = proc_cpu_s(p), proc_cpu_s(fio), machine_cpu(), time.monotonic()
         d_ios1, d_sec1, d_q1 = disk_stat(env["disk_stat"])
         try:
             _, err = fio.communicate(timeout=args.ramp + args.runtime + FIO_SLACK_S - (t2 - t0))
@@ -404,8 +415,9 @@ def run_one(args, sc: Scenario, server: str, env: dict, run_id: str) -> Result:
     finally:
         if fio is not None and fio.poll() is None:
             PROCS.stop(fio, wait_s=10)
-        rc = PROCS.stop(p)
-        logf.close()
+        rc = PROCS.stop(p) if p is not None else 0
+        if logf is not None:
+            logf.close()
         if rc not in (0, -signal.SIGTERM, 143):
             log(f"{name} exited with {rc} (see {work / 'logs' / f'{run_id}-{server}.log'})")
 
@@ -433,12 +445,15 @@ def summary_rows(scenarios, cells):
 
 
 def table(scenarios, cells):
-    lines = ["| scenario | tandem | nbdkit | qemu-nbd | faster baseline | ratio (tandem / faster) |",
-             "|---|---:|---:|---:|---|---:|"]
+    ref = any((sc.name, DISK_REF) in cells for sc in scenarios)
+    lines = ["| scenario | tandem | nbdkit | qemu-nbd | faster baseline | ratio (tandem / faster) |"
+             + (" disk alone, no NBD (reference) |" if ref else ""),
+             "|---|---:|---:|---:|---|---:|" + ("---:|" if ref else "")]
     for sc, med, best, ratio in summary_rows(scenarios, cells):
         r = "n/a" if ratio is None else f"{ratio:.2f}×" + ("" if ratio >= GOAL_RATIO else " ⚠ below 0.9")
+        extra = f" {fmt(sc, cells[(sc.name, DISK_REF)].median())} |" if ref else ""
         lines.append(f"| {sc.name} | {fmt(sc, med['tandem'])} | {fmt(sc, med['nbdkit'])} | "
-                     f"{fmt(sc, med['qemu-nbd'])} | {best[1] or 'n/a'} | {r} |")
+                     f"{fmt(sc, med['qemu-nbd'])} | {best[1] or 'n/a'} | {r} |{extra}")
     return "\n".join(lines)
 
 
@@ -447,7 +462,9 @@ def detail_table(scenarios, cells):
              "server CPU µs / request | fio CPU % | other load (cores) | disk: mean I/O | disk: mean QD |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for sc in scenarios:
-        for s in SERVERS:
+        for s in SERVERS + [DISK_REF]:
+            if (sc.name, s) not in cells:
+                continue
             c = cells[(sc.name, s)]
             if not c.results:
                 lines.append(f"| {sc.name} | {s} | failed: {'; '.join(c.errors)[:80]} | | | | | | | |")
@@ -498,7 +515,9 @@ Software: {f['fio']}, {f['nbdkit']}, {f['qemu_nbd']}; tandem {f['tandem_commit']
 {f['tandem_build_type']} (asserts on).
 Servers: `tandemd` (O_DIRECT + io_uring, write-intent log and dirty bitmap on, default
 region size), `nbdkit file cache={args.nbdkit_cache}`, `qemu-nbd -t --cache=none --aio=io_uring -f raw`.
-Client: fio nbd engine (libnbd), one connection, `--norandommap`.
+Client: fio nbd engine (libnbd), one connection, `--norandommap`. "disk alone" is the same fio
+job straight on the backing file (io_uring, O_DIRECT, no NBD), interleaved with the servers: the
+disk's own speed at that moment, which on this VM drifts with the host's load.
 
 <details><summary>Per-run values and CPU use</summary>
 
@@ -546,6 +565,8 @@ def main():
                     help="before each run, wait up to this many seconds for a lull in other load (default 60, quick 0)")
     ap.add_argument("--quiet-busy", type=float, default=25.0,
                     help="a lull: machine at most this %% busy over 1 s (default 25)")
+    ap.add_argument("--no-disk-ref", action="store_true",
+                    help="skip the reference run of fio straight on the backing file (O_DIRECT, no NBD)")
     ap.add_argument("--record", action="store_true", help="add/update a dated section in docs/benchmarks.md")
     ap.add_argument("--label", default="nbd", help="section label in docs/benchmarks.md (default nbd)")
     args = ap.parse_args()
@@ -602,9 +623,10 @@ def main():
     facts = machine_facts(backing, build_dir)
     log(f"{len(scenarios)} scenario(s) × {len(SERVERS)} servers × {args.reps} rep(s), "
         f"{args.ramp}+{args.runtime} s each; load {facts['loadavg_start']}")
-    cells = {(sc.name, s): Cell() for sc in scenarios for s in SERVERS}
+    runs = SERVERS + ([] if args.no_disk_ref else [DISK_REF])
+    cells = {(sc.name, s): Cell() for sc in scenarios for s in runs}
     for rep in range(args.reps):
-        order = SERVERS[rep % len(SERVERS):] + SERVERS[:rep % len(SERVERS)]
+        order = runs[rep % len(runs):] + runs[:rep % len(runs)]
         for sc in scenarios:
             for server in order:
                 run_id = f"{started:%Y%m%d-%H%M%S}-r{rep + 1}-{sc.name}"
