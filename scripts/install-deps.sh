@@ -10,7 +10,7 @@ PACKAGES=(
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libgtest-dev
   # real clients and tools used by the tests, the demo and the benchmarks
   libnbd-bin python3-libnbd nbdkit nbdfuse fuse3 qemu-utils fio xxhash openssl curl
-  e2fsprogs util-linux mount procps
+  e2fsprogs util-linux mount procps iproute2 rsync
 )
 
 missing=()

@@ -278,7 +278,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (!id || !valid_id(*id)) return config_error(where + ": id is required (letters, digits, '-', '_', '.')");
       where += " (" + *id + ")";
       Reader r(t, where);
-      TANDEM_TRY(r.only({"id", "volumes", "remote_volumes", "role", "rpo_seconds", "window"}));
+      TANDEM_TRY(r.only({"id", "volumes", "remote_volumes", "role", "rpo_seconds", "window", "rate_limit"}));
       SessionConfig sc;
       sc.id = *id;
       if (!session_ids.insert(sc.id).second) return config_error(where + ": duplicate session id");
@@ -316,6 +316,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
         if (*window < (1u << 20) || *window > (4ull << 30)) return config_error(r.name("window") + ": must be from 1MiB to 4GiB");
         sc.window_bytes = *window;
       }
+      CFG_TRY_ASSIGN(srate, r.bytes("rate_limit"));
+      if (srate) sc.rate_limit_bytes_per_s = *srate;
       cfg.sessions.push_back(std::move(sc));
     }
   }

@@ -125,6 +125,7 @@ class Daemon {
       so.peer_name = cfg_.peer->name;
       so.rpo_seconds = sc.rpo_seconds;
       so.window_bytes = sc.window_bytes;
+      so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
       for (const auto& vid : sc.volumes) {
         for (auto& v : volumes_) {
           if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});

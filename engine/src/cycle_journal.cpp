@@ -1,7 +1,9 @@
 #include "tandem/engine/cycle_journal.h"
 
+#include <boost/asio/this_coro.hpp>
 #include <cstring>
 
+#include "tandem/common/async.h"
 #include "tandem/common/hash.h"
 #include "tandem/common/units.h"
 #include "tandem/engine/errc.h"
@@ -21,6 +23,7 @@ std::uint64_t header_checksum(unsigned char* p, std::uint32_t count) {
 
 // Bytes moved per read while scanning or applying: bounds memory.
 constexpr std::uint64_t kChunkBytes = 1 << 20;
+constexpr std::size_t kApplyParallel = 32;  // extents copied at once
 
 }  // namespace
 
@@ -130,25 +133,31 @@ asio::awaitable<Status> CycleJournal::append(std::span<const JournalExtent> exte
 }
 
 asio::awaitable<Status> CycleJournal::apply(Volume& volume) {
-  IoBuffer data = env_.buffers().allocate(kChunkBytes);
+  // Extents of a cycle never overlap (each block is staged once), so they are copied
+  // concurrently, a bounded number at a time; the flush at the end covers them all.
+  auto ex = co_await asio::this_coro::executor;
+  TaskGroup copies(ex);
+  auto copy = [](CycleJournal* self, Volume& vol, JournalExtent e, std::uint64_t at) -> asio::awaitable<Status> {
+    if (e.zero) co_return co_await vol.zero_replicated(e.offset, e.length);
+    IoBuffer data = self->env_.buffers().allocate(e.length);
+    TANDEM_CO_TRY(co_await self->dev_->read(at, e.length, data));
+    // Verify right after reading, before it becomes the volume's contents.
+    if (xxh3_64(data.data(), e.length) != e.hash) {
+      co_return Error(errc::io_error, self->path_ + ": staged extent at " + std::to_string(e.offset) +
+                                          " fails its hash; refusing to apply");
+    }
+    co_return co_await vol.write_replicated(e.offset, e.length, data);
+  };
   for (const auto& r : records_) {
     std::uint64_t at = r.pos + kHeaderBytes;
-    for (std::size_t i = r.first_extent; i < r.first_extent + r.count; ++i) {
+    for (std::size_t i = r.first_extent; i < r.first_extent + r.count && copies.first_error(); ++i) {
       const JournalExtent& e = extents_[i];
-      if (e.zero) {
-        TANDEM_CO_TRY(co_await volume.zero_replicated(e.offset, e.length));
-        continue;
-      }
-      TANDEM_CO_TRY(co_await dev_->read(at, e.length, data));
-      // Verify right after reading, before it becomes the volume's contents.
-      if (xxh3_64(data.data(), e.length) != e.hash) {
-        co_return Error(errc::io_error, path_ + ": staged extent at " + std::to_string(e.offset) +
-                                            " fails its hash; refusing to apply");
-      }
-      TANDEM_CO_TRY(co_await volume.write_replicated(e.offset, e.length, data));
-      at += e.length;
+      co_await copies.wait_below(kApplyParallel);
+      copies.spawn(copy(this, volume, e, at));
+      if (!e.zero) at += e.length;
     }
   }
+  TANDEM_CO_TRY(co_await copies.wait());
   co_return co_await volume.flush();
 }
 

@@ -53,7 +53,21 @@ class Session::CowHook final : public engine::WriteHook {
 };
 
 Session::Session(asio::any_io_executor ex, SessionOptions opts)
-    : ex_(std::move(ex)), opts_(std::move(opts)), corrupt_every_(probe::value("corrupt_extent_every")) {}
+    : ex_(std::move(ex)), opts_(std::move(opts)), corrupt_every_(probe::value("corrupt_extent_every")),
+      limiter_(opts_.rate_limit_bytes_per_s) {}
+
+asio::awaitable<void> Session::pace(std::uint64_t bytes) {
+  if (!limiter_.limited()) co_return;
+  for (;;) {
+    const auto wait = limiter_.delay(transport::RateLimiter::Clock::now());
+    if (wait == transport::RateLimiter::Clock::duration::zero()) break;
+    asio::steady_timer t(ex_, wait);
+    auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+    (void)ec;
+    if (stopping_) co_return;
+  }
+  limiter_.consume(bytes, transport::RateLimiter::Clock::now());
+}
 
 Session::~Session() {
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
@@ -297,6 +311,8 @@ asio::awaitable<void> Session::stop() {
   window_.notify_all();
   done_.notify_all();
   while (running_) co_await done_.wait();
+  (void)co_await dwrites_.wait();
+  while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
 
@@ -668,6 +684,26 @@ asio::awaitable<Status> Session::read_extent(std::size_t mi, std::uint64_t offse
   co_return Status{};
 }
 
+std::shared_ptr<Session::AheadRead> Session::start_read(std::size_t mi, std::uint64_t off, std::uint32_t len,
+                                                        bool frozen_view) {
+  auto r = std::make_shared<AheadRead>();
+  r->mi = mi;
+  r->off = off;
+  r->len = len;
+  r->buf = members_[mi].m.env->buffers().allocate(len);
+  ++reads_in_flight_;
+  // The coroutine holds the read: a transfer that stops early drops its queue, and stop()
+  // waits for reads_in_flight_ before the volumes may go.
+  auto read = [](Session* self, std::shared_ptr<AheadRead> rd, bool frozen) -> asio::awaitable<void> {
+    rd->status = co_await self->read_extent(rd->mi, rd->off, rd->len, rd->buf, frozen);
+    rd->done = true;
+    --self->reads_in_flight_;
+    self->reads_done_.notify_all();
+  };
+  asio::co_spawn(ex_, read(this, r, frozen_view), log_and_abort);
+  return r;
+}
+
 asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start) {
   const std::uint64_t gen = conn_gen_;
   const auto started = std::chrono::steady_clock::now();
@@ -725,14 +761,15 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   TANDEM_CO_TRY(co_await send(MsgType::sync_begin, std::move(begin_bytes)));
   const std::uint32_t ext_max = opts_.extent_bytes;
   engine::IoBuffer buf = members_[0].m.env->buffers().allocate(ext_max);
-  auto send_data = [&](std::size_t mi, std::uint64_t off, std::uint32_t len, bool detect_zero) -> asio::awaitable<Status> {
+  // Sends an extent whose data is in `data`.
+  auto send_read = [&](std::size_t mi, std::uint64_t off, std::uint32_t len, bool detect_zero,
+                       const engine::IoBuffer& data) -> asio::awaitable<Status> {
     const std::uint64_t global = members_[mi].base + off;
-    TANDEM_CO_TRY(co_await read_extent(mi, off, len, buf, is_cycle));
     Extent e{opts_.id, cycle, global, len, false, 0, {}};
-    if (detect_zero && all_zero(buf.data(), len)) {
+    if (detect_zero && all_zero(data.data(), len)) {
       e.zero = true;
     } else {
-      e.hash = xxh3_64(buf.data(), len);
+      e.hash = xxh3_64(data.data(), len);
     }
     // At most three corruptions: each costs a reconnect and a resume, and a test wants the
     // session to converge afterwards.
@@ -740,12 +777,13 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       ++corrupted_;
       // Probe: damage the data after hashing, as a bad NIC or memory would; the destination
       // must catch it by the hash.
-      buf.data()[len / 2] ^= std::byte{0x5a};
+      data.data()[len / 2] ^= std::byte{0x5a};
       spdlog::warn("session {}: probe corrupt_extent_every: corrupting the extent at offset {}", opts_.id, global);
     }
+    if (!e.zero) co_await pace(len);
     auto header = encode_extent_header(e);
     TANDEM_CO_TRY(co_await send(MsgType::extent, std::move(header),
-                                e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(buf.data(), len)));
+                                e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(data.data(), len)));
     bytes_shipped_ += e.zero ? 0 : len;
     if (global < high_water_) bytes_reshipped_ += std::min<std::uint64_t>(len, high_water_ - global);
     co_return Status{};
@@ -755,8 +793,38 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       auto [off, len] = resend_.front();
       resend_.pop_front();
       auto [mi, local] = locate(off);
-      TANDEM_CO_TRY(co_await send_data(mi, local, len, false));
+      TANDEM_CO_TRY(co_await read_extent(mi, local, len, buf, is_cycle));
+      TANDEM_CO_TRY(co_await send_read(mi, local, len, false, buf));
     }
+    co_return Status{};
+  };
+  // Reads run ahead of the sender (in order, bounded in bytes and count), so the disk sees a
+  // queue of reads rather than one at a time between sends.
+  std::deque<std::shared_ptr<AheadRead>> ahead;
+  std::uint64_t ahead_bytes = 0;
+  auto consume = [&]() -> asio::awaitable<Status> {
+    std::shared_ptr<AheadRead> r = std::move(ahead.front());
+    ahead.pop_front();
+    ahead_bytes -= r->len;
+    while (!r->done) co_await reads_done_.wait();
+    TANDEM_CO_TRY(r->status);
+    Member& m = members_[r->mi];
+    TANDEM_CO_TRY(co_await wait_window(gen));
+    TANDEM_CO_TRY(co_await drain_resends());
+    if (mode == TransferMode::initial_compare) {
+      ++pending_hashes_;
+      const ExtentHash eh{opts_.id, m.base + r->off, r->len, xxh3_64(r->buf.data(), r->len)};
+      std::vector<std::byte> bytes = encode(eh);
+      TANDEM_CO_TRY(co_await send(MsgType::extent_hash, std::move(bytes)));
+    } else {
+      TANDEM_CO_TRY(co_await send_read(r->mi, r->off, r->len, mode == TransferMode::initial_full, r->buf));
+    }
+    sent_end_ = m.base + r->off + r->len;
+    high_water_ = std::max(high_water_, sent_end_);
+    unacked_.emplace_back(sent_end_, r->len);
+    unacked_bytes_ += r->len;
+    if (sent_end_ >= resume_high) log_reship();
+    transfer_done_ += r->len;
     co_return Status{};
   };
   for (std::size_t mi = 0; mi < members_.size(); ++mi) {
@@ -776,26 +844,16 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       } else {
         len = static_cast<std::uint32_t>(std::min<std::uint64_t>(ext_max, size - pos));
       }
-      TANDEM_CO_TRY(co_await wait_window(gen));
-      TANDEM_CO_TRY(co_await drain_resends());
-      if (mode == TransferMode::initial_compare) {
-        TANDEM_CO_TRY(co_await read_extent(mi, off, len, buf, false));
-        ++pending_hashes_;
-        const ExtentHash eh{opts_.id, m.base + off, len, xxh3_64(buf.data(), len)};
-        std::vector<std::byte> bytes = encode(eh);
-        TANDEM_CO_TRY(co_await send(MsgType::extent_hash, std::move(bytes)));
-      } else {
-        TANDEM_CO_TRY(co_await send_data(mi, off, len, mode == TransferMode::initial_full));
+      while (!ahead.empty() && (ahead.size() >= kReadAheadMax || ahead_bytes + len > kReadAheadBytes)) {
+        TANDEM_CO_TRY(co_await consume());
       }
+      if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
+      ahead.push_back(start_read(mi, off, len, is_cycle));
+      ahead_bytes += len;
       pos = off + len;
-      sent_end_ = m.base + pos;
-      high_water_ = std::max(high_water_, sent_end_);
-      unacked_.emplace_back(sent_end_, len);
-      unacked_bytes_ += len;
-      if (sent_end_ >= resume_high) log_reship();
-      transfer_done_ += len;
     }
   }
+  while (!ahead.empty()) TANDEM_CO_TRY(co_await consume());
   // Compare mode: every answer in, every differing extent sent.
   while (pending_hashes_ > 0 || !resend_.empty()) {
     TANDEM_CO_TRY(co_await drain_resends());
@@ -855,6 +913,8 @@ asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
 
 asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   if (state_.role != Role::destination) co_return Error(errc::wrong_role, "sync begin sent to a source");
+  // Writes of an interrupted transfer finish first (they are below its checkpoint's successor).
+  TANDEM_CO_TRY(co_await dwrites_.wait());
   pending_.clear();
   pending_bytes_ = 0;
   awaiting_data_.clear();
@@ -882,6 +942,13 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
     state_name_ = "Initializing";
     spdlog::info("session {}: initial sync ({}) from {} at offset {}", opts_.id,
                  m.mode == TransferMode::initial_full ? "full copy" : "compare hashes", opts_.peer_name, m.start_offset);
+    // What the source sends again is what arrived here but was not yet checkpointed; the source
+    // may have lost count (it crashed), this side has not.
+    if (received_high_ > m.start_offset) {
+      spdlog::info("session {}: initial sync resumes at offset {}: {} bytes received before the interruption "
+                   "are shipped again",
+                   opts_.id, m.start_offset, received_high_ - m.start_offset);
+    }
     dmode_ = m.mode;
     co_return Status{};
   }
@@ -927,14 +994,21 @@ asio::awaitable<Status> Session::on_extent(const Extent& m) {
   if (local + m.length > mem.m.volume->size_bytes()) co_return Error(errc::bad_message, "extent crosses a volume end");
   if (*dmode_ != TransferMode::cycle) {
     if (m.cycle != 0) co_return Error(errc::bad_message, "initial-sync extent with a cycle number");
-    if (m.zero) {
-      TANDEM_CO_TRY(co_await mem.m.volume->zero_replicated(local, m.length));
-    } else {
-      engine::IoBuffer buf = mem.m.env->buffers().allocate(m.length);
+    engine::IoBuffer buf;
+    if (!m.zero) {
+      buf = mem.m.env->buffers().allocate(m.length);
       std::memcpy(buf.data(), m.data.data(), m.length);
-      TANDEM_CO_TRY(co_await mem.m.volume->write_replicated(local, m.length, buf));
     }
+    TANDEM_CO_TRY(dwrites_.first_error());
+    co_await dwrites_.wait_below(kDestWritesMax);
+    auto write = [](engine::Volume& v, std::uint64_t at, std::uint32_t len, bool zero,
+                    engine::IoBuffer data) -> asio::awaitable<Status> {
+      if (zero) co_return co_await v.zero_replicated(at, len);
+      co_return co_await v.write_replicated(at, len, data);
+    };
+    dwrites_.spawn(write(*mem.m.volume, local, m.length, m.zero, std::move(buf)));
     awaiting_data_.erase(m.offset);
+    received_high_ = std::max(received_high_, m.offset + m.length);
     if (m.offset >= dnext_) {
       dnext_ = m.offset + m.length;
       processed_end_ = dnext_;
@@ -997,6 +1071,7 @@ asio::awaitable<Status> Session::stage_flush() {
 }
 
 asio::awaitable<Status> Session::initial_checkpoint() {
+  TANDEM_CO_TRY(co_await dwrites_.wait());
   for (auto& mem : members_) TANDEM_CO_TRY(co_await mem.m.volume->flush());
   std::uint64_t durable = processed_end_;
   if (!awaiting_data_.empty()) durable = std::min(durable, *awaiting_data_.begin());

@@ -177,7 +177,7 @@ def make_certs(directory):
 
 
 def session_config(certs, name, peer, my_port, peer_port, role, volumes=("vol0",), rpo=2,
-                   cert_name=None, ca="ca.crt", peer_timeout_ms=2000, window=None):
+                   cert_name=None, ca="ca.crt", peer_timeout_ms=2000, window=None, rate_limit=None):
     cert = cert_name or name
     vols = ", ".join('"%s"' % v for v in volumes)
     return "\n".join([
@@ -197,7 +197,8 @@ def session_config(certs, name, peer, my_port, peer_port, role, volumes=("vol0",
         "remote_volumes = [%s]" % vols,
         'role = "%s"' % role,
         "rpo_seconds = %d" % rpo,
-    ] + (['window = "%s"' % window] if window else []))
+    ] + (['window = "%s"' % window] if window else [])
+      + (['rate_limit = "%s"' % rate_limit] if rate_limit else []))
 
 
 class Pair:

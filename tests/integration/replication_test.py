@@ -8,6 +8,7 @@ the reason logged and both volumes untouched. Certificates from the wrong CA, wi
 name, and a plaintext client are each refused, and the daemons stay up."""
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -89,6 +90,26 @@ class Replication(unittest.TestCase):
         self.assertTrue(h.is_read_only())
         h.shutdown()
         self.assertIn("committed and applied", p.b.log())
+
+    def test_session_rate_limit_paces_the_transfer(self):
+        # 12 MiB of data at 4 MiB/s cannot ship in less than ~3 s: the limiter lets a frame go
+        # when the bytes before it are paid for to within its 100 ms burst, so the last 1 MiB
+        # extent leaves after (shipped - 1 MiB) / rate - 100 ms. A lower bound that only a
+        # missing limit can break, never a slow machine (unlimited, it takes ~0.1 s).
+        rate = 4 * MiB
+        self.pair = Pair(self.wd.path, SIZE, a_overrides={"rate_limit": "4MiB"})
+        with open(self.pair.a.image("vol0"), "wb") as f:
+            f.truncate(SIZE)
+            f.seek(8 * MiB)
+            f.write(random.Random(7).randbytes(12 * MiB))
+        p = self.pair.start()
+        wait_identical(p)
+        m = re.search(r"initial sync complete in (\d+) ms \((\d+) bytes shipped", p.a.log())
+        self.assertIsNotNone(m, p.a.log())
+        ms, shipped = int(m.group(1)), int(m.group(2))
+        self.assertGreaterEqual(shipped, 12 * MiB)
+        floor_ms = (shipped - MiB) * 1000 // rate - 100
+        self.assertGreaterEqual(ms, floor_ms, "shipped %d bytes in %d ms at a 4 MiB/s limit" % (shipped, ms))
 
     def test_split_brain_is_refused_and_nothing_changes(self):
         p = self.pair.start()

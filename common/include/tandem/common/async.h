@@ -9,11 +9,15 @@
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <utility>
+
+#include "tandem/common/result.h"
 
 namespace tandem {
 
@@ -85,6 +89,57 @@ class WaitQueue {
 
  private:
   std::deque<MoveFunction<void()>> waiters_;
+};
+
+// Runs coroutines that return Status concurrently on one executor, and waits for them: a
+// bounded fan-out (wait_below) and a join (wait) that returns the first failure. Every spawned
+// task must be waited for before what it references goes away; the group's own bookkeeping is
+// shared with the tasks, so a task finishing late never touches freed memory of the group.
+// An exception escaping a task is a bug: it aborts the process.
+class TaskGroup {
+ public:
+  explicit TaskGroup(asio::any_io_executor ex) : ex_(std::move(ex)), st_(std::make_shared<State>()) {}
+  TaskGroup(const TaskGroup&) = delete;
+  TaskGroup& operator=(const TaskGroup&) = delete;
+
+  void spawn(asio::awaitable<Status> task) {
+    ++st_->running;
+    asio::co_spawn(ex_, run(st_, std::move(task)), [](std::exception_ptr e) {
+      if (e) std::rethrow_exception(e);
+    });
+  }
+  [[nodiscard]] std::size_t running() const { return st_->running; }
+  // Until fewer than n tasks run.
+  asio::awaitable<void> wait_below(std::size_t n) {
+    auto st = st_;
+    while (st->running >= n && st->running > 0) co_await st->done.wait();
+  }
+  // Until no task runs; returns (and clears) the first failure since the last wait().
+  asio::awaitable<Status> wait() {
+    auto st = st_;
+    while (st->running > 0) co_await st->done.wait();
+    Status first = std::move(st->first);
+    st->first = Status{};
+    co_return first;
+  }
+  // The first failure so far, without waiting (a caller may stop issuing work early).
+  [[nodiscard]] const Status& first_error() const { return st_->first; }
+
+ private:
+  struct State {
+    std::size_t running = 0;
+    Status first;
+    WaitQueue done;
+  };
+  static asio::awaitable<void> run(std::shared_ptr<State> st, asio::awaitable<Status> task) {
+    Status r = co_await std::move(task);
+    if (!r && st->first) st->first = std::move(r);
+    --st->running;
+    st->done.notify_all();
+  }
+
+  asio::any_io_executor ex_;
+  std::shared_ptr<State> st_;
 };
 
 }  // namespace tandem

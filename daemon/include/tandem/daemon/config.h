@@ -53,6 +53,7 @@ struct SessionConfig {
   std::string role;                         // "source" | "destination" (initial role)
   std::uint32_t rpo_seconds = 10;
   std::uint64_t window_bytes = 64ull << 20;  // unacknowledged bytes in flight
+  std::uint64_t rate_limit_bytes_per_s = 0;  // extent data this session ships; 0 = unlimited
 };
 
 struct Config {

@@ -46,6 +46,7 @@
 #include "tandem/replication/messages.h"
 #include "tandem/replication/session_state.h"
 #include "tandem/transport/connection.h"
+#include "tandem/transport/rate_limiter.h"
 
 namespace tandem::replication {
 
@@ -65,12 +66,16 @@ struct SessionOptions {
   // Unacknowledged bytes in flight. 64 MiB keeps a 10 Gb/s link busy at 50 ms round trips and
   // bounds what a resume may re-ship.
   std::uint64_t window_bytes = 64ull << 20;
+  // Extent data this session ships, in bytes/s; 0 = unlimited. The link's own limit
+  // (peer.rate_limit) still caps all sessions together.
+  std::uint64_t rate_limit_bytes_per_s = 0;
   // Largest extent shipped in one frame.
   std::uint32_t extent_bytes = 1u << 20;
   // Destination: staged bytes per journal record / acknowledgement.
   std::uint64_t stage_batch_bytes = 8ull << 20;
-  // Destination: initial-sync bytes between durable checkpoints (each flushes the volume).
-  std::uint64_t initial_checkpoint_bytes = 64ull << 20;
+  // Destination: initial-sync bytes between durable checkpoints (each flushes the volume and
+  // bounds what a resume after a source crash ships again: 16 MiB is under 1% of a 2 GiB volume).
+  std::uint64_t initial_checkpoint_bytes = 16ull << 20;
 };
 
 struct RestartAddress {
@@ -157,6 +162,20 @@ class Session {
   asio::awaitable<Status> read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
                                       const engine::IoBuffer& buf, bool frozen_view);
   asio::awaitable<Status> wait_window(std::uint64_t conn_gen);
+  // A read of an extent to ship, started ahead of the sender.
+  struct AheadRead {
+    std::size_t mi = 0;
+    std::uint64_t off = 0;
+    std::uint32_t len = 0;
+    engine::IoBuffer buf;
+    bool done = false;
+    Status status;
+  };
+  static constexpr std::size_t kReadAheadMax = 32;
+  static constexpr std::uint64_t kReadAheadBytes = 8ull << 20;
+  std::shared_ptr<AheadRead> start_read(std::size_t mi, std::uint64_t off, std::uint32_t len, bool frozen_view);
+  std::size_t reads_in_flight_ = 0;
+  WaitQueue reads_done_;
   asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
 
@@ -210,6 +229,8 @@ class Session {
   std::uint64_t corrupt_every_ = 0;  // probe: corrupt every Nth extent sent (tests)
   std::uint64_t extents_sent_ = 0;
   std::uint64_t corrupted_ = 0;
+  transport::RateLimiter limiter_;  // SessionOptions::rate_limit_bytes_per_s, on extent data
+  asio::awaitable<void> pace(std::uint64_t bytes);
   std::uint64_t bytes_reshipped_ = 0;
   std::uint64_t transfer_total_ = 0;
   std::uint64_t transfer_done_ = 0;
@@ -231,6 +252,11 @@ class Session {
   std::uint64_t dbatch_ = 8ull << 20;
   std::uint64_t dcheckpoint_ = 32ull << 20;
   std::uint64_t processed_end_ = 0;
+  std::uint64_t received_high_ = 0;  // furthest initial-sync byte received since this process started
+  // Initial-sync writes in flight: the receive loop goes on to the next frame while they run;
+  // a checkpoint (and every change of transfer) waits for them first.
+  static constexpr std::size_t kDestWritesMax = 16;
+  TaskGroup dwrites_{ex_};
   std::set<std::uint64_t> awaiting_data_;
 };
 
