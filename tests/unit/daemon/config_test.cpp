@@ -89,6 +89,43 @@ TEST(Config, EveryMistakeIsNamed) {
   }
 }
 
+constexpr const char* kPair = R"(
+[node]
+name = "site-a"
+[[volume]]
+id = "vol0"
+path = "/srv/vol0.img"
+nbd_socket = "/run/tandem/vol0.nbd"
+[tls]
+ca = "/etc/tandem/ca.pem"
+cert = "/etc/tandem/a.pem"
+key = "/etc/tandem/a.key"
+[peer]
+name = "site-b"
+address = "10.0.0.2:7788"
+listen = "0.0.0.0:7788"
+[[session]]
+id = "s0"
+volumes = ["vol0"]
+remote_volumes = ["vol0"]
+role = "source"
+)";
+
+TEST(Config, SessionKeys) {
+  auto c = parse_config(std::string(kPair) + "rpo_seconds = 30\nwindow = \"16MiB\"\nrate_limit = \"50MiB\"\n", "t.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  ASSERT_EQ(c->sessions.size(), 1u);
+  EXPECT_EQ(c->sessions[0].rpo_seconds, 30u);
+  EXPECT_EQ(c->sessions[0].window_bytes, 16ull << 20);
+  EXPECT_EQ(c->sessions[0].rate_limit_bytes_per_s, 50ull << 20);
+  auto d = parse_config(kPair, "t.toml");
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  EXPECT_EQ(d->sessions[0].rate_limit_bytes_per_s, 0u);  // unlimited by default
+  auto bad = parse_config(std::string(kPair) + "rate_limit = \"fast\"\n", "t.toml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message().find("rate_limit"), std::string::npos) << bad.error().message();
+}
+
 TEST(Config, MissingFileIsAClearError) {
   auto r = load_config("/nonexistent/tandem.toml");
   ASSERT_FALSE(r.ok());
