@@ -129,7 +129,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   if (node == nullptr || !node->is_table()) return config_error(src + ": missing [node] section");
   {
     Reader r(*node->as_table(), src + ": node");
-    TANDEM_TRY(r.only({"name", "state_dir", "log_level"}));
+    TANDEM_TRY(r.only({"name", "state_dir", "log_level", "api_socket", "api_socket_group"}));
     CFG_TRY_ASSIGN(name, r.str("name"));
     if (!name) return config_error(src + ": node.name is required (this site's name, e.g. \"site-a\")");
     if (!valid_id(*name)) return config_error(src + ": node.name: use letters, digits, '-', '_' and '.' (at most 64)");
@@ -149,6 +149,15 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       }
       cfg.node.log_level = *level;
     }
+    CFG_TRY_ASSIGN(api_socket, r.str("api_socket"));
+    if (api_socket) {
+      if (api_socket->empty() || api_socket->front() != '/' || api_socket->size() > 100) {
+        return config_error(src + ": node.api_socket must be an absolute path of at most 100 bytes");
+      }
+      cfg.node.api_socket = *api_socket;
+    }
+    CFG_TRY_ASSIGN(api_group, r.str("api_socket_group"));
+    if (api_group) cfg.node.api_socket_group = *api_group;
   }
   const toml::node* vols = root.get("volume");
   if (vols == nullptr) return config_error(src + ": no [[volume]] is configured");

@@ -15,6 +15,8 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "tandem/api/router.h"
+#include "tandem/api/server.h"
 #include "tandem/common/units.h"
 #include "tandem/engine/block_device.h"
 #include "tandem/engine/volume.h"
@@ -191,6 +193,32 @@ class Daemon {
                    cfg_.peer->name, replicator_->dials() ? "dialing" : "accepting from", cfg_.peer->address,
                    cfg_.peer->listen, replicator_->listen_port());
     }
+    {
+      api::ApiContext actx;
+      actx.node_name = cfg_.node.name;
+      actx.sessions = [this] {
+        std::vector<replication::Session*> out;
+        for (auto& s : sessions_) out.push_back(s.get());
+        return out;
+      };
+      actx.volumes = [this] { return volume_views(); };
+      actx.extra_metrics = [this] { return nbd_metrics(); };
+      router_ = std::make_unique<api::Router>(std::move(actx));
+      auto st = ensure_dir(fs::path(cfg_.node.api_socket).parent_path().string(),
+                           fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+      api::ApiServerOptions ao;
+      ao.socket_path = cfg_.node.api_socket;
+      ao.socket_group = cfg_.node.api_socket_group;
+      auto srv = st ? api::ApiServer::listen(ctx_.get_executor(), std::move(ao), *router_)
+                    : Result<std::unique_ptr<api::ApiServer>>(st.error());
+      if (!srv) {
+        spdlog::error("api: cannot listen on {}: {}", cfg_.node.api_socket, srv.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+      api_ = std::move(srv).value();
+    }
     spdlog::info("tandemd {} ready: {} volume(s)", cfg_.node.name, volumes_.size());
     asio::co_spawn(ctx_, wait_signals(), abort_on_exception);
   }
@@ -212,6 +240,7 @@ class Daemon {
   asio::awaitable<void> shutdown() {
     if (shutting_down_) co_return;
     shutting_down_ = true;
+    if (api_) co_await api_->stop();
     if (replicator_) co_await replicator_->stop();
     for (auto& s : sessions_) co_await s->stop();
     sessions_.clear();
@@ -237,12 +266,54 @@ class Daemon {
     signals_.cancel(ec);
   }
 
+  std::vector<api::VolumeView> volume_views() const {
+    std::vector<api::VolumeView> out;
+    for (const auto& v : volumes_) {
+      api::VolumeView w;
+      w.id = v.cfg->id;
+      w.size_bytes = v.volume->size_bytes();
+      w.access = v.volume->access() == engine::Access::read_write ? "read-write" : "read-only";
+      if (!v.cfg->nbd_socket.empty()) w.exports.push_back("nbd+unix:///" + v.cfg->id + "?socket=" + v.cfg->nbd_socket);
+      if (!v.cfg->nbd_listen.empty() && v.nbd) {
+        const std::string host = v.cfg->nbd_listen.substr(0, v.cfg->nbd_listen.rfind(':'));
+        w.exports.push_back("nbd://" + host + ":" + std::to_string(v.nbd->tcp_port()) + "/" + v.cfg->id);
+      }
+      w.backing = v.cfg->path;
+      for (const auto& sc : cfg_.sessions) {
+        for (const auto& vid : sc.volumes) {
+          if (vid == v.cfg->id) w.session_id = sc.id;
+        }
+      }
+      out.push_back(std::move(w));
+    }
+    return out;
+  }
+
+  std::string nbd_metrics() const {
+    std::string out =
+        "# HELP tandem_nbd_requests_total NBD requests served, per volume.\n# TYPE tandem_nbd_requests_total counter\n";
+    for (const auto& v : volumes_) {
+      if (v.nbd) out += "tandem_nbd_requests_total{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().requests) + "\n";
+    }
+    out += "# HELP tandem_nbd_request_errors_total NBD requests answered with an error.\n# TYPE tandem_nbd_request_errors_total counter\n";
+    for (const auto& v : volumes_) {
+      if (v.nbd) out += "tandem_nbd_request_errors_total{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().request_errors) + "\n";
+    }
+    out += "# HELP tandem_nbd_connections NBD connections open.\n# TYPE tandem_nbd_connections gauge\n";
+    for (const auto& v : volumes_) {
+      if (v.nbd) out += "tandem_nbd_connections{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().connections_open) + "\n";
+    }
+    return out;
+  }
+
   const Config& cfg_;
   asio::io_context ctx_;
   asio::signal_set signals_;
   std::vector<VolumeRuntime> volumes_;
   std::vector<std::unique_ptr<replication::Session>> sessions_;
   std::unique_ptr<replication::Replicator> replicator_;
+  std::unique_ptr<api::Router> router_;
+  std::unique_ptr<api::ApiServer> api_;
   bool shutting_down_ = false;
   int exit_code_ = 0;
 };

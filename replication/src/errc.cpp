@@ -18,6 +18,7 @@ class Category final : public std::error_category {
       case errc::peer_unreachable: return "peer unreachable";
       case errc::unknown_session: return "unknown session";
       case errc::bad_message: return "malformed replication message";
+      case errc::paused: return "paused by an operator";
     }
     return "unknown replication error " + std::to_string(c);
   }

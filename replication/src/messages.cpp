@@ -103,6 +103,7 @@ std::vector<std::byte> encode(const SessionHello& m) {
   w.u64(m.staged_offset);
   w.u8(static_cast<std::uint8_t>(m.initial));
   w.u64(m.initial_offset);
+  w.u8(m.paused ? 1 : 0);
   return w.take();
 }
 
@@ -124,7 +125,7 @@ Result<SessionHello> decode_session_hello(std::span<const std::byte> p) {
   }
   if (!r.gens(m.generations) || !r.boolean(m.paired) || !r.boolean(m.blank) || !r.u64(m.committed_cycle) ||
       !r.u64(m.staged_cycle) || !r.u64(m.staged_offset) || !r.u8(initial) || initial > 2 ||
-      !r.u64(m.initial_offset) || !r.done()) {
+      !r.u64(m.initial_offset) || !r.boolean(m.paused) || !r.done()) {
     return bad("session hello");
   }
   m.initial = static_cast<InitialState>(initial);
@@ -288,6 +289,47 @@ Result<Refuse> decode_refuse(std::span<const std::byte> p) {
   if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u16(m.code) ||
       !r.str(m.message, kMessageTextMax) || !r.done()) {
     return bad("refuse");
+  }
+  return m;
+}
+
+std::vector<std::byte> encode(const Control& m) {
+  Writer w;
+  w.str(m.session_id);
+  w.u64(m.request_id);
+  w.u8(static_cast<std::uint8_t>(m.op));
+  w.u8(m.resume_to_sync ? 1 : 0);
+  return w.take();
+}
+
+Result<Control> decode_control(std::span<const std::byte> p) {
+  Reader r(p);
+  Control m;
+  std::uint8_t op = 0;
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.u8(op) ||
+      (op != 1 && op != 2) || !r.boolean(m.resume_to_sync) || !r.done()) {
+    return bad("control");
+  }
+  m.op = static_cast<ControlOp>(op);
+  return m;
+}
+
+std::vector<std::byte> encode(const ControlReply& m) {
+  Writer w;
+  w.str(m.session_id);
+  w.u64(m.request_id);
+  w.u8(m.ok ? 1 : 0);
+  w.u64(m.restart_offset);
+  w.str(m.message.substr(0, kMessageTextMax));
+  return w.take();
+}
+
+Result<ControlReply> decode_control_reply(std::span<const std::byte> p) {
+  Reader r(p);
+  ControlReply m;
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.boolean(m.ok) ||
+      !r.u64(m.restart_offset) || !r.str(m.message, kMessageTextMax) || !r.done()) {
+    return bad("control reply");
   }
   return m;
 }

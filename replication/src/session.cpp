@@ -52,6 +52,13 @@ class Session::CowHook final : public engine::WriteHook {
   std::size_t mi_;
 };
 
+struct Session::PendingControl {
+  std::optional<ControlReply> reply;
+  bool lost = false;  // timed out, or the link went down
+  WaitQueue wq;
+  std::unique_ptr<asio::steady_timer> timer;
+};
+
 Session::Session(asio::any_io_executor ex, SessionOptions opts)
     : ex_(std::move(ex)), opts_(std::move(opts)), corrupt_every_(probe::value("corrupt_extent_every")),
       limiter_(opts_.rate_limit_bytes_per_s) {}
@@ -246,6 +253,7 @@ SessionHello Session::make_hello() const {
   h.staged_offset = h.staged_cycle != 0 ? staged_global_end() : 0;
   h.initial = state_.initial;
   h.initial_offset = state_.initial_offset;
+  h.paused = state_.paused;
   return h;
 }
 
@@ -294,6 +302,9 @@ void Session::detach(const std::string& reason) {
   // Writes from now on happen without the peer: the first one starts a new generation.
   if (state_.role == Role::source) need_new_generation_ = true;
   if (state_name_ != "Error") state_name_ = "System_Paused";
+  // Control requests in flight will get no answer on this link.
+  for (auto& [id, p] : control_waits_) p->lost = true;
+  for (auto& [id, p] : control_waits_) p->wq.notify_all();
   window_.notify_all();
   done_.notify_all();
   wake_.notify_all();
@@ -316,11 +327,25 @@ asio::awaitable<void> Session::stop() {
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
 
+State Session::state() const {
+  const auto named = state_from_name(state_name_).value_or(State::ok);
+  if (named == State::error) return State::error;
+  if (state_.paused) return State::paused;
+  if (named == State::initializing) return named;
+  if (conn_ && peer_paused_) return State::system_paused;  // paused on the peer only
+  return named;
+}
+
 SessionStatus Session::status() const {
   SessionStatus s;
-  s.state = state_name_;
+  s.state = state();
   s.role = state_.role;
   s.connected = conn_ != nullptr;
+  s.local_only_paused = state_.paused && state_.local_only_paused;
+  s.peer_paused = peer_paused_;
+  s.initial_sync = state_.role == Role::source ? (plan_ == Plan::initial || !state_.paired)
+                                               : state_.initial != InitialState::done;
+  s.transferring = busy_;
   s.committed_cycle = state_.committed_cycle;
   s.transfer_cycle = state_.transfer_cycle;
   if (state_.role == Role::source) {
@@ -338,9 +363,14 @@ SessionStatus Session::status() const {
   s.bytes_reshipped = bytes_reshipped_;
   s.transfer_bytes_total = transfer_total_;
   s.transfer_bytes_done = transfer_done_;
+  s.transfer_started = transfer_started_;
+  s.resumes = resumes_;
   s.last_sync = last_sync_;
   s.last_sync_duration_ms = last_sync_ms_;
   s.error = error_;
+  if (s.error.empty() && s.state == State::system_paused) {
+    s.error = conn_ ? "the session is paused on the peer" : "the peer " + opts_.peer_name + " is unreachable";
+  }
   s.generations = generations_;
   return s;
 }
@@ -350,7 +380,10 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     case MsgType::session_hello: {
       auto h = decode_session_hello(payload);
       if (!h) co_return h.error();
+      peer_paused_ = h->paused;
       if (state_.role == Role::source) co_return co_await on_peer_hello(*h);
+      // A destination back in touch with its source is OK again (System_Paused was the link).
+      if (state_name_ == "System_Paused") state_name_ = state_.initial == InitialState::running ? "Initializing" : "OK";
       if (h->role != Role::source) {
         error_ = "both sides of session " + opts_.id + " are destinations";
         spdlog::error("session {}: {}", opts_.id, error_);
@@ -412,6 +445,16 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       auto m = decode_cycle_end(payload);
       if (!m) co_return m.error();
       co_return co_await on_cycle_end(*m);
+    }
+    case MsgType::control: {
+      auto m = decode_control(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_control(*m);
+    }
+    case MsgType::control_reply: {
+      auto m = decode_control_reply(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_control_reply(*m);
     }
   }
   co_return Error(errc::bad_message, "unknown message type " + std::to_string(static_cast<int>(type)));
@@ -522,12 +565,17 @@ asio::awaitable<void> Session::run_timer() {
 
 asio::awaitable<void> Session::run_source() {
   while (!stopping_) {
-    if (!peer_ready_ || plan_ == Plan::refused) {
+    if (busy_) {  // the previous step is over, whichever way it left
+      busy_ = false;
+      idle_.notify_all();
+    }
+    if (!peer_ready_ || plan_ == Plan::refused || state_.paused || peer_paused_) {
       co_await wake_.wait();
       continue;
     }
     const std::uint64_t gen = conn_gen_;
     Status st;
+    busy_ = true;
     if (plan_ == Plan::initial) {
       st = co_await ship(plan_mode_, 0, plan_start_);
       if (st && gen == conn_gen_) {
@@ -557,7 +605,15 @@ asio::awaitable<void> Session::run_source() {
         continue;
       }
     } else {
+      busy_ = false;
+      idle_.notify_all();
       co_await wake_.wait();
+      continue;
+    }
+    if (!st && st.code() == make_error_code(errc::paused)) {
+      // Stopped at an extent boundary for a pause: the link stays; the pause handshake asks
+      // the destination for the restart address.
+      spdlog::info("session {}: transfer paused at offset {}", opts_.id, sent_end_);
       continue;
     }
     if (!st && !stopping_) {
@@ -571,6 +627,8 @@ asio::awaitable<void> Session::run_source() {
       if (gen == conn_gen_) peer_ready_ = false;
     }
   }
+  busy_ = false;
+  idle_.notify_all();
   running_ = false;
   done_.notify_all();
 }
@@ -727,6 +785,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   for (auto& m : members_) frozen_blocks += m.frozen ? m.frozen->count() : 0;
   transfer_total_ = is_cycle ? frozen_blocks * kBlock : total_bytes();
   transfer_done_ = 0;
+  transfer_started_ = std::chrono::system_clock::now();
   if (high_water_cycle_ != (is_cycle ? cycle : ~1ull)) {
     high_water_cycle_ = is_cycle ? cycle : ~1ull;
     high_water_ = start;
@@ -737,6 +796,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   bool resume_logged = false;
   const std::string what = is_cycle ? "cycle " + std::to_string(cycle) : std::string("initial sync");
   if (resumed) {
+    ++resumes_;
     spdlog::info("session {}: resuming {} at offset {} (sent up to {} before the interruption)", opts_.id, what,
                  start, high_water_);
   }
@@ -848,6 +908,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
         TANDEM_CO_TRY(co_await consume());
       }
       if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
+      if (state_.paused) co_return Error(errc::paused, "paused");
       ahead.push_back(start_read(mi, off, len, is_cycle));
       ahead_bytes += len;
       pos = off + len;
@@ -1152,6 +1213,194 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   state_name_ = "OK";
   spdlog::info("session {}: cycle {} committed and applied ({} bytes)", opts_.id, cycle, bytes);
   co_return Status{};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control: the operator's actions
+
+namespace {
+// How long a control request waits for the peer's answer. The peer answers a pause only once
+// its transfer stopped at an extent boundary (at most a window of acknowledgements away).
+constexpr std::chrono::seconds kControlTimeout{10};
+}  // namespace
+
+asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool resume_to_sync) {
+  if (!conn_) co_return std::nullopt;
+  const std::uint64_t id = next_request_++;
+  auto p = std::make_shared<PendingControl>();
+  p->timer = std::make_unique<asio::steady_timer>(ex_, kControlTimeout);
+  control_waits_[id] = p;
+  asio::co_spawn(
+      ex_,
+      [](std::shared_ptr<PendingControl> pc) -> asio::awaitable<void> {
+        auto [ec] = co_await pc->timer->async_wait(asio::as_tuple(asio::use_awaitable));
+        if (ec) co_return;  // cancelled: answered
+        pc->lost = true;
+        pc->wq.notify_all();
+      }(p),
+      log_and_abort);
+  const Control msg{opts_.id, id, op, resume_to_sync};
+  std::vector<std::byte> bytes = encode(msg);
+  Status st = co_await send(MsgType::control, std::move(bytes));
+  if (!st) p->lost = true;
+  while (!p->reply && !p->lost) co_await p->wq.wait();
+  p->timer->cancel();
+  control_waits_.erase(id);
+  co_return p->reply;
+}
+
+asio::awaitable<Status> Session::on_control_reply(const ControlReply& r) {
+  auto it = control_waits_.find(r.request_id);
+  if (it == control_waits_.end()) co_return Status{};  // answered too late: the asker gave up
+  it->second->reply = r;
+  it->second->wq.notify_all();
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message) {
+  const ControlReply r{opts_.id, c.request_id, ok, restart, std::move(message)};
+  std::vector<std::byte> bytes = encode(r);
+  co_return co_await send(MsgType::control_reply, std::move(bytes));
+}
+
+asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
+  if (!state_.paused) state_.resume_to_sync = resume_to_sync;
+  state_.paused = true;
+  TANDEM_CO_TRY(co_await persist());
+  if (state_.role == Role::source) {
+    // The transfer stops at the next extent boundary; wait until it has.
+    wake_.notify_all();
+    while (busy_) co_await idle_.wait();
+  } else if (dmode_) {
+    // Everything received becomes durable and acknowledged: it is the restart address.
+    if (*dmode_ == TransferMode::cycle) {
+      TANDEM_CO_TRY(co_await stage_flush());
+    } else {
+      TANDEM_CO_TRY(co_await initial_checkpoint());
+    }
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_control(const Control& c) {
+  if (c.op == ControlOp::resume) {
+    if (!state_.paused) {
+      co_return co_await reply_control(c, false, 0, "the session is not paused on " + opts_.peer_name);
+    }
+    state_.paused = false;
+    state_.local_only_paused = false;
+    peer_paused_ = false;
+    TANDEM_CO_TRY(co_await persist());
+    spdlog::info("session {}: resumed by the peer", opts_.id);
+    wake_.notify_all();
+    co_return co_await reply_control(c, true, 0, {});
+  }
+  if (state_.role == Role::destination) {
+    // From the source, which has stopped shipping: make what arrived durable and say where
+    // the transfer goes on.
+    TANDEM_CO_TRY(co_await pause_here(c.resume_to_sync));
+    state_.local_only_paused = false;
+    peer_paused_ = true;
+    TANDEM_CO_TRY(co_await persist());
+    const std::uint64_t restart = dmode_ && *dmode_ == TransferMode::cycle ? staged_global_end() : state_.initial_offset;
+    spdlog::info("session {}: paused by the peer; restart address offset {}", opts_.id, restart);
+    co_return co_await reply_control(c, true, restart, {});
+  }
+  // A source asked by its destination: stopping the transfer waits for acknowledgements this
+  // receive loop must go on delivering, so the pause runs beside it and answers when done.
+  asio::co_spawn(
+      ex_,
+      [](Session* self, Control req) -> asio::awaitable<void> {
+        ActionResult r = co_await self->do_pause(req.resume_to_sync);
+        std::string message = r.message;
+        (void)co_await self->reply_control(req, r.ok() && !self->state_.local_only_paused, 0, std::move(message));
+      }(this, c),
+      log_and_abort);
+  co_return Status{};
+}
+
+asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
+  Status st = co_await pause_here(resume_to_sync);
+  if (!st) co_return ActionResult{Verdict::not_allowed, "pause failed: " + st.error().message()};
+  bool both = false;
+  if (conn_) {
+    auto reply = co_await request(ControlOp::pause, state_.resume_to_sync);
+    both = reply && reply->ok;
+    if (both && state_.role == Role::source && (plan_ == Plan::initial || plan_ == Plan::cycle)) {
+      plan_start_ = reply->restart_offset;  // the destination's durable point: resume there
+    }
+    if (reply && !reply->ok) spdlog::warn("session {}: the peer did not pause: {}", opts_.id, reply->message);
+  }
+  state_.local_only_paused = !both;
+  if (both) peer_paused_ = true;
+  st = co_await persist();
+  if (!st) co_return ActionResult{Verdict::not_allowed, "pause failed: " + st.error().message()};
+  if (both) {
+    spdlog::info("session {}: paused on both sites{}", opts_.id,
+                 state_.resume_to_sync ? " (a synchronization will go on from its restart address)" : "");
+  } else {
+    spdlog::warn("session {}: paused on this site only: the peer {} is unreachable", opts_.id, opts_.peer_name);
+  }
+  co_return ActionResult{};
+}
+
+asio::awaitable<ActionResult> Session::do_resume() {
+  auto reply = co_await request(ControlOp::resume, false);
+  if (!reply || !reply->ok) {
+    std::string why = reply ? reply->message : "the peer " + opts_.peer_name + " did not answer";
+    co_return ActionResult{Verdict::not_allowed, "Operation resume failed: " + why + "."};
+  }
+  state_.paused = false;
+  state_.local_only_paused = false;
+  peer_paused_ = false;
+  Status st = co_await persist();
+  if (!st) co_return ActionResult{Verdict::not_allowed, "resume failed: " + st.error().message()};
+  spdlog::info("session {}: resumed on both sites", opts_.id);
+  wake_.notify_all();
+  co_return ActionResult{};
+}
+
+asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
+  // One action at a time per session: the second waits for the first, then is judged on the
+  // state the first left.
+  while (control_busy_) co_await control_idle_.wait();
+  control_busy_ = true;
+  struct Release {
+    Session* s;
+    ~Release() {
+      s->control_busy_ = false;
+      s->control_idle_.notify_one();
+    }
+  } release{this};
+  Situation sit;
+  sit.state = state();
+  sit.role = state_.role;
+  sit.local_only_paused = state_.local_only_paused;
+  sit.peer_reachable = conn_ != nullptr;
+  sit.resume_to_sync = state_.resume_to_sync;
+  sit.force = args.force;
+  const Decision d = decide(a, sit);
+  if (d.verdict != Verdict::accept) {
+    spdlog::info("session {}: {} refused: {}", opts_.id, action_name(a), d.message);
+    co_return ActionResult{d.verdict, d.message};
+  }
+  spdlog::info("session {}: {} accepted in state {}", opts_.id, action_name(a), state_name(sit.state));
+  switch (a) {
+    case Action::pause: {
+      const bool was_syncing = sit.state == State::synchronizing || sit.state == State::system_paused ||
+                               (sit.state == State::paused && state_.resume_to_sync);
+      co_return co_await do_pause(was_syncing);
+    }
+    case Action::resume:
+      co_return co_await do_resume();
+    case Action::sync:
+      request_sync();
+      co_return ActionResult{};
+    default:
+      break;
+  }
+  std::string msg = "Operation " + std::string(action_name(a)) + " is not available in this version of tandem.";
+  co_return ActionResult{Verdict::not_allowed, std::move(msg)};
 }
 
 }  // namespace tandem::replication

@@ -6,7 +6,8 @@
 namespace tandem::replication {
 
 namespace {
-constexpr std::size_t kBytes = 1 + 1 + 1 + 1 + 8 * 6;
+constexpr std::size_t kBytesV1 = 1 + 1 + 1 + 1 + 8 * 6;
+constexpr std::size_t kBytes = kBytesV1 + 1;  // + control flags: bit 0 paused, 1 local only, 2 resume to sync
 }
 
 std::vector<std::uint8_t> encode_state(const SessionState& s) {
@@ -21,6 +22,8 @@ std::vector<std::uint8_t> encode_state(const SessionState& s) {
     put_le64(p, v);
     p += 8;
   }
+  b[kBytesV1] = static_cast<std::uint8_t>((s.paused ? 1 : 0) | (s.local_only_paused ? 2 : 0) |
+                                          (s.resume_to_sync ? 4 : 0));
   return b;
 }
 
@@ -28,8 +31,9 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
   SessionState s;
   s.role = role;
   if (blob.empty()) return s;
-  if (blob.size() != kBytes || blob[0] != SessionState::kVersion || (blob[1] != 1 && blob[1] != 2) ||
-      blob[2] > 1 || blob[3] > 2) {
+  const bool v1 = blob.size() == kBytesV1 && blob[0] == 1;
+  const bool v2 = blob.size() == kBytes && blob[0] == 2 && blob[kBytesV1] <= 7;
+  if ((!v1 && !v2) || (blob[1] != 1 && blob[1] != 2) || blob[2] > 1 || blob[3] > 2) {
     return Error(errc::bad_message, "session state in the superblock is not understood");
   }
   s.role = static_cast<Role>(blob[1]);
@@ -42,6 +46,11 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
   s.applying_cycle = get_le64(p + 24);
   s.next_cycle = get_le64(p + 32);
   if (s.next_cycle == 0) s.next_cycle = 1;
+  if (v2) {
+    s.paused = (blob[kBytesV1] & 1) != 0;
+    s.local_only_paused = (blob[kBytesV1] & 2) != 0;
+    s.resume_to_sync = (blob[kBytesV1] & 4) != 0;
+  }
   return s;
 }
 

@@ -29,6 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   check(p, decode_cycle_end);
   check(p, decode_committed);
   check(p, decode_refuse);
+  check(p, decode_control);
+  check(p, decode_control_reply);
   if (auto e = decode_extent(p); e.ok()) {
     TANDEM_ASSERT(e->zero ? e->data.empty() : e->data.size() == e->length);
   }
@@ -46,5 +48,6 @@ std::vector<std::string> tandem::fuzz::seeds() {
   ext.resize(ext.size() + 4096, std::byte{7});
   return {s(encode(h)), s(encode(SyncBegin{"s", TransferMode::cycle, 3, 10, 0, 1 << 20, {1}})), s(ext),
           s(encode(Ack{"s", 3, 8192})), s(encode(CycleEnd{"s", 3, 8192, {1}})),
-          s(encode(Refuse{"s", 1, "no"})), s(encode(ExtentHash{"s", 0, 4096, 9}))};
+          s(encode(Refuse{"s", 1, "no"})), s(encode(ExtentHash{"s", 0, 4096, 9})),
+          s(encode(Control{"s", 7, ControlOp::pause, true})), s(encode(ControlReply{"s", 7, true, 65536, ""}))};
 }

@@ -81,7 +81,7 @@ class Daemon:
         self.config = os.path.join(workdir, name + ".toml")
         self.log_path = os.path.join(workdir, name + ".log")
         lines = ["[node]", 'name = "%s"' % name, 'state_dir = "%s"' % os.path.join(workdir, name + "-state"),
-                 'log_level = "debug"', ""]
+                 'log_level = "debug"', 'api_socket = "%s"' % self.api_socket(), ""]
         for vid, size in volumes:
             lines += ["[[volume]]", 'id = "%s"' % vid, 'path = "%s"' % self.image(vid),
                       'size = %d' % size, 'nbd_socket = "%s"' % self.socket(vid)]
@@ -96,6 +96,31 @@ class Daemon:
         with open(self.config, "w") as f:
             f.write(self.base_config + "\n" + self.extra_config + "\n")
 
+    def api_socket(self):
+        return os.path.join(self.dir, self.name + "-api.sock")
+
+    def api(self, method, path, body=None, content_type="application/json"):
+        """One request to the control API with curl over the Unix socket: (status, parsed JSON or text)."""
+        cmd = ["curl", "-sS", "--max-time", "30", "--unix-socket", self.api_socket(), "-X", method,
+               "-o", "-", "-w", "\n%{http_code}"]
+        if body is not None:
+            cmd += ["-H", "Content-Type: " + content_type, "--data-binary", "@-"]
+        p = subprocess.run(cmd + ["http://localhost" + path], input=body if body is not None else "",
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise AssertionError("curl failed (%d): %s" % (p.returncode, p.stderr))
+        text, _, code = p.stdout.rpartition("\n")
+        try:
+            payload = json.loads(text) if text.strip() else None
+        except ValueError:
+            payload = text
+        return int(code), payload
+
+    def session(self, sid="s-vol0"):
+        code, body = self.api("GET", "/api/rest/replication_session/" + sid)
+        assert code == 200, (code, body)
+        return body
+
     def image(self, vid):
         return os.path.join(self.dir, "%s-%s.img" % (self.name, vid))
 
@@ -107,9 +132,9 @@ class Daemon:
 
     def start(self):
         assert TANDEMD, "TANDEMD is not set"
-        for vid, _ in self.volumes:
-            if os.path.exists(self.socket(vid)):
-                os.unlink(self.socket(vid))
+        for path in [self.socket(vid) for vid, _ in self.volumes] + [self.api_socket()]:
+            if os.path.exists(path):
+                os.unlink(path)
         self.logf = open(self.log_path, "a")
         env = dict(os.environ, **(self.env or {}))
         self.proc = subprocess.Popen([TANDEMD, "-c", self.config], stdout=self.logf, stderr=self.logf, env=env)
@@ -118,7 +143,8 @@ class Daemon:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError("tandemd exited with %s during start; log:\n%s" % (self.proc.returncode, self.log()))
-            return all(os.path.exists(self.socket(v)) for v, _ in self.volumes)
+            return (all(os.path.exists(self.socket(v)) for v, _ in self.volumes)
+                    and os.path.exists(self.api_socket()))
         wait_until(ready, "tandemd %s to export its volumes" % self.name)
         return self
 

@@ -49,6 +49,22 @@ TEST(Messages, RoundTrip) {
   roundtrip(CycleEnd{"s", 7, 1 << 30, {9, 8}}, decode_cycle_end);
   roundtrip(Committed{"s", 7}, decode_committed);
   roundtrip(Refuse{"s", 3, "split brain: both sides written since 00ff"}, decode_refuse);
+  roundtrip(Control{"s", 42, ControlOp::resume, false}, decode_control);
+  roundtrip(Control{"s", 43, ControlOp::pause, true}, decode_control);
+  roundtrip(ControlReply{"s", 42, false, 0, "paused on the peer only"}, decode_control_reply);
+  roundtrip(ControlReply{"s", 43, true, 1 << 20, ""}, decode_control_reply);
+  SessionHello h = hello();
+  h.paused = true;
+  roundtrip(h, decode_session_hello);
+}
+
+TEST(Messages, ControlRejectsUnknownOps) {
+  auto b = encode(Control{"s", 1, ControlOp::pause, false});
+  b[b.size() - 2] = std::byte{9};  // op
+  EXPECT_FALSE(decode_control(b).ok());
+  b[b.size() - 2] = std::byte{1};
+  b.back() = std::byte{2};  // resume_to_sync is a boolean
+  EXPECT_FALSE(decode_control(b).ok());
 }
 
 TEST(Messages, ExtentCarriesItsData) {

@@ -20,6 +20,8 @@ struct NodeConfig {
   std::string name;
   std::string state_dir = "/var/lib/tandem";
   std::string log_level = "info";
+  std::string api_socket = "/run/tandem/api.sock";  // the control API (HTTP over a Unix socket)
+  std::string api_socket_group;                     // group of the API socket (mode 0660); empty: the daemon's
 };
 
 struct VolumeConfig {

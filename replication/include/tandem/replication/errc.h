@@ -14,6 +14,7 @@ enum class errc {
   peer_unreachable = 5,
   unknown_session = 6,
   bad_message = 7,
+  paused = 8,  // a transfer stopped because an operator paused the session
 };
 
 const std::error_category& replication_category() noexcept;

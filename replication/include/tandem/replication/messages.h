@@ -25,6 +25,8 @@ enum class MsgType : std::uint16_t {
   cycle_end = 22,      // source → destination: everything of the transfer was sent
   committed = 23,      // destination → source: the transfer is committed
   refuse = 24,         // either way: the session cannot proceed (split brain, unrelated…)
+  control = 25,        // either way: an operator's action that needs both sites (pause, resume)
+  control_reply = 26,  // the answer to a control request
 };
 
 inline constexpr std::size_t kIdBytesMax = 64;
@@ -55,6 +57,7 @@ struct SessionHello {
   std::uint64_t staged_offset = 0;  // destination: restart address within it
   InitialState initial = InitialState::none;
   std::uint64_t initial_offset = 0; // destination: restart address of the initial sync
+  bool paused = false;              // an operator paused the session on this site
   bool operator==(const SessionHello&) const = default;
 };
 
@@ -123,6 +126,25 @@ struct Refuse {
   bool operator==(const Refuse&) const = default;
 };
 
+enum class ControlOp : std::uint8_t { pause = 1, resume = 2 };
+
+struct Control {
+  std::string session_id;
+  std::uint64_t request_id = 0;
+  ControlOp op = ControlOp::pause;
+  bool resume_to_sync = false;  // pause: a synchronization was interrupted (resume goes on with it)
+  bool operator==(const Control&) const = default;
+};
+
+struct ControlReply {
+  std::string session_id;
+  std::uint64_t request_id = 0;
+  bool ok = false;
+  std::uint64_t restart_offset = 0;  // pause, answered by a destination: durable up to here
+  std::string message;               // why not, when !ok
+  bool operator==(const ControlReply&) const = default;
+};
+
 std::vector<std::byte> encode(const SessionHello& m);
 std::vector<std::byte> encode(const SyncBegin& m);
 // Encodes the extent header only; the data follows it in the same frame (sent as a second
@@ -134,6 +156,8 @@ std::vector<std::byte> encode(const Ack& m);
 std::vector<std::byte> encode(const CycleEnd& m);
 std::vector<std::byte> encode(const Committed& m);
 std::vector<std::byte> encode(const Refuse& m);
+std::vector<std::byte> encode(const Control& m);
+std::vector<std::byte> encode(const ControlReply& m);
 
 Result<SessionHello> decode_session_hello(std::span<const std::byte> p);
 Result<SyncBegin> decode_sync_begin(std::span<const std::byte> p);
@@ -144,5 +168,7 @@ Result<Ack> decode_ack(std::span<const std::byte> p);
 Result<CycleEnd> decode_cycle_end(std::span<const std::byte> p);
 Result<Committed> decode_committed(std::span<const std::byte> p);
 Result<Refuse> decode_refuse(std::span<const std::byte> p);
+Result<Control> decode_control(std::span<const std::byte> p);
+Result<ControlReply> decode_control_reply(std::span<const std::byte> p);
 
 }  // namespace tandem::replication

@@ -30,6 +30,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -42,6 +43,7 @@
 #include "tandem/engine/cycle_journal.h"
 #include "tandem/engine/preserve_log.h"
 #include "tandem/engine/volume.h"
+#include "tandem/replication/control.h"
 #include "tandem/replication/generation.h"
 #include "tandem/replication/messages.h"
 #include "tandem/replication/session_state.h"
@@ -83,10 +85,25 @@ struct RestartAddress {
   std::uint64_t offset = 0;
 };
 
+struct ActionArgs {
+  bool force = false;
+  bool reverse = false;
+};
+
+struct ActionResult {
+  Verdict verdict = Verdict::accept;
+  std::string message;  // when refused or failed
+  [[nodiscard]] bool ok() const { return verdict == Verdict::accept; }
+};
+
 struct SessionStatus {
-  std::string state;  // control-API state name
+  State state = State::ok;
   Role role = Role::source;
   bool connected = false;
+  bool local_only_paused = false;
+  bool peer_paused = false;
+  bool initial_sync = false;         // the transfer under way (or due) is the initial copy
+  bool transferring = false;         // source: a transfer is under way
   std::uint64_t committed_cycle = 0;
   std::uint64_t transfer_cycle = 0;
   RestartAddress restart;
@@ -95,6 +112,8 @@ struct SessionStatus {
   std::uint64_t bytes_reshipped = 0; // source: sent again after a resume
   std::uint64_t transfer_bytes_total = 0;
   std::uint64_t transfer_bytes_done = 0;
+  std::optional<std::chrono::system_clock::time_point> transfer_started;
+  std::uint64_t resumes = 0;         // source: transfers resumed from a restart address
   std::optional<std::chrono::system_clock::time_point> last_sync;
   std::uint64_t last_sync_duration_ms = 0;
   std::string error;                 // why it is refused / paused
@@ -125,8 +144,13 @@ class Session {
   asio::awaitable<Status> handle(MsgType type, std::span<const std::byte> payload);
   // Start a cycle now (source).
   void request_sync();
+  // An operator's action (the control API): checked against the rules of control.h, then
+  // carried out on this site and, where the action needs both, on the peer.
+  asio::awaitable<ActionResult> act(Action a, ActionArgs args);
   asio::awaitable<void> stop();
   [[nodiscard]] SessionStatus status() const;
+  [[nodiscard]] State state() const;
+  [[nodiscard]] const SessionOptions& options() const { return opts_; }
 
  private:
   class CowHook;
@@ -178,6 +202,23 @@ class Session {
   WaitQueue reads_done_;
   asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
+
+  // Control: requests to the peer, answered by request id, bounded by a timeout.
+  struct PendingControl;
+  asio::awaitable<std::optional<ControlReply>> request(ControlOp op, bool resume_to_sync);
+  asio::awaitable<Status> on_control(const Control& c);
+  asio::awaitable<Status> on_control_reply(const ControlReply& r);
+  asio::awaitable<ActionResult> do_pause(bool resume_to_sync);
+  asio::awaitable<ActionResult> do_resume();
+  asio::awaitable<Status> pause_here(bool resume_to_sync);  // stop transfers, flush, persist
+  asio::awaitable<Status> reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message);
+  std::uint64_t next_request_ = 1;
+  std::map<std::uint64_t, std::shared_ptr<PendingControl>> control_waits_;
+  bool busy_ = false;           // source: the run loop is in a transfer step
+  WaitQueue idle_;              // notified when busy_ drops
+  bool peer_paused_ = false;    // the peer's hello said it is paused
+  bool control_busy_ = false;   // one control action at a time
+  WaitQueue control_idle_;
 
   // Destination.
   asio::awaitable<Status> on_sync_begin(const SyncBegin& m);
@@ -234,6 +275,8 @@ class Session {
   std::uint64_t bytes_reshipped_ = 0;
   std::uint64_t transfer_total_ = 0;
   std::uint64_t transfer_done_ = 0;
+  std::optional<std::chrono::system_clock::time_point> transfer_started_;
+  std::uint64_t resumes_ = 0;
   std::optional<std::chrono::system_clock::time_point> last_sync_;
   std::uint64_t last_sync_ms_ = 0;
 

@@ -18,7 +18,7 @@
 namespace tandem::replication {
 
 struct SessionState {
-  static constexpr std::uint8_t kVersion = 1;
+  static constexpr std::uint8_t kVersion = 2;  // 1: without the control flags (read as unpaused)
 
   Role role = Role::source;
   bool paired = false;                         // has been part of this pair
@@ -30,6 +30,10 @@ struct SessionState {
   std::uint64_t transfer_cycle = 0;
   std::uint64_t applying_cycle = 0;            // destination: commit record (journal being applied)
   std::uint64_t next_cycle = 1;                // source: number of the next cut
+  // Control state (version 2).
+  bool paused = false;             // an operator paused the session (here, and the peer unless local_only)
+  bool local_only_paused = false;  // the pause did not reach the peer
+  bool resume_to_sync = false;     // the pause interrupted a synchronization: resume goes on with it
   bool operator==(const SessionState&) const = default;
 };
 

@@ -1,0 +1,91 @@
+// The control API's HTTP layer, transport-free: a request (method, target, headers that
+// matter, body) goes in, a response comes out. It parses and validates, calls the session,
+// and renders JSON and error_response bodies; every rule about what an action may do lives in
+// replication/ (control.h). The contract is ../shared/spec/control-api.md; docs/api.md is what
+// ships, with the error codes.
+#pragma once
+
+#include <boost/asio/awaitable.hpp>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tandem/replication/session.h"
+
+namespace tandem::api {
+
+namespace asio = boost::asio;
+
+// A local volume as the API shows it (the daemon fills it in; the api module does not know
+// the NBD frontend).
+struct VolumeView {
+  std::string id;
+  std::uint64_t size_bytes = 0;
+  std::string access;  // "read-write" | "read-only" | "none"
+  std::vector<std::string> exports;  // "nbd+unix:///vol0?socket=/run/tandem/vol0.nbd", "nbd://127.0.0.1:10809/vol0"
+  std::string backing;               // device or file path
+  std::string session_id;            // the session it belongs to, or empty
+};
+
+struct ApiContext {
+  std::string node_name;
+  std::function<std::vector<replication::Session*>()> sessions;
+  std::function<std::vector<VolumeView>()> volumes;
+  std::function<std::string()> extra_metrics;  // more Prometheus text (NBD counters), may be empty
+};
+
+struct HttpRequest {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // path and query
+  std::string content_type;
+  std::string body;
+};
+
+struct HttpResponse {
+  unsigned status = 200;
+  std::string content_type = "application/json";
+  std::string body;
+};
+
+// Stable codes per error kind (docs/api.md lists them).
+enum class ErrorKind {
+  bad_json,        // 400
+  unknown_field,   // 400
+  wrong_type,      // 400
+  wrong_role,      // 400
+  bad_request,     // 400: anything else wrong with the request
+  unauthorized,    // 401
+  not_found,       // 404: unknown path
+  unknown_session, // 404
+  unknown_volume,  // 404
+  bad_method,      // 405
+  body_too_large,  // 413
+  not_allowed,     // 422: not in this state
+  failed,          // 422: accepted, then failed
+  internal,        // 500
+};
+std::string_view error_code(ErrorKind k);
+unsigned error_status(ErrorKind k);
+
+// {"messages": [{"code", "severity": "Error", "message_l10n", "arguments"}]}
+HttpResponse error_response(ErrorKind k, std::string message, std::vector<std::string> arguments = {});
+
+class Router {
+ public:
+  // Largest request body accepted; the server refuses more with 413 before reading it.
+  static constexpr std::size_t kBodyBytesMax = 64 * 1024;
+
+  explicit Router(ApiContext ctx) : ctx_(std::move(ctx)) {}
+  asio::awaitable<HttpResponse> handle(HttpRequest req);
+
+  // The JSON views, for tests and tandemctl's expectations.
+  [[nodiscard]] std::string session_json(const replication::Session& s) const;
+  [[nodiscard]] std::string metrics() const;
+
+ private:
+  ApiContext ctx_;
+};
+
+}  // namespace tandem::api

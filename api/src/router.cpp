@@ -1,0 +1,383 @@
+#include "tandem/api/router.h"
+
+#include <array>
+#include <chrono>
+#include <ctime>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+namespace tandem::api {
+
+namespace {
+
+using json = nlohmann::json;
+using replication::Action;
+using replication::Role;
+using replication::State;
+using replication::Verdict;
+
+struct KindInfo {
+  std::string_view code;
+  unsigned status;
+};
+
+KindInfo info(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::bad_json: return {"0xE04000010001", 400};
+    case ErrorKind::unknown_field: return {"0xE04000010002", 400};
+    case ErrorKind::wrong_type: return {"0xE04000010003", 400};
+    case ErrorKind::wrong_role: return {"0xE0101001000D", 400};
+    case ErrorKind::bad_request: return {"0xE04000010004", 400};
+    case ErrorKind::unauthorized: return {"0xE04010010001", 401};
+    case ErrorKind::not_found: return {"0xE04040010001", 404};
+    case ErrorKind::unknown_session: return {"0xE04040020001", 404};
+    case ErrorKind::unknown_volume: return {"0xE04040030001", 404};
+    case ErrorKind::bad_method: return {"0xE04050010001", 405};
+    case ErrorKind::body_too_large: return {"0xE04130010001", 413};
+    case ErrorKind::not_allowed: return {"0xE0101001000C", 422};
+    case ErrorKind::failed: return {"0xE0101001000E", 422};
+    case ErrorKind::internal: return {"0xE05000010001", 500};
+  }
+  return {"0xE05000010001", 500};
+}
+
+std::string rfc3339(std::chrono::system_clock::time_point t) {
+  const std::time_t tt = std::chrono::system_clock::to_time_t(t);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  std::array<char, 32> buf{};
+  std::strftime(buf.data(), buf.size(), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf.data();
+}
+
+json time_or_null(const std::optional<std::chrono::system_clock::time_point>& t) {
+  return t ? json(rfc3339(*t)) : json(nullptr);
+}
+
+std::string_view data_transfer_state(const replication::SessionStatus& st) {
+  switch (st.state) {
+    case State::paused:
+    case State::paused_for_ndu: return "Paused";
+    case State::system_paused:
+    case State::error: return "Faulted";
+    default: break;
+  }
+  return st.initial_sync ? "Initial_Sync" : "Asynchronous";
+}
+
+std::string_view data_connection_state(const replication::SessionStatus& st) {
+  if (st.connected) return "OK";
+  if (st.state == State::initializing && st.last_sync == std::nullopt && st.committed_cycle == 0) {
+    return "Initializing";
+  }
+  return "Complete_Data_Connection_Loss";
+}
+
+json session_object(const replication::Session& s, const std::string& node) {
+  (void)node;
+  const auto& o = s.options();
+  const replication::SessionStatus st = s.status();
+  json pairs = json::array();
+  for (std::size_t i = 0; i < o.members.size(); ++i) {
+    pairs.push_back({{"local_id", o.members[i].volume->id()},
+                     {"remote_id", i < o.remote_volumes.size() ? o.remote_volumes[i] : std::string()}});
+  }
+  const bool group = o.members.size() > 1;
+  json j;
+  j["id"] = o.id;
+  j["name"] = o.id;
+  j["resource_type"] = group ? "volume_group" : "volume";
+  j["local_resource_id"] = group ? o.id : o.members[0].volume->id();
+  j["remote_resource_id"] = group ? o.id : (o.remote_volumes.empty() ? std::string() : o.remote_volumes[0]);
+  j["remote_system"] = o.peer_name;
+  j["storage_element_pairs"] = std::move(pairs);
+  j["type"] = "Asynchronous";
+  j["role"] = replication::role_name(st.role);
+  j["state"] = replication::state_name(st.state);
+  j["local_only_paused"] = st.local_only_paused;
+  j["data_transfer_state"] = data_transfer_state(st);
+  j["data_connection_state"] = data_connection_state(st);
+  j["failover_test_in_progress"] = false;
+  const bool running = st.transferring && st.transfer_bytes_total > 0;
+  if (running) {
+    const auto pct = st.transfer_bytes_done * 100 / st.transfer_bytes_total;
+    j["progress_percentage"] = static_cast<int>(std::min<std::uint64_t>(pct, 100));
+  } else {
+    j["progress_percentage"] = nullptr;
+  }
+  j["estimated_completion_timestamp"] = nullptr;
+  if (running && st.transfer_started && st.transfer_bytes_done > 0) {
+    const auto now = std::chrono::system_clock::now();
+    const auto elapsed = now - *st.transfer_started;
+    const double left = static_cast<double>(st.transfer_bytes_total - std::min(st.transfer_bytes_done, st.transfer_bytes_total)) /
+                        static_cast<double>(st.transfer_bytes_done);
+    const auto eta = now + std::chrono::duration_cast<std::chrono::system_clock::duration>(elapsed * left);
+    j["estimated_completion_timestamp"] = rfc3339(eta);
+  }
+  j["last_sync_timestamp"] = time_or_null(st.last_sync);
+  j["last_sync_duration"] = st.last_sync ? json(st.last_sync_duration_ms) : json(nullptr);
+  if (st.role == Role::source && st.last_sync && (st.state == State::ok || st.state == State::synchronizing)) {
+    j["next_sync_timestamp"] = rfc3339(*st.last_sync + std::chrono::milliseconds(o.rpo_seconds * 500ull));
+  } else {
+    j["next_sync_timestamp"] = nullptr;
+  }
+  j["rpo_seconds"] = o.rpo_seconds;
+  j["restart_address"] = {{"cycle", st.restart.cycle}, {"offset", st.restart.offset}};
+  j["lag_bytes"] = st.lag_bytes;
+  const bool faulted = st.state == State::system_paused || st.state == State::error;
+  j["error_code"] = faulted ? json(st.state == State::error ? "refused" : "transfer_interrupted") : json(nullptr);
+  j["error_message"] = faulted && !st.error.empty() ? json(st.error) : json(nullptr);
+  return j;
+}
+
+// Splits "/a/b/c?x" into {"a", "b", "c"}; false on an empty segment or a bad character.
+bool split_path(std::string_view target, std::vector<std::string>& out) {
+  if (const auto q = target.find('?'); q != std::string_view::npos) target = target.substr(0, q);
+  if (target.empty() || target[0] != '/') return false;
+  target.remove_prefix(1);
+  while (!target.empty() && target.back() == '/') target.remove_suffix(1);
+  while (!target.empty()) {
+    const auto slash = target.find('/');
+    std::string_view seg = target.substr(0, slash);
+    if (seg.empty() || seg.size() > 256) return false;
+    for (char c : seg) {
+      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                      c == '_' || c == '.';
+      if (!ok) return false;
+    }
+    out.emplace_back(seg);
+    if (slash == std::string_view::npos) break;
+    target.remove_prefix(slash + 1);
+  }
+  return true;
+}
+
+struct Field {
+  const char* name;
+  bool* out;
+};
+
+// Parses an action body: empty, or a JSON object whose fields are all known booleans.
+std::optional<HttpResponse> parse_flags(const HttpRequest& req, std::initializer_list<Field> fields) {
+  std::string_view body = req.body;
+  while (!body.empty() && (body.front() == ' ' || body.front() == '\n' || body.front() == '\r' || body.front() == '\t')) {
+    body.remove_prefix(1);
+  }
+  if (body.empty()) return std::nullopt;
+  if (req.content_type.rfind("application/json", 0) != 0) {
+    return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
+                          {req.content_type});
+  }
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
+  if (!j.is_object()) return error_response(ErrorKind::wrong_type, "The request body must be a JSON object.");
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const Field* f = nullptr;
+    for (const Field& x : fields) {
+      if (it.key() == x.name) f = &x;
+    }
+    if (f == nullptr) {
+      return error_response(ErrorKind::unknown_field, "Unknown field '" + it.key() + "' in the request body.", {it.key()});
+    }
+    if (!it.value().is_boolean()) {
+      return error_response(ErrorKind::wrong_type, "Field '" + it.key() + "' must be a boolean.", {it.key()});
+    }
+    *f->out = it.value().get<bool>();
+  }
+  return std::nullopt;
+}
+
+HttpResponse json_response(const json& j) {
+  HttpResponse r;
+  r.body = j.dump();
+  return r;
+}
+
+HttpResponse no_content() {
+  HttpResponse r;
+  r.status = 204;
+  r.content_type.clear();
+  return r;
+}
+
+}  // namespace
+
+std::string_view error_code(ErrorKind k) { return info(k).code; }
+unsigned error_status(ErrorKind k) { return info(k).status; }
+
+HttpResponse error_response(ErrorKind k, std::string message, std::vector<std::string> arguments) {
+  json m = {{"code", std::string(error_code(k))},
+            {"severity", "Error"},
+            {"message_l10n", std::move(message)},
+            {"arguments", std::move(arguments)}};
+  HttpResponse r;
+  r.status = error_status(k);
+  r.body = json{{"messages", json::array({std::move(m)})}}.dump();
+  return r;
+}
+
+std::string Router::session_json(const replication::Session& s) const {
+  return session_object(s, ctx_.node_name).dump();
+}
+
+asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
+  std::vector<std::string> p;
+  if (!split_path(req.target, p)) co_return error_response(ErrorKind::not_found, "No such resource.", {req.target});
+  const bool get = req.method == "GET";
+  const bool post = req.method == "POST";
+  auto method_not_allowed = [&](const char* allowed) {
+    return error_response(ErrorKind::bad_method,
+                          "Method " + req.method + " is not allowed on " + req.target + "; use " + allowed + ".",
+                          {req.method, allowed});
+  };
+  if (p.size() == 1 && p[0] == "metrics") {
+    if (!get) co_return method_not_allowed("GET");
+    HttpResponse r;
+    r.content_type = "text/plain; version=0.0.4";
+    r.body = metrics();
+    co_return r;
+  }
+  if (p.size() < 3 || p[0] != "api" || p[1] != "rest") {
+    co_return error_response(ErrorKind::not_found, "No such resource.", {req.target});
+  }
+  if (p[2] == "volume" && p.size() <= 4) {
+    if (!get) co_return method_not_allowed("GET");
+    json all = json::array();
+    for (const VolumeView& v : ctx_.volumes()) {
+      json j = {{"id", v.id},          {"size", v.size_bytes}, {"access", v.access},
+                {"exports", v.exports}, {"backing", v.backing}, {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
+      if (p.size() == 4 && v.id == p[3]) co_return json_response(j);
+      all.push_back(std::move(j));
+    }
+    if (p.size() == 4) co_return error_response(ErrorKind::unknown_volume, "Volume " + p[3] + " does not exist.", {p[3]});
+    co_return json_response(all);
+  }
+  if (p[2] != "replication_session" || p.size() > 5) {
+    co_return error_response(ErrorKind::not_found, "No such resource.", {req.target});
+  }
+  const auto sessions = ctx_.sessions();
+  if (p.size() == 3) {
+    if (!get) co_return method_not_allowed("GET");
+    json all = json::array();
+    for (const auto* s : sessions) all.push_back(session_object(*s, ctx_.node_name));
+    co_return json_response(all);
+  }
+  replication::Session* session = nullptr;
+  for (auto* s : sessions) {
+    if (s->id() == p[3]) session = s;
+  }
+  if (p.size() == 4) {
+    if (!get) co_return method_not_allowed("GET");
+    if (session == nullptr) {
+      co_return error_response(ErrorKind::unknown_session, "Replication session " + p[3] + " does not exist.", {p[3]});
+    }
+    co_return json_response(session_object(*session, ctx_.node_name));
+  }
+  // An action.
+  const std::string& verb = p[4];
+  std::optional<Action> action;
+  replication::ActionArgs args;
+  bool planned = true;
+  std::optional<HttpResponse> bad;
+  if (verb == "pause") {
+    action = Action::pause;
+    bad = parse_flags(req, {});
+  } else if (verb == "resume") {
+    action = Action::resume;
+    bad = parse_flags(req, {});
+  } else if (verb == "sync") {
+    action = Action::sync;
+    bad = parse_flags(req, {});
+  } else if (verb == "failover") {
+    bad = parse_flags(req, {{"is_planned", &planned}, {"reverse", &args.reverse}, {"force", &args.force}});
+    action = planned ? Action::failover_planned : Action::failover_unplanned;
+  } else if (verb == "reprotect") {
+    action = Action::reprotect;
+    bad = parse_flags(req, {});
+  } else if (verb == "start_failover_test") {
+    action = Action::start_test;
+    bad = parse_flags(req, {});
+  } else if (verb == "stop_failover_test") {
+    action = Action::stop_test;
+    bad = parse_flags(req, {{"force", &args.force}});
+  } else {
+    co_return error_response(ErrorKind::not_found, "No such action: " + verb + ".", {verb});
+  }
+  if (!post) co_return method_not_allowed("POST");
+  if (session == nullptr) {
+    co_return error_response(ErrorKind::unknown_session, "Replication session " + p[3] + " does not exist.", {p[3]});
+  }
+  if (bad) co_return std::move(*bad);
+  if (!planned && args.reverse) {
+    co_return error_response(ErrorKind::bad_request, "reverse applies to a planned failover only.", {"reverse"});
+  }
+  const replication::State before = session->state();
+  replication::ActionResult r = co_await session->act(*action, args);
+  if (r.ok()) co_return no_content();
+  const std::string action_arg(replication::action_name(*action));
+  const std::string state_arg(replication::state_name(before));
+  switch (r.verdict) {
+    case Verdict::wrong_role: co_return error_response(ErrorKind::wrong_role, r.message, {action_arg});
+    default: break;
+  }
+  co_return error_response(ErrorKind::not_allowed, r.message, {action_arg, state_arg});
+}
+
+std::string Router::metrics() const {
+  std::string out;
+  auto help = [&](const char* name, const char* type, const char* text) {
+    out += "# HELP ";
+    out += name;
+    out += ' ';
+    out += text;
+    out += "\n# TYPE ";
+    out += name;
+    out += ' ';
+    out += type;
+    out += '\n';
+  };
+  const auto sessions = ctx_.sessions();
+  struct Row {
+    std::string id;
+    replication::SessionStatus st;
+  };
+  std::vector<Row> rows;
+  for (const auto* s : sessions) rows.push_back({s->id(), s->status()});
+  auto label = [](const std::string& id) { return "{session=\"" + id + "\"}"; };
+  help("tandem_session_state", "gauge", "1 for the session's current state (label state), 0 for the others.");
+  for (const auto& r : rows) {
+    for (int i = 0; i < replication::kStateCount; ++i) {
+      const auto s = static_cast<State>(i);
+      out += "tandem_session_state{session=\"" + r.id + "\",state=\"" + std::string(replication::state_name(s)) +
+             "\"} " + (s == r.st.state ? "1" : "0") + "\n";
+    }
+  }
+  help("tandem_session_connected", "gauge", "1 while the link to the peer is up (connection state).");
+  for (const auto& r : rows) out += "tandem_session_connected" + label(r.id) + " " + (r.st.connected ? "1" : "0") + "\n";
+  help("tandem_session_lag_bytes", "gauge", "Bytes written at the source and not yet committed at the destination.");
+  for (const auto& r : rows) out += "tandem_session_lag_bytes" + label(r.id) + " " + std::to_string(r.st.lag_bytes) + "\n";
+  help("tandem_session_lag_seconds", "gauge",
+       "Age of the last committed cycle (the recovery point), in seconds; -1 before the first.");
+  const auto now = std::chrono::system_clock::now();
+  for (const auto& r : rows) {
+    const double age = r.st.last_sync ? std::chrono::duration<double>(now - *r.st.last_sync).count() : -1.0;
+    out += "tandem_session_lag_seconds" + label(r.id) + " " + std::to_string(age) + "\n";
+  }
+  help("tandem_session_last_cycle_duration_seconds", "gauge", "Duration of the last completed transfer.");
+  for (const auto& r : rows) {
+    out += "tandem_session_last_cycle_duration_seconds" + label(r.id) + " " +
+           std::to_string(static_cast<double>(r.st.last_sync_duration_ms) / 1000.0) + "\n";
+  }
+  help("tandem_session_shipped_bytes_total", "counter", "Extent bytes sent to the peer.");
+  for (const auto& r : rows) out += "tandem_session_shipped_bytes_total" + label(r.id) + " " + std::to_string(r.st.bytes_shipped) + "\n";
+  help("tandem_session_reshipped_bytes_total", "counter", "Extent bytes sent again after a resume.");
+  for (const auto& r : rows) {
+    out += "tandem_session_reshipped_bytes_total" + label(r.id) + " " + std::to_string(r.st.bytes_reshipped) + "\n";
+  }
+  help("tandem_session_resumes_total", "counter", "Transfers resumed from a restart address (the re-ship count).");
+  for (const auto& r : rows) out += "tandem_session_resumes_total" + label(r.id) + " " + std::to_string(r.st.resumes) + "\n";
+  if (ctx_.extra_metrics) out += ctx_.extra_metrics();
+  return out;
+}
+
+}  // namespace tandem::api
