@@ -139,8 +139,18 @@ Result<std::unique_ptr<ApiServer>> ApiServer::listen(asio::any_io_executor ex, A
   std::error_code fec;
   const fs::path path(opts.socket_path);
   if (path.has_parent_path()) fs::create_directories(path.parent_path(), fec);
-  if (fs::is_socket(path, fec)) fs::remove(path, fec);  // a stale socket of an earlier run
   boost::system::error_code ec;
+  if (fs::is_socket(path, fec)) {
+    // A socket someone still answers on belongs to a running daemon: never steal it. One nobody
+    // answers on is left over from a run that died, and is replaced.
+    local::socket probe(ex);
+    probe.connect(local::endpoint(opts.socket_path), ec);
+    if (!ec) {
+      return Error(std::make_error_code(std::errc::address_in_use),
+                   "api socket " + opts.socket_path + " is in use by another process (another tandemd?)");
+    }
+    fs::remove(path, fec);
+  }
   // Created with no access for others from the first instant; the mode is set right after.
   const mode_t old = ::umask(0177);
   impl->acceptor.open(local(), ec);
