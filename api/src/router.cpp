@@ -16,6 +16,10 @@ using replication::Role;
 using replication::State;
 using replication::Verdict;
 
+// Request bytes echoed back (a path, a field name) may be any bytes: invalid UTF-8 is replaced,
+// never thrown about.
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 struct KindInfo {
   std::string_view code;
   unsigned status;
@@ -158,15 +162,15 @@ struct Field {
 };
 
 // Parses an action body: empty, or a JSON object whose fields are all known booleans.
-std::optional<HttpResponse> parse_flags(const HttpRequest& req, std::initializer_list<Field> fields) {
-  std::string_view body = req.body;
+std::optional<HttpResponse> parse_flags(std::string_view content_type, std::string_view body,
+                                        std::initializer_list<Field> fields) {
   while (!body.empty() && (body.front() == ' ' || body.front() == '\n' || body.front() == '\r' || body.front() == '\t')) {
     body.remove_prefix(1);
   }
   if (body.empty()) return std::nullopt;
-  if (req.content_type.rfind("application/json", 0) != 0) {
+  if (content_type.rfind("application/json", 0) != 0) {
     return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
-                          {req.content_type});
+                          {std::string(content_type)});
   }
   json j = json::parse(body, nullptr, false);
   if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
@@ -189,7 +193,7 @@ std::optional<HttpResponse> parse_flags(const HttpRequest& req, std::initializer
 
 HttpResponse json_response(const json& j) {
   HttpResponse r;
-  r.body = j.dump();
+  r.body = dump(j);
   return r;
 }
 
@@ -203,6 +207,43 @@ HttpResponse no_content() {
 }  // namespace
 
 std::string_view error_code(ErrorKind k) { return info(k).code; }
+
+std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, std::string_view content_type,
+                                                       std::string_view body) {
+  ActionRequest ar;
+  bool planned = true;
+  std::optional<HttpResponse> bad;
+  if (verb == "pause") {
+    ar.action = Action::pause;
+    bad = parse_flags(content_type, body, {});
+  } else if (verb == "resume") {
+    ar.action = Action::resume;
+    bad = parse_flags(content_type, body, {});
+  } else if (verb == "sync") {
+    ar.action = Action::sync;
+    bad = parse_flags(content_type, body, {});
+  } else if (verb == "failover") {
+    bad = parse_flags(content_type, body,
+                      {{"is_planned", &planned}, {"reverse", &ar.args.reverse}, {"force", &ar.args.force}});
+    ar.action = planned ? Action::failover_planned : Action::failover_unplanned;
+    if (!bad && !planned && ar.args.reverse) {
+      bad = error_response(ErrorKind::bad_request, "reverse applies to a planned failover only.", {"reverse"});
+    }
+  } else if (verb == "reprotect") {
+    ar.action = Action::reprotect;
+    bad = parse_flags(content_type, body, {});
+  } else if (verb == "start_failover_test") {
+    ar.action = Action::start_test;
+    bad = parse_flags(content_type, body, {});
+  } else if (verb == "stop_failover_test") {
+    ar.action = Action::stop_test;
+    bad = parse_flags(content_type, body, {{"force", &ar.args.force}});
+  } else {
+    return error_response(ErrorKind::not_found, "No such action: " + std::string(verb) + ".", {std::string(verb)});
+  }
+  if (bad) return std::move(*bad);
+  return ar;
+}
 unsigned error_status(ErrorKind k) { return info(k).status; }
 
 HttpResponse error_response(ErrorKind k, std::string message, std::vector<std::string> arguments) {
@@ -212,12 +253,12 @@ HttpResponse error_response(ErrorKind k, std::string message, std::vector<std::s
             {"arguments", std::move(arguments)}};
   HttpResponse r;
   r.status = error_status(k);
-  r.body = json{{"messages", json::array({std::move(m)})}}.dump();
+  r.body = dump(json{{"messages", json::array({std::move(m)})}});
   return r;
 }
 
 std::string Router::session_json(const replication::Session& s) const {
-  return session_object(s, ctx_.node_name).dump();
+  return dump(session_object(s, ctx_.node_name));
 }
 
 asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
@@ -274,47 +315,18 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
     co_return json_response(session_object(*session, ctx_.node_name));
   }
   // An action.
-  const std::string& verb = p[4];
-  std::optional<Action> action;
-  replication::ActionArgs args;
-  bool planned = true;
-  std::optional<HttpResponse> bad;
-  if (verb == "pause") {
-    action = Action::pause;
-    bad = parse_flags(req, {});
-  } else if (verb == "resume") {
-    action = Action::resume;
-    bad = parse_flags(req, {});
-  } else if (verb == "sync") {
-    action = Action::sync;
-    bad = parse_flags(req, {});
-  } else if (verb == "failover") {
-    bad = parse_flags(req, {{"is_planned", &planned}, {"reverse", &args.reverse}, {"force", &args.force}});
-    action = planned ? Action::failover_planned : Action::failover_unplanned;
-  } else if (verb == "reprotect") {
-    action = Action::reprotect;
-    bad = parse_flags(req, {});
-  } else if (verb == "start_failover_test") {
-    action = Action::start_test;
-    bad = parse_flags(req, {});
-  } else if (verb == "stop_failover_test") {
-    action = Action::stop_test;
-    bad = parse_flags(req, {{"force", &args.force}});
-  } else {
-    co_return error_response(ErrorKind::not_found, "No such action: " + verb + ".", {verb});
-  }
+  auto parsed = parse_action(p[4], req.content_type, req.body);
+  if (auto* r = std::get_if<HttpResponse>(&parsed); r != nullptr && r->status == 404) co_return std::move(*r);
   if (!post) co_return method_not_allowed("POST");
   if (session == nullptr) {
     co_return error_response(ErrorKind::unknown_session, "Replication session " + p[3] + " does not exist.", {p[3]});
   }
-  if (bad) co_return std::move(*bad);
-  if (!planned && args.reverse) {
-    co_return error_response(ErrorKind::bad_request, "reverse applies to a planned failover only.", {"reverse"});
-  }
+  if (auto* r = std::get_if<HttpResponse>(&parsed)) co_return std::move(*r);
+  const ActionRequest ar = std::get<ActionRequest>(parsed);
   const replication::State before = session->state();
-  replication::ActionResult r = co_await session->act(*action, args);
+  replication::ActionResult r = co_await session->act(ar.action, ar.args);
   if (r.ok()) co_return no_content();
-  const std::string action_arg(replication::action_name(*action));
+  const std::string action_arg(replication::action_name(ar.action));
   const std::string state_arg(replication::state_name(before));
   switch (r.verdict) {
     case Verdict::wrong_role: co_return error_response(ErrorKind::wrong_role, r.message, {action_arg});

@@ -10,6 +10,7 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "tandem/replication/session.h"
@@ -71,6 +72,17 @@ unsigned error_status(ErrorKind k);
 
 // {"messages": [{"code", "severity": "Error", "message_l10n", "arguments"}]}
 HttpResponse error_response(ErrorKind k, std::string message, std::vector<std::string> arguments = {});
+
+struct ActionRequest {
+  replication::Action action = replication::Action::pause;
+  replication::ActionArgs args;
+};
+
+// The verb of POST /api/rest/replication_session/{id}/{verb} and its body: empty, or a JSON
+// object of known boolean fields. Anything else gives the error_response to send (400, or
+// 404 for an unknown verb).
+std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, std::string_view content_type,
+                                                       std::string_view body);
 
 class Router {
  public:
