@@ -128,6 +128,9 @@ json session_object(const replication::Session& s, const std::string& node) {
   j["rpo_seconds"] = o.rpo_seconds;
   j["restart_address"] = {{"cycle", st.restart.cycle}, {"offset", st.restart.offset}};
   j["lag_bytes"] = st.lag_bytes;
+  // tandem's own: a destination in Failed_Over counts the blocks written here after the
+  // failover point, which reprotect will overwrite.
+  j["diverged_blocks"] = st.diverged_blocks;
   const bool faulted = st.state == State::system_paused || st.state == State::error;
   j["error_code"] = faulted ? json(st.state == State::error ? "refused" : "transfer_interrupted") : json(nullptr);
   j["error_message"] = faulted && !st.error.empty() ? json(st.error) : json(nullptr);

@@ -104,6 +104,8 @@ std::vector<std::byte> encode(const SessionHello& m) {
   w.u8(static_cast<std::uint8_t>(m.initial));
   w.u64(m.initial_offset);
   w.u8(m.paused ? 1 : 0);
+  w.u8(m.phase);
+  w.u64(m.failover_gen);
   return w.take();
 }
 
@@ -125,7 +127,8 @@ Result<SessionHello> decode_session_hello(std::span<const std::byte> p) {
   }
   if (!r.gens(m.generations) || !r.boolean(m.paired) || !r.boolean(m.blank) || !r.u64(m.committed_cycle) ||
       !r.u64(m.staged_cycle) || !r.u64(m.staged_offset) || !r.u8(initial) || initial > 2 ||
-      !r.u64(m.initial_offset) || !r.boolean(m.paused) || !r.done()) {
+      !r.u64(m.initial_offset) || !r.boolean(m.paused) || !r.u8(m.phase) || m.phase > 4 ||
+      !r.u64(m.failover_gen) || !r.done()) {
     return bad("session hello");
   }
   m.initial = static_cast<InitialState>(initial);
@@ -299,6 +302,7 @@ std::vector<std::byte> encode(const Control& m) {
   w.u64(m.request_id);
   w.u8(static_cast<std::uint8_t>(m.op));
   w.u8(m.resume_to_sync ? 1 : 0);
+  w.u64(m.value);
   return w.take();
 }
 
@@ -307,7 +311,7 @@ Result<Control> decode_control(std::span<const std::byte> p) {
   Control m;
   std::uint8_t op = 0;
   if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.u8(op) ||
-      (op != 1 && op != 2) || !r.boolean(m.resume_to_sync) || !r.done()) {
+      op == 0 || op > kControlOpMax || !r.boolean(m.resume_to_sync) || !r.u64(m.value) || !r.done()) {
     return bad("control");
   }
   m.op = static_cast<ControlOp>(op);
@@ -321,6 +325,7 @@ std::vector<std::byte> encode(const ControlReply& m) {
   w.u8(m.ok ? 1 : 0);
   w.u64(m.restart_offset);
   w.str(m.message.substr(0, kMessageTextMax));
+  w.u64(m.value);
   return w.take();
 }
 
@@ -328,9 +333,44 @@ Result<ControlReply> decode_control_reply(std::span<const std::byte> p) {
   Reader r(p);
   ControlReply m;
   if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.boolean(m.ok) ||
-      !r.u64(m.restart_offset) || !r.str(m.message, kMessageTextMax) || !r.done()) {
+      !r.u64(m.restart_offset) || !r.str(m.message, kMessageTextMax) || !r.u64(m.value) || !r.done()) {
     return bad("control reply");
   }
+  return m;
+}
+
+std::vector<std::byte> encode(const ChangedBlocks& m) {
+  Writer w;
+  w.str(m.session_id);
+  w.u8(m.member);
+  TANDEM_ASSERT(m.runs.size() <= kRunsPerMessageMax);
+  w.u16(static_cast<std::uint16_t>(m.runs.size()));
+  for (const auto& r : m.runs) {
+    w.u64(r.first_block);
+    w.u32(r.blocks);
+  }
+  return w.take();
+}
+
+Result<ChangedBlocks> decode_changed_blocks(std::span<const std::byte> p) {
+  Reader r(p);
+  ChangedBlocks m;
+  std::uint16_t n = 0;
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u8(m.member) || m.member >= kMembersMax ||
+      !r.u16(n) || n > kRunsPerMessageMax) {
+    return bad("changed blocks");
+  }
+  m.runs.resize(n);
+  std::uint64_t end = 0;
+  for (auto& run : m.runs) {
+    // Ascending, non-empty, not overlapping, and no run past 2^52 blocks (a 16 EiB volume).
+    if (!r.u64(run.first_block) || !r.u32(run.blocks) || run.blocks == 0 || run.first_block < end ||
+        run.first_block > (1ull << 52)) {
+      return bad("changed blocks run");
+    }
+    end = run.first_block + run.blocks;
+  }
+  if (!r.done()) return bad("changed blocks");
   return m;
 }
 

@@ -83,7 +83,7 @@ asio::awaitable<void> Replicator::receive_loop(std::shared_ptr<transport::Connec
       reason = f.error().message();
       break;
     }
-    if (f->type < static_cast<std::uint16_t>(MsgType::session_hello) || f->type > static_cast<std::uint16_t>(MsgType::control_reply)) {
+    if (f->type < static_cast<std::uint16_t>(MsgType::session_hello) || f->type > static_cast<std::uint16_t>(MsgType::changed_blocks)) {
       reason = "unknown frame type " + std::to_string(f->type);
       c->close(reason);
       break;

@@ -76,6 +76,18 @@ asio::awaitable<void> Session::pace(std::uint64_t bytes) {
   limiter_.consume(bytes, transport::RateLimiter::Clock::now());
 }
 
+void Session::set_source_hooks(bool on) {
+  for (std::size_t i = 0; i < members_.size(); ++i) {
+    auto& m = members_[i];
+    m.m.volume->set_write_hook(nullptr);
+    m.hook.reset();
+    if (on) {
+      m.hook = std::make_unique<CowHook>(*this, i);
+      m.m.volume->set_write_hook(m.hook.get());
+    }
+  }
+}
+
 Session::~Session() {
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
@@ -116,11 +128,15 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
   s->state_name_ = s->state_.role == Role::destination && s->state_.committed_cycle == 0 ? "Initializing"
                    : s->state_.role == Role::source && !s->state_.paired             ? "Initializing"
                                                                                      : "OK";
-  if (s->state_.role == Role::source) {
-    s->running_ = true;
-    asio::co_spawn(s->ex_, s->run_source(), log_and_abort);
-    s->timer_ = std::make_unique<asio::steady_timer>(s->ex_);
-    asio::co_spawn(s->ex_, s->run_timer(), log_and_abort);
+  if (s->state_.role == Role::source) s->start_source_tasks();
+  // A failover step the daemon was killed in goes on.
+  if (s->state_.phase == Phase::failing_over && s->state_.role == Role::source) {
+    s->start_background(s->run_planned_failover());
+  } else if (s->state_.phase == Phase::reprotecting && s->state_.role == Role::source) {
+    s->start_background(s->run_reprotect());
+  } else if (s->state_.phase == Phase::failing_over_for_dr && s->state_.role == Role::destination) {
+    auto r = co_await s->unplanned_failover();
+    if (!r.ok()) co_return Error(errc::not_allowed_in_state, "session " + s->opts_.id + ": " + r.message);
   }
   co_return s;
 }
@@ -254,6 +270,8 @@ SessionHello Session::make_hello() const {
   h.initial = state_.initial;
   h.initial_offset = state_.initial_offset;
   h.paused = state_.paused;
+  h.phase = static_cast<std::uint8_t>(state_.phase);
+  h.failover_gen = state_.failover_gen;
   return h;
 }
 
@@ -321,7 +339,8 @@ asio::awaitable<void> Session::stop() {
   wake_.notify_all();
   window_.notify_all();
   done_.notify_all();
-  while (running_) co_await done_.wait();
+  progress_.notify_all();
+  while (running_ || background_ > 0) co_await done_.wait();
   (void)co_await dwrites_.wait();
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
@@ -330,6 +349,13 @@ asio::awaitable<void> Session::stop() {
 State Session::state() const {
   const auto named = state_from_name(state_name_).value_or(State::ok);
   if (named == State::error) return State::error;
+  switch (state_.phase) {
+    case Phase::failing_over: return State::failing_over;
+    case Phase::failing_over_for_dr: return State::failing_over_for_dr;
+    case Phase::failed_over: return State::failed_over;
+    case Phase::reprotecting: return State::reprotecting;
+    case Phase::none: break;
+  }
   if (state_.paused) return State::paused;
   if (named == State::initializing) return named;
   if (conn_ && peer_paused_) return State::system_paused;  // paused on the peer only
@@ -365,6 +391,7 @@ SessionStatus Session::status() const {
   s.transfer_bytes_done = transfer_done_;
   s.transfer_started = transfer_started_;
   s.resumes = resumes_;
+  s.diverged_blocks = diverged_blocks();
   s.last_sync = last_sync_;
   s.last_sync_duration_ms = last_sync_ms_;
   s.error = error_;
@@ -376,11 +403,45 @@ SessionStatus Session::status() const {
 }
 
 asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte> payload) {
+  // A destination's data messages are counted: an unplanned failover waits for the one being
+  // handled (an apply, say) before it takes the volume over.
+  struct Busy {
+    Session* s;
+    explicit Busy(Session* x) : s(x) { ++s->dest_busy_; }
+    ~Busy() {
+      --s->dest_busy_;
+      s->progress_.notify_all();
+    }
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+  };
+  std::optional<Busy> busy;
+  if (type == MsgType::sync_begin || type == MsgType::extent || type == MsgType::extent_hash ||
+      type == MsgType::cycle_end) {
+    busy.emplace(this);
+  }
   switch (type) {
     case MsgType::session_hello: {
       auto h = decode_session_hello(payload);
       if (!h) co_return h.error();
       peer_paused_ = h->paused;
+      progress_.notify_all();
+      if (state_.role == Role::source && h->role == Role::source) {
+        const bool i_failed_over = state_.phase == Phase::failed_over || state_.phase == Phase::reprotecting ||
+                                   state_.phase == Phase::failing_over_for_dr;
+        const bool peer_failed_over = h->phase == static_cast<std::uint8_t>(Phase::failed_over) ||
+                                      h->phase == static_cast<std::uint8_t>(Phase::reprotecting);
+        if (i_failed_over && !peer_failed_over) {
+          // The old source: it demotes itself when it sees our hello.
+          spdlog::info("session {}: {} is still a source; it steps down when it sees this side failed over", opts_.id,
+                       opts_.peer_name);
+          co_return Status{};
+        }
+        if (!i_failed_over && peer_failed_over &&
+            std::find(generations_.begin(), generations_.end(), h->failover_gen) != generations_.end()) {
+          co_return co_await demote_by_hello(*h);
+        }
+      }
       if (state_.role == Role::source) co_return co_await on_peer_hello(*h);
       // A destination back in touch with its source is OK again (System_Paused was the link).
       if (state_name_ == "System_Paused") state_name_ = state_.initial == InitialState::running ? "Initializing" : "OK";
@@ -424,9 +485,11 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       if (!c) co_return c.error();
       committed_seen_ = c->cycle;
       done_.notify_all();
+      progress_.notify_all();
       co_return Status{};
     }
     case MsgType::sync_begin: {
+      if (state_.phase == Phase::failing_over_for_dr) co_return Error(errc::not_allowed_in_state, "failing over");
       auto m = decode_sync_begin(payload);
       if (!m) co_return m.error();
       co_return co_await on_sync_begin(*m);
@@ -449,7 +512,13 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     case MsgType::control: {
       auto m = decode_control(payload);
       if (!m) co_return m.error();
+      if (m->op != ControlOp::pause && m->op != ControlOp::resume) co_return co_await on_failover_control(*m);
       co_return co_await on_control(*m);
+    }
+    case MsgType::changed_blocks: {
+      auto m = decode_changed_blocks(payload);
+      if (!m) co_return m.error();
+      co_return co_await on_changed_blocks(*m);
     }
     case MsgType::control_reply: {
       auto m = decode_control_reply(payload);
@@ -496,6 +565,19 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
       co_return co_await refuse(3, std::move(why));
     }
     }
+  }
+  if (state_.phase == Phase::failed_over || state_.phase == Phase::reprotecting) {
+    // The failover decided the direction; the histories meet again with reprotect's first
+    // cycle. Nothing ships before reprotect has the union of both sides' changes.
+    spdlog::info("session {}: connected to {} after a failover ({}): waiting for reprotect", opts_.id,
+                 opts_.peer_name, state_.phase == Phase::failed_over ? "Failed_Over" : "Reprotecting");
+    plan_ = Plan::wait;
+    state_.paired = true;
+    peer_ready_ = true;
+    state_name_ = "OK";  // shown as the phase until reprotect completes
+    peer_committed_ = std::max<std::uint64_t>(peer_committed_, 1);
+    wake_.notify_all();
+    co_return Status{};
   }
   const SyncDecision d = decide(GenerationView{generations_, true}, GenerationView{h.generations, h.paired});
   spdlog::info("session {}: connected to {}: local generations {}, peer {}: {}", opts_.id, opts_.peer_name,
@@ -555,12 +637,14 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
 
 asio::awaitable<void> Session::run_timer() {
   const auto period = std::chrono::milliseconds(std::max<std::uint64_t>(opts_.rpo_seconds * 500ull, 100));
-  while (!stopping_) {
+  while (!stopping_ && state_.role == Role::source) {
     timer_->expires_after(period);
     auto [ec] = co_await timer_->async_wait(asio::as_tuple(asio::use_awaitable));
-    if (ec || stopping_) break;
+    if (stopping_ || state_.role != Role::source) break;
+    if (ec) continue;  // cancelled by a role change that did not happen after all
     request_sync();
   }
+  timer_running_ = false;
 }
 
 asio::awaitable<void> Session::run_source() {
@@ -569,7 +653,9 @@ asio::awaitable<void> Session::run_source() {
       busy_ = false;
       idle_.notify_all();
     }
-    if (!peer_ready_ || plan_ == Plan::refused || state_.paused || peer_paused_) {
+    progress_.notify_all();  // whoever waits for a step to end (failover, reprotect)
+    if (state_.role != Role::source) break;
+    if (!peer_ready_ || plan_ == Plan::refused || state_.paused || peer_paused_ || replication_held()) {
       co_await wake_.wait();
       continue;
     }
@@ -587,6 +673,14 @@ asio::awaitable<void> Session::run_source() {
     } else if (plan_ == Plan::cycle) {
       st = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
       if (st && gen == conn_gen_) plan_ = Plan::wait;
+      if (st && state_.phase == Phase::reprotecting && exchange_done_) {
+        state_.phase = Phase::none;
+        state_.failover_gen = 0;
+        state_name_ = "OK";
+        st = co_await persist();
+        spdlog::info("session {}: reprotect complete: replicating to {} in the new direction", opts_.id,
+                     opts_.peer_name);
+      }
     } else if (plan_ == Plan::finish) {
       st = co_await finish_cycle(state_.transfer_cycle);
       if (st) plan_ = Plan::wait;
@@ -596,13 +690,23 @@ asio::awaitable<void> Session::run_source() {
       for (auto& m : members_) dirty = dirty || m.m.volume->dirty().dirty_blocks() > 0;
       if (!dirty && peer_committed_ > 0) {
         last_sync_ = std::chrono::system_clock::now();
-        continue;
-      }
-      st = co_await cut();
-      if (st) {
-        plan_ = Plan::cycle;
-        plan_start_ = 0;
-        continue;
+        if (state_.phase == Phase::reprotecting && exchange_done_) {
+          // Nothing changed on either side since the failover: reprotected already.
+          state_.phase = Phase::none;
+          state_.failover_gen = 0;
+          state_name_ = "OK";
+          st = co_await persist();
+          if (st) spdlog::info("session {}: reprotect complete (nothing to ship): replicating to {} in the new direction",
+                               opts_.id, opts_.peer_name);
+        }
+        if (st) continue;
+      } else {
+        st = co_await cut();
+        if (st) {
+          plan_ = Plan::cycle;
+          plan_start_ = 0;
+          continue;
+        }
       }
     } else {
       busy_ = false;
@@ -1224,7 +1328,7 @@ namespace {
 constexpr std::chrono::seconds kControlTimeout{10};
 }  // namespace
 
-asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool resume_to_sync) {
+asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool resume_to_sync, std::uint64_t value) {
   if (!conn_) co_return std::nullopt;
   const std::uint64_t id = next_request_++;
   auto p = std::make_shared<PendingControl>();
@@ -1239,7 +1343,7 @@ asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool
         pc->wq.notify_all();
       }(p),
       log_and_abort);
-  const Control msg{opts_.id, id, op, resume_to_sync};
+  const Control msg{opts_.id, id, op, resume_to_sync, value};
   std::vector<std::byte> bytes = encode(msg);
   Status st = co_await send(MsgType::control, std::move(bytes));
   if (!st) p->lost = true;
@@ -1257,8 +1361,9 @@ asio::awaitable<Status> Session::on_control_reply(const ControlReply& r) {
   co_return Status{};
 }
 
-asio::awaitable<Status> Session::reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message) {
-  const ControlReply r{opts_.id, c.request_id, ok, restart, std::move(message)};
+asio::awaitable<Status> Session::reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message,
+                                               std::uint64_t value) {
+  const ControlReply r{opts_.id, c.request_id, ok, restart, std::move(message), value};
   std::vector<std::byte> bytes = encode(r);
   co_return co_await send(MsgType::control_reply, std::move(bytes));
 }
@@ -1396,6 +1501,24 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
     case Action::sync:
       request_sync();
       co_return ActionResult{};
+    case Action::failover_planned: {
+      state_.phase = Phase::failing_over;
+      state_.reverse = args.reverse;
+      Status st = co_await persist();
+      if (!st) co_return ActionResult{Verdict::not_allowed, "failover failed: " + st.error().message()};
+      start_background(run_planned_failover());
+      co_return ActionResult{};
+    }
+    case Action::failover_unplanned:
+      co_return co_await unplanned_failover();
+    case Action::reprotect: {
+      state_.phase = Phase::reprotecting;
+      exchange_done_ = false;
+      Status st = co_await persist();
+      if (!st) co_return ActionResult{Verdict::not_allowed, "reprotect failed: " + st.error().message()};
+      start_background(run_reprotect());
+      co_return ActionResult{};
+    }
     default:
       break;
   }

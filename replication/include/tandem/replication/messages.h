@@ -27,6 +27,7 @@ enum class MsgType : std::uint16_t {
   refuse = 24,         // either way: the session cannot proceed (split brain, unrelated…)
   control = 25,        // either way: an operator's action that needs both sites (pause, resume)
   control_reply = 26,  // the answer to a control request
+  changed_blocks = 27, // destination → source, reprotect: runs of blocks this side changed
 };
 
 inline constexpr std::size_t kIdBytesMax = 64;
@@ -58,6 +59,8 @@ struct SessionHello {
   InitialState initial = InitialState::none;
   std::uint64_t initial_offset = 0; // destination: restart address of the initial sync
   bool paused = false;              // an operator paused the session on this site
+  std::uint8_t phase = 0;           // SessionState::phase (failover progress)
+  std::uint64_t failover_gen = 0;   // the shared generation at the failover, when phase != 0
   bool operator==(const SessionHello&) const = default;
 };
 
@@ -126,13 +129,21 @@ struct Refuse {
   bool operator==(const Refuse&) const = default;
 };
 
-enum class ControlOp : std::uint8_t { pause = 1, resume = 2 };
+enum class ControlOp : std::uint8_t {
+  pause = 1,
+  resume = 2,
+  failover = 3,          // source → destination, everything committed: take over (value 1: reverse)
+  reprotect = 4,         // new source → new destination: send the blocks you changed
+  reprotect_commit = 5,  // new source → new destination: they are safe here, forget them
+};
+inline constexpr std::uint8_t kControlOpMax = 5;
 
 struct Control {
   std::string session_id;
   std::uint64_t request_id = 0;
   ControlOp op = ControlOp::pause;
   bool resume_to_sync = false;  // pause: a synchronization was interrupted (resume goes on with it)
+  std::uint64_t value = 0;      // failover: 1 = reverse
   bool operator==(const Control&) const = default;
 };
 
@@ -142,7 +153,22 @@ struct ControlReply {
   bool ok = false;
   std::uint64_t restart_offset = 0;  // pause, answered by a destination: durable up to here
   std::string message;               // why not, when !ok
+  std::uint64_t value = 0;           // failover: the new source's generation
   bool operator==(const ControlReply&) const = default;
+};
+
+struct BlockRun {
+  std::uint64_t first_block = 0;
+  std::uint32_t blocks = 0;
+  bool operator==(const BlockRun&) const = default;
+};
+inline constexpr std::size_t kRunsPerMessageMax = 4096;
+
+struct ChangedBlocks {
+  std::string session_id;
+  std::uint8_t member = 0;
+  std::vector<BlockRun> runs;  // ascending, within the member volume
+  bool operator==(const ChangedBlocks&) const = default;
 };
 
 std::vector<std::byte> encode(const SessionHello& m);
@@ -158,6 +184,7 @@ std::vector<std::byte> encode(const Committed& m);
 std::vector<std::byte> encode(const Refuse& m);
 std::vector<std::byte> encode(const Control& m);
 std::vector<std::byte> encode(const ControlReply& m);
+std::vector<std::byte> encode(const ChangedBlocks& m);
 
 Result<SessionHello> decode_session_hello(std::span<const std::byte> p);
 Result<SyncBegin> decode_sync_begin(std::span<const std::byte> p);
@@ -170,5 +197,6 @@ Result<Committed> decode_committed(std::span<const std::byte> p);
 Result<Refuse> decode_refuse(std::span<const std::byte> p);
 Result<Control> decode_control(std::span<const std::byte> p);
 Result<ControlReply> decode_control_reply(std::span<const std::byte> p);
+Result<ChangedBlocks> decode_changed_blocks(std::span<const std::byte> p);
 
 }  // namespace tandem::replication

@@ -114,6 +114,7 @@ struct SessionStatus {
   std::uint64_t transfer_bytes_done = 0;
   std::optional<std::chrono::system_clock::time_point> transfer_started;
   std::uint64_t resumes = 0;         // source: transfers resumed from a restart address
+  std::uint64_t diverged_blocks = 0; // destination in Failed_Over: blocks that reprotect will overwrite
   std::optional<std::chrono::system_clock::time_point> last_sync;
   std::uint64_t last_sync_duration_ms = 0;
   std::string error;                 // why it is refused / paused
@@ -150,6 +151,9 @@ class Session {
   asio::awaitable<void> stop();
   [[nodiscard]] SessionStatus status() const;
   [[nodiscard]] State state() const;
+  // Destination in Failed_Over: blocks written here after the failover point (they will be
+  // overwritten by reprotect).
+  [[nodiscard]] std::uint64_t diverged_blocks() const;
   [[nodiscard]] const SessionOptions& options() const { return opts_; }
 
  private:
@@ -205,13 +209,36 @@ class Session {
 
   // Control: requests to the peer, answered by request id, bounded by a timeout.
   struct PendingControl;
-  asio::awaitable<std::optional<ControlReply>> request(ControlOp op, bool resume_to_sync);
+  asio::awaitable<std::optional<ControlReply>> request(ControlOp op, bool resume_to_sync = false,
+                                                       std::uint64_t value = 0);
   asio::awaitable<Status> on_control(const Control& c);
   asio::awaitable<Status> on_control_reply(const ControlReply& r);
   asio::awaitable<ActionResult> do_pause(bool resume_to_sync);
   asio::awaitable<ActionResult> do_resume();
   asio::awaitable<Status> pause_here(bool resume_to_sync);  // stop transfers, flush, persist
-  asio::awaitable<Status> reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message);
+  asio::awaitable<Status> reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message,
+                                        std::uint64_t value = 0);
+
+  // Failover and reprotect (session_failover.cpp).
+  asio::awaitable<ActionResult> unplanned_failover();
+  asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
+  asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
+  asio::awaitable<Status> become_source();
+  asio::awaitable<Status> become_destination();
+  asio::awaitable<Status> on_failover_control(const Control& c);
+  asio::awaitable<Status> on_changed_blocks(const ChangedBlocks& m);
+  asio::awaitable<Status> demote_by_hello(const SessionHello& h);
+  void start_source_tasks();
+  void set_source_hooks(bool on);  // the copy-on-write hooks of a source's volumes
+  void start_background(asio::awaitable<void> task);
+  // Replication waits while the roles are being swapped or wait for reprotect.
+  [[nodiscard]] bool replication_held() const;
+  bool exchange_done_ = false;        // reprotect: the peer's changed blocks are in our dirty map
+  std::vector<engine::BlockBitmap> incoming_;  // reprotect: the peer's changed blocks, per member
+  WaitQueue progress_;                // a cycle committed, a hello arrived, a phase changed
+  std::size_t background_ = 0;        // failover/reprotect tasks running
+  bool timer_running_ = false;
+  std::uint64_t dest_busy_ = 0;       // destination: data messages being handled
   std::uint64_t next_request_ = 1;
   std::map<std::uint64_t, std::shared_ptr<PendingControl>> control_waits_;
   bool busy_ = false;           // source: the run loop is in a transfer step

@@ -17,6 +17,15 @@
 
 namespace tandem::replication {
 
+// Where a failover stands (version 2).
+enum class Phase : std::uint8_t {
+  none = 0,
+  failing_over = 1,         // source: planned failover under way (host writes refused)
+  failing_over_for_dr = 2,  // destination: unplanned failover under way
+  failed_over = 3,          // roles swapped; replication waits for reprotect
+  reprotecting = 4,         // the new source resynchronizes the union of both sides' changes
+};
+
 struct SessionState {
   static constexpr std::uint8_t kVersion = 2;  // 1: without the control flags (read as unpaused)
 
@@ -34,6 +43,9 @@ struct SessionState {
   bool paused = false;             // an operator paused the session (here, and the peer unless local_only)
   bool local_only_paused = false;  // the pause did not reach the peer
   bool resume_to_sync = false;     // the pause interrupted a synchronization: resume goes on with it
+  bool reverse = false;            // planned failover: go on into reprotect by itself
+  Phase phase = Phase::none;
+  std::uint64_t failover_gen = 0;  // the generation both sides shared when the roles swapped
   bool operator==(const SessionState&) const = default;
 };
 
