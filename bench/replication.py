@@ -237,11 +237,14 @@ def rep_resume(args, work: Path, master: Path) -> dict:
         pair.a.kill()
         pair.a.start()
         wait_log(pair.a, r"initial sync complete in", 0, SYNC_S_MAX)
+        # The resumed transfer's sync_begin; the destination says what of it it had received
+        # already (no such line: the source stopped exactly at a checkpoint, nothing again).
+        starts = [int(x) for x in re.findall(r"initial sync \(full copy\) from \S+ at offset (\d+)", pair.b.log())]
+        if len(starts) < 2 or starts[-1] == 0:
+            raise BenchError("the destination logged no resumed initial sync:\n" + pair.b.log()[-3000:])
         m = re.search(r"initial sync resumes at offset (\d+): (\d+) bytes received before", pair.b.log())
-        if not m:
-            raise BenchError("the destination logged no resume:\n" + pair.b.log()[-3000:])
-        r["resume_offset"] = int(m.group(1))
-        r["reshipped"] = int(m.group(2))
+        r["resume_offset"] = starts[-1]
+        r["reshipped"] = int(m.group(2)) if m else 0
         log(f"  resume: killed at {r['killed_at'] >> 20} MiB received, resumed at {r['resume_offset'] >> 20} MiB, "
             f"{r['reshipped']} bytes shipped again ({100 * r['reshipped'] / size:.2f}% of the volume)")
         wait_log(pair.b, r"cycle \d+ committed and applied", 0, STEP_S_MAX)

@@ -23,7 +23,7 @@ std::uint64_t header_checksum(unsigned char* p, std::uint32_t count) {
 
 // Bytes moved per read while scanning or applying: bounds memory.
 constexpr std::uint64_t kChunkBytes = 1 << 20;
-constexpr std::size_t kApplyParallel = 32;  // extents copied at once
+constexpr std::size_t kApplyParallel = 64;  // extents written at once
 
 }  // namespace
 
@@ -133,28 +133,43 @@ asio::awaitable<Status> CycleJournal::append(std::span<const JournalExtent> exte
 }
 
 asio::awaitable<Status> CycleJournal::apply(Volume& volume) {
-  // Extents of a cycle never overlap (each block is staged once), so they are copied
-  // concurrently, a bounded number at a time; the flush at the end covers them all.
+  // Each record's data is read in one I/O; its extents, which never overlap (each block is
+  // staged once per cycle), are then written concurrently, a bounded number at a time. The
+  // flush at the end covers them all.
   auto ex = co_await asio::this_coro::executor;
   TaskGroup copies(ex);
-  auto copy = [](CycleJournal* self, Volume& vol, JournalExtent e, std::uint64_t at) -> asio::awaitable<Status> {
+  auto write = [](Volume& vol, JournalExtent e, IoBuffer data) -> asio::awaitable<Status> {
     if (e.zero) co_return co_await vol.zero_replicated(e.offset, e.length);
-    IoBuffer data = self->env_.buffers().allocate(e.length);
-    TANDEM_CO_TRY(co_await self->dev_->read(at, e.length, data));
-    // Verify right after reading, before it becomes the volume's contents.
-    if (xxh3_64(data.data(), e.length) != e.hash) {
-      co_return Error(errc::io_error, self->path_ + ": staged extent at " + std::to_string(e.offset) +
-                                          " fails its hash; refusing to apply");
-    }
     co_return co_await vol.write_replicated(e.offset, e.length, data);
   };
   for (const auto& r : records_) {
-    std::uint64_t at = r.pos + kHeaderBytes;
-    for (std::size_t i = r.first_extent; i < r.first_extent + r.count && copies.first_error(); ++i) {
+    std::uint64_t bytes = 0;
+    for (std::size_t i = r.first_extent; i < r.first_extent + r.count; ++i) {
+      if (!extents_[i].zero) bytes += extents_[i].length;
+    }
+    IoBuffer rec;
+    if (bytes > 0) {
+      rec = env_.buffers().allocate(bytes);
+      TANDEM_CO_TRY(co_await dev_->read(r.pos + kHeaderBytes, bytes, rec));
+    }
+    std::uint64_t at = 0;
+    for (std::size_t i = r.first_extent; i < r.first_extent + r.count; ++i) {
       const JournalExtent& e = extents_[i];
+      IoBuffer data;
+      if (!e.zero) {
+        // Verify right after reading, before it becomes the volume's contents.
+        if (xxh3_64(rec.data() + at, e.length) != e.hash) {
+          (void)co_await copies.wait();
+          co_return Error(errc::io_error, path_ + ": staged extent at " + std::to_string(e.offset) +
+                                              " fails its hash; refusing to apply");
+        }
+        data = env_.buffers().allocate(e.length);
+        std::memcpy(data.data(), rec.data() + at, e.length);
+        at += e.length;
+      }
+      if (!copies.first_error()) co_return co_await copies.wait();  // the first failure, once all stopped
       co_await copies.wait_below(kApplyParallel);
-      copies.spawn(copy(this, volume, e, at));
-      if (!e.zero) at += e.length;
+      copies.spawn(write(volume, e, std::move(data)));
     }
   }
   TANDEM_CO_TRY(co_await copies.wait());

@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -19,6 +20,8 @@ namespace {
 // -EAGAIN from the kernel means "try again"; a device that keeps saying it is broken. 64
 // resubmissions is far beyond any transient condition seen on real devices.
 constexpr int kEagainRetriesMax = 64;
+// Lock attempts 100 ms apart when a volume is locked (a killed daemon's ring may still hold it).
+constexpr int kLockRetries = 100;
 
 class UringDevice final : public BlockDevice {
  public:
@@ -154,7 +157,16 @@ class UringEnv final : public DeviceEnv {
     }
     // Two daemons writing one volume would corrupt it silently: take an exclusive lock that
     // dies with the process (so a SIGKILLed daemon never leaves a stale lock behind).
-    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    // A daemon that was just killed may still hold it for a moment: the kernel tears an
+    // io_uring instance (and the files its requests hold) down asynchronously after the
+    // process is gone. Retry for a bounded time before calling the volume busy.
+    int lock_rc = ::flock(fd, LOCK_EX | LOCK_NB);
+    for (int tries = 0; lock_rc != 0 && errno == EWOULDBLOCK && tries < kLockRetries; ++tries) {
+      if (tries == 0) spdlog::info("{}: locked by another process; waiting up to {} s for it to go", spec.path, kLockRetries / 10);
+      ::usleep(100'000);
+      lock_rc = ::flock(fd, LOCK_EX | LOCK_NB);
+    }
+    if (lock_rc != 0) {
       int e = errno;
       ::close(fd);
       if (e == EWOULDBLOCK) {

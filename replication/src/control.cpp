@@ -88,7 +88,7 @@ Decision decide(Action a, const Situation& s) {
       break;
     case Action::failover_unplanned:
       // The site that failed over is the source now; it may repeat the failover (force).
-      if (source && !(s.state == failed_over && s.force)) return wrong_role(a, s.role);
+      if (source && s.state != failed_over) return wrong_role(a, s.role);
       break;
     case Action::reprotect:
       if (!source && s.state == failed_over) return wrong_role(a, s.role);

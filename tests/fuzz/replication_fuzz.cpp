@@ -31,6 +31,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   check(p, decode_refuse);
   check(p, decode_control);
   check(p, decode_control_reply);
+  check(p, decode_changed_blocks);
   if (auto e = decode_extent(p); e.ok()) {
     TANDEM_ASSERT(e->zero ? e->data.empty() : e->data.size() == e->length);
   }
@@ -49,5 +50,6 @@ std::vector<std::string> tandem::fuzz::seeds() {
   return {s(encode(h)), s(encode(SyncBegin{"s", TransferMode::cycle, 3, 10, 0, 1 << 20, {1}})), s(ext),
           s(encode(Ack{"s", 3, 8192})), s(encode(CycleEnd{"s", 3, 8192, {1}})),
           s(encode(Refuse{"s", 1, "no"})), s(encode(ExtentHash{"s", 0, 4096, 9})),
-          s(encode(Control{"s", 7, ControlOp::pause, true})), s(encode(ControlReply{"s", 7, true, 65536, ""}))};
+          s(encode(Control{"s", 7, ControlOp::pause, true})), s(encode(ControlReply{"s", 7, true, 65536, "", 9})),
+          s(encode(ChangedBlocks{"s", 0, {{0, 3}, {10, 1}}}))};
 }

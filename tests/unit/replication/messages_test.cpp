@@ -49,21 +49,28 @@ TEST(Messages, RoundTrip) {
   roundtrip(CycleEnd{"s", 7, 1 << 30, {9, 8}}, decode_cycle_end);
   roundtrip(Committed{"s", 7}, decode_committed);
   roundtrip(Refuse{"s", 3, "split brain: both sides written since 00ff"}, decode_refuse);
-  roundtrip(Control{"s", 42, ControlOp::resume, false}, decode_control);
-  roundtrip(Control{"s", 43, ControlOp::pause, true}, decode_control);
-  roundtrip(ControlReply{"s", 42, false, 0, "paused on the peer only"}, decode_control_reply);
-  roundtrip(ControlReply{"s", 43, true, 1 << 20, ""}, decode_control_reply);
+  roundtrip(Control{"s", 42, ControlOp::resume, false, 0}, decode_control);
+  roundtrip(Control{"s", 43, ControlOp::pause, true, 0}, decode_control);
+  roundtrip(Control{"s", 44, ControlOp::failover, false, 1}, decode_control);
+  roundtrip(ControlReply{"s", 42, false, 0, "paused on the peer only", 0}, decode_control_reply);
+  roundtrip(ControlReply{"s", 43, true, 1 << 20, "", 0x1234}, decode_control_reply);
+  roundtrip(ChangedBlocks{"s", 2, {{0, 1}, {5, 100}, {1000, 7}}}, decode_changed_blocks);
+  auto overlap = encode(ChangedBlocks{"s", 0, {{0, 10}, {5, 1}}});
+  EXPECT_FALSE(decode_changed_blocks(overlap).ok());
   SessionHello h = hello();
   h.paused = true;
+  h.phase = 3;
+  h.failover_gen = 77;
   roundtrip(h, decode_session_hello);
 }
 
 TEST(Messages, ControlRejectsUnknownOps) {
-  auto b = encode(Control{"s", 1, ControlOp::pause, false});
-  b[b.size() - 2] = std::byte{9};  // op
+  auto b = encode(Control{"s", 1, ControlOp::pause, false, 0});
+  const std::size_t op_at = b.size() - 10;
+  b[op_at] = std::byte{9};  // op
   EXPECT_FALSE(decode_control(b).ok());
-  b[b.size() - 2] = std::byte{1};
-  b.back() = std::byte{2};  // resume_to_sync is a boolean
+  b[op_at] = std::byte{1};
+  b[op_at + 1] = std::byte{2};  // resume_to_sync is a boolean
   EXPECT_FALSE(decode_control(b).ok());
 }
 

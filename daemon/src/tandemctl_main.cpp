@@ -1,0 +1,344 @@
+// tandemctl: the command line of tandem's control API (docs/api.md). It speaks HTTP/1.1 to
+// tandemd's Unix socket, prints tables for people and JSON for scripts (--json), and exits
+// non-zero with the daemon's message when an action is refused.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+
+namespace {
+
+namespace asio = boost::asio;
+namespace http = boost::beast::http;
+using json = nlohmann::json;
+using local = asio::local::stream_protocol;
+
+struct Reply {
+  unsigned status = 0;
+  std::string body;
+};
+
+// Exit codes: 0 done, 1 refused or failed (the daemon said why), 2 usage, 3 cannot reach tandemd.
+constexpr int kRefused = 1;
+constexpr int kUnreachable = 3;
+
+std::optional<Reply> call(const std::string& socket, const std::string& method, const std::string& path,
+                          const std::string& body, std::string& err) {
+  try {
+    asio::io_context ctx;
+    local::socket s(ctx);
+    s.connect(local::endpoint(socket));
+    http::request<http::string_body> req{http::string_to_verb(method), path, 11};
+    req.set(http::field::host, "tandemd");
+    req.set(http::field::user_agent, "tandemctl");
+    if (!body.empty()) {
+      req.set(http::field::content_type, "application/json");
+      req.body() = body;
+    }
+    req.prepare_payload();
+    http::write(s, req);
+    boost::beast::flat_buffer buf;
+    http::response<http::string_body> res;
+    http::read(s, buf, res);
+    boost::system::error_code ec;
+    s.shutdown(local::socket::shutdown_both, ec);
+    return Reply{res.result_int(), res.body()};
+  } catch (const std::exception& e) {
+    err = "cannot reach tandemd at " + socket + ": " + e.what();
+    return std::nullopt;
+  }
+}
+
+std::string message_of(const Reply& r) {
+  auto j = json::parse(r.body, nullptr, false);
+  if (!j.is_discarded() && j.contains("messages") && j["messages"].is_array() && !j["messages"].empty()) {
+    return j["messages"][0].value("message_l10n", std::string("(no message)"));
+  }
+  return "HTTP " + std::to_string(r.status);
+}
+
+std::string str(const json& j, const char* key) {
+  if (!j.contains(key) || j[key].is_null()) return "-";
+  if (j[key].is_string()) return j[key].get<std::string>();
+  return j[key].dump();
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  char out[32];
+  std::snprintf(out, sizeof out, u == 0 ? "%.0f %s" : "%.1f %s", b, units[u]);
+  return out;
+}
+
+void print_table(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> w;
+  for (const auto& r : rows) {
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      if (w.size() <= i) w.push_back(0);
+      w[i] = std::max(w[i], r[i].size());
+    }
+  }
+  for (const auto& r : rows) {
+    std::string line;
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(w[i] - r[i].size() + 2, ' ');
+    }
+    std::cout << line << "\n";
+  }
+}
+
+void print_sessions(const json& list) {
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "ROLE", "STATE", "PEER", "TRANSFER", "CONNECTION", "LAG", "LAST SYNC", "PROGRESS"}};
+  for (const auto& s : list) {
+    std::string state = str(s, "state");
+    if (s.value("local_only_paused", false)) state += " (this site only)";
+    const std::string progress = s["progress_percentage"].is_null() ? "-" : str(s, "progress_percentage") + "%";
+    rows.push_back({str(s, "id"), str(s, "role"), state, str(s, "remote_system"), str(s, "data_transfer_state"),
+                    str(s, "data_connection_state"), human_bytes(s.value("lag_bytes", 0.0)),
+                    str(s, "last_sync_timestamp"), progress});
+  }
+  print_table(rows);
+}
+
+void print_session(const json& s) {
+  std::vector<std::vector<std::string>> rows;
+  for (const char* k : {"id", "resource_type", "role", "state", "local_only_paused", "remote_system",
+                        "data_transfer_state", "data_connection_state", "failover_test_in_progress",
+                        "progress_percentage", "estimated_completion_timestamp", "last_sync_timestamp",
+                        "last_sync_duration", "next_sync_timestamp", "rpo_seconds", "restart_address", "lag_bytes",
+                        "diverged_blocks", "error_code", "error_message"}) {
+    rows.push_back({std::string(k) + ":", str(s, k)});
+  }
+  std::string pairs;
+  for (const auto& p : s["storage_element_pairs"]) {
+    pairs += (pairs.empty() ? "" : ", ") + str(p, "local_id") + " -> " + str(p, "remote_id");
+  }
+  rows.push_back({"volumes:", pairs});
+  print_table(rows);
+}
+
+void print_volumes(const json& list) {
+  std::vector<std::vector<std::string>> rows = {{"ID", "SIZE", "ACCESS", "SESSION", "BACKING", "EXPORT"}};
+  for (const auto& v : list) {
+    rows.push_back({str(v, "id"), human_bytes(v.value("size", 0.0)), str(v, "access"),
+                    str(v, "replication_session_id"), str(v, "backing"),
+                    v["exports"].empty() ? "-" : v["exports"][0].get<std::string>()});
+  }
+  print_table(rows);
+}
+
+// Polls the session until `done` says so (or an error state), drawing progress: a bar with
+// percentage, rate and ETA on a terminal, a plain line per change otherwise.
+int wait_for(const std::string& socket, const std::string& id, const std::string& what,
+             const std::function<bool(const json&)>& done, int timeout_s) {
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  const auto start = std::chrono::steady_clock::now();
+  std::string last_line;
+  std::optional<std::pair<std::chrono::steady_clock::time_point, long>> first_sample;
+  for (;;) {
+    std::string err;
+    auto r = call(socket, "GET", "/api/rest/replication_session/" + id, "", err);
+    if (!r) {
+      std::cerr << "\ntandemctl: " << err << "\n";
+      return kUnreachable;
+    }
+    if (r->status != 200) {
+      std::cerr << "\ntandemctl: " << message_of(*r) << "\n";
+      return kRefused;
+    }
+    const json s = json::parse(r->body);
+    if (done(s)) {
+      if (tty) std::cout << "\r\033[K";
+      std::cout << what << ": done, " << str(s, "state") << " (" << str(s, "role") << ")\n";
+      return 0;
+    }
+    if (s.value("state", "") == "Error") {
+      std::cerr << (tty ? "\n" : "") << "tandemctl: session " << id << " is in Error: " << str(s, "error_message") << "\n";
+      return kRefused;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    std::string line = what + ": " + str(s, "state");
+    if (!s["progress_percentage"].is_null()) {
+      const long pct = s["progress_percentage"].get<long>();
+      if (!first_sample) first_sample = {now, pct};
+      std::string eta = str(s, "estimated_completion_timestamp");
+      const double secs = std::chrono::duration<double>(now - first_sample->first).count();
+      const double rate = secs > 0.5 ? static_cast<double>(pct - first_sample->second) / secs : 0;
+      char buf[160];
+      if (tty) {
+        std::string bar(static_cast<std::size_t>(pct * 30 / 100), '#');
+        bar.resize(30, '.');
+        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f%%/s  ETA %s", bar.c_str(), pct, rate, eta.c_str());
+      } else {
+        std::snprintf(buf, sizeof buf, " %ld%% (ETA %s)", pct, eta.c_str());
+      }
+      line += buf;
+    }
+    if (tty) {
+      std::cout << "\r\033[K" << line << std::flush;
+    } else if (line != last_line) {
+      std::cout << line << "\n" << std::flush;
+    }
+    last_line = line;
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(timeout_s)) {
+      std::cerr << (tty ? "\n" : "") << "tandemctl: still not done after " << timeout_s << " s (state "
+                << str(s, "state") << ")\n";
+      return kRefused;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(tty ? 200 : 500));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tandemctl — drive tandemd's replication sessions (the control API, docs/api.md)."};
+  app.require_subcommand(1);
+  std::string socket = "/run/tandem/api.sock";
+  bool as_json = false;
+  int timeout_s = 3600;
+  app.add_option("-s,--socket", socket, "tandemd's API socket")->capture_default_str()->envname("TANDEM_API_SOCKET");
+  app.add_flag("--json", as_json, "print the daemon's JSON instead of tables");
+  app.add_option("--timeout", timeout_s, "with --wait: give up after this many seconds")->capture_default_str();
+
+  auto* session = app.add_subcommand("session", "replication sessions");
+  session->require_subcommand(1);
+  std::string id;
+  bool wait = false, unplanned = false, reverse = false, force = false;
+  session->add_subcommand("list", "every session on this node");
+  auto* show = session->add_subcommand("show", "one session in full");
+  show->add_option("id", id, "session id")->required();
+  auto action = [&](const char* name, const char* help) {
+    auto* c = session->add_subcommand(name, help);
+    c->add_option("id", id, "session id")->required();
+    return c;
+  };
+  action("pause", "pause both sites (this site only if the peer is unreachable)");
+  action("resume", "resume a paused session");
+  action("sync", "start a synchronization cycle now (source)")->add_flag("--wait", wait, "wait until it is done");
+  auto* fo = action("failover", "planned failover (on the source) or, with --unplanned, disaster recovery (on "
+                                "the destination)");
+  fo->add_flag("--unplanned", unplanned, "the source is lost: promote this destination from its last committed cycle");
+  fo->add_flag("--reverse", reverse, "planned: go on into reprotect (replicate in the new direction)");
+  fo->add_flag("--force", force, "unplanned: repeat on a session already Failed_Over, or promote an Initializing one");
+  fo->add_flag("--wait", wait, "wait until the roles have swapped");
+  action("reprotect", "after a failover, on the new source: resynchronize what differs and replicate")
+      ->add_flag("--wait", wait, "wait until the session is OK");
+  action("test-start", "destination: start a failover test (writable point-in-time image)");
+  action("test-stop", "destination: stop the failover test, discarding its writes")
+      ->add_flag("--force", force, "even if the peer is unreachable");
+  auto* volume = app.add_subcommand("volume", "local volumes");
+  volume->require_subcommand(1);
+  volume->add_subcommand("list", "every volume on this node");
+  auto* vshow = volume->add_subcommand("show", "one volume");
+  vshow->add_option("id", id, "volume id")->required();
+  CLI11_PARSE(app, argc, argv);
+
+  std::string err;
+  auto get = [&](const std::string& path) -> std::optional<json> {
+    auto r = call(socket, "GET", path, "", err);
+    if (!r) {
+      std::cerr << "tandemctl: " << err << "\n";
+      return std::nullopt;
+    }
+    if (r->status != 200) {
+      std::cerr << "tandemctl: " << message_of(*r) << "\n";
+      return std::nullopt;
+    }
+    return json::parse(r->body, nullptr, false);
+  };
+  if (volume->parsed()) {
+    const bool one = vshow->parsed();
+    auto j = get(one ? "/api/rest/volume/" + id : "/api/rest/volume");
+    if (!j) return err.empty() ? kRefused : kUnreachable;
+    if (as_json) {
+      std::cout << j->dump(2) << "\n";
+    } else {
+      print_volumes(one ? json::array({*j}) : *j);
+    }
+    return 0;
+  }
+  auto* sub = session->get_subcommands()[0];
+  const std::string verb = sub->get_name();
+  if (verb == "list" || verb == "show") {
+    auto j = get(verb == "list" ? "/api/rest/replication_session" : "/api/rest/replication_session/" + id);
+    if (!j) return err.empty() ? kRefused : kUnreachable;
+    if (as_json) {
+      std::cout << j->dump(2) << "\n";
+    } else if (verb == "list") {
+      print_sessions(*j);
+    } else {
+      print_session(*j);
+    }
+    return 0;
+  }
+  std::string api_verb = verb;
+  json body = json::object();
+  if (verb == "test-start") api_verb = "start_failover_test";
+  if (verb == "test-stop") {
+    api_verb = "stop_failover_test";
+    if (force) body["force"] = true;
+  }
+  if (verb == "failover") {
+    body["is_planned"] = !unplanned;
+    if (reverse) body["reverse"] = true;
+    if (force) body["force"] = true;
+  }
+  // Before the action: what "done" means for --wait.
+  std::string before_sync;
+  if (wait && verb == "sync") {
+    auto j = get("/api/rest/replication_session/" + id);
+    if (!j) return err.empty() ? kRefused : kUnreachable;
+    before_sync = str(*j, "last_sync_timestamp");
+  }
+  auto r = call(socket, "POST", "/api/rest/replication_session/" + id + "/" + api_verb,
+                body.empty() ? std::string() : body.dump(), err);
+  if (!r) {
+    std::cerr << "tandemctl: " << err << "\n";
+    return kUnreachable;
+  }
+  if (r->status != 204) {
+    if (as_json) std::cout << r->body << "\n";
+    std::cerr << "tandemctl: " << message_of(*r) << "\n";
+    return kRefused;
+  }
+  if (!as_json) std::cout << "session " << id << ": " << verb << " accepted\n";
+  if (!wait) return 0;
+  if (verb == "sync") {
+    // Done when a synchronization has completed since (a newer last sync, back to OK).
+    const auto t0 = std::chrono::system_clock::now();
+    (void)t0;
+    return wait_for(socket, id, "sync",
+                    [&](const json& s) {
+                      return s.value("state", "") == "OK" && str(s, "last_sync_timestamp") != before_sync &&
+                             s["progress_percentage"].is_null();
+                    },
+                    timeout_s);
+  }
+  if (verb == "failover") {
+    return wait_for(socket, id, "failover",
+                    [&](const json& s) {
+                      const std::string st = s.value("state", "");
+                      return reverse ? (st == "OK" && s.value("role", "") == "Destination") : st == "Failed_Over";
+                    },
+                    timeout_s);
+  }
+  return wait_for(socket, id, "reprotect", [](const json& s) { return s.value("state", "") == "OK"; }, timeout_s);
+}
