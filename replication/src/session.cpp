@@ -342,6 +342,7 @@ asio::awaitable<void> Session::stop() {
   progress_.notify_all();
   while (running_ || background_ > 0) co_await done_.wait();
   (void)co_await dwrites_.wait();
+  (void)co_await sends_.wait();
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
@@ -926,8 +927,13 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   const std::uint32_t ext_max = opts_.extent_bytes;
   engine::IoBuffer buf = members_[0].m.env->buffers().allocate(ext_max);
   // Sends an extent whose data is in `data`.
+  // A transfer's sends from an earlier, interrupted one are over; their error is stale.
+  (void)co_await sends_.wait();
+  // Sends an extent whose data is in `data`. With `hold` (the read that owns the data), the
+  // frame is queued without waiting for it to be written, so the connection's writer batches
+  // many small extents into one TLS write; frames still go out in the order queued.
   auto send_read = [&](std::size_t mi, std::uint64_t off, std::uint32_t len, bool detect_zero,
-                       const engine::IoBuffer& data) -> asio::awaitable<Status> {
+                       const engine::IoBuffer& data, std::shared_ptr<AheadRead> hold) -> asio::awaitable<Status> {
     const std::uint64_t global = members_[mi].base + off;
     Extent e{opts_.id, cycle, global, len, false, 0, {}};
     if (detect_zero && all_zero(data.data(), len)) {
@@ -946,8 +952,21 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     }
     if (!e.zero) co_await pace(len);
     auto header = encode_extent_header(e);
-    TANDEM_CO_TRY(co_await send(MsgType::extent, std::move(header),
-                                e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(data.data(), len)));
+    if (hold) {
+      TANDEM_CO_TRY(sends_.first_error());
+      // Bounded in frames and (about 16 MiB) in bytes.
+      co_await sends_.wait_below(std::clamp<std::size_t>((16u << 20) / len, 2, kSendsInFlight));
+      auto task = [](Session* self, std::vector<std::byte> hdr, std::shared_ptr<AheadRead> rd, std::uint32_t n,
+                     bool zero) -> asio::awaitable<Status> {
+        const std::span<const std::byte> payload = zero ? std::span<const std::byte>{}
+                                                        : std::span<const std::byte>(rd->buf.data(), n);
+        co_return co_await self->send(MsgType::extent, std::move(hdr), payload);
+      };
+      sends_.spawn(task(this, std::move(header), std::move(hold), len, e.zero));
+    } else {
+      TANDEM_CO_TRY(co_await send(MsgType::extent, std::move(header),
+                                  e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(data.data(), len)));
+    }
     bytes_shipped_ += e.zero ? 0 : len;
     if (global < high_water_) bytes_reshipped_ += std::min<std::uint64_t>(len, high_water_ - global);
     co_return Status{};
@@ -958,7 +977,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       resend_.pop_front();
       auto [mi, local] = locate(off);
       TANDEM_CO_TRY(co_await read_extent(mi, local, len, buf, is_cycle));
-      TANDEM_CO_TRY(co_await send_read(mi, local, len, false, buf));
+      TANDEM_CO_TRY(co_await send_read(mi, local, len, false, buf, nullptr));
     }
     co_return Status{};
   };
@@ -981,7 +1000,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
       std::vector<std::byte> bytes = encode(eh);
       TANDEM_CO_TRY(co_await send(MsgType::extent_hash, std::move(bytes)));
     } else {
-      TANDEM_CO_TRY(co_await send_read(r->mi, r->off, r->len, mode == TransferMode::initial_full, r->buf));
+      TANDEM_CO_TRY(co_await send_read(r->mi, r->off, r->len, mode == TransferMode::initial_full, r->buf, r));
     }
     sent_end_ = m.base + r->off + r->len;
     high_water_ = std::max(high_water_, sent_end_);
@@ -1012,7 +1031,10 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
         TANDEM_CO_TRY(co_await consume());
       }
       if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost during transfer");
-      if (state_.paused) co_return Error(errc::paused, "paused");
+      if (state_.paused) {
+        (void)co_await sends_.wait();  // every queued extent goes out before the pause handshake
+        co_return Error(errc::paused, "paused");
+      }
       ahead.push_back(start_read(mi, off, len, is_cycle));
       ahead_bytes += len;
       pos = off + len;
@@ -1027,6 +1049,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     co_await window_.wait();
   }
   TANDEM_CO_TRY(co_await drain_resends());
+  TANDEM_CO_TRY(co_await sends_.wait());  // every extent queued before cycle_end
   log_reship();
   const CycleEnd end_msg{opts_.id, cycle, total_bytes(), generations_};
   std::vector<std::byte> end_bytes = encode(end_msg);
@@ -1133,6 +1156,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
       if (!j) co_return j.error();
       mem.journal = std::move(j).value();
     }
+    unsynced_bytes_ = 0;  // a fresh journal
     state_.transfer_cycle = m.cycle;
     TANDEM_CO_TRY(co_await persist());
   }
@@ -1191,13 +1215,32 @@ asio::awaitable<Status> Session::on_extent(const Extent& m) {
   pending_bytes_ += m.length;
   pending_.push_back(std::move(p));
   dnext_ = m.offset + m.length;
-  if (pending_bytes_ >= dbatch_ || pending_.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
+  if (pending_bytes_ + unsynced_bytes_ >= dbatch_) {
     TANDEM_CO_TRY(co_await stage_flush());
+  } else if (pending_.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
+    // A full record of small extents: written now, made durable (and acknowledged) with the
+    // batch. A crash before the sync loses at most the unacknowledged tail: the journal scan
+    // keeps the valid prefix.
+    TANDEM_CO_TRY(co_await stage_write());
   }
   co_return Status{};
 }
 
 asio::awaitable<Status> Session::stage_flush() {
+  if (pending_.empty() && unsynced_bytes_ == 0) co_return Status{};
+  TANDEM_CO_TRY(co_await stage_write());
+  for (auto& mem : members_) {
+    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->sync());
+  }
+  unsynced_bytes_ = 0;
+  const Ack ack{opts_.id, dcycle_, staged_global_end()};
+  std::vector<std::byte> bytes = encode(ack);
+  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
+  spdlog::debug("session {}: cycle {} staged up to {}", opts_.id, dcycle_, staged_global_end());
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::stage_write() {
   if (pending_.empty()) co_return Status{};
   // One record per member run; data concatenated.
   std::size_t i = 0;
@@ -1223,15 +1266,9 @@ asio::awaitable<Status> Session::stage_flush() {
     TANDEM_CO_TRY(co_await mem.journal->append(exts, data));
     i = j;
   }
-  for (auto& mem : members_) {
-    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->sync());
-  }
+  unsynced_bytes_ += pending_bytes_;
   pending_.clear();
   pending_bytes_ = 0;
-  const Ack ack{opts_.id, dcycle_, staged_global_end()};
-  std::vector<std::byte> bytes = encode(ack);
-  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
-  spdlog::debug("session {}: cycle {} staged up to {}", opts_.id, dcycle_, staged_global_end());
   co_return Status{};
 }
 

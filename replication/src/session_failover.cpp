@@ -100,6 +100,7 @@ asio::awaitable<Status> Session::become_source() {
   dmode_.reset();
   pending_.clear();
   pending_bytes_ = 0;
+  unsynced_bytes_ = 0;
   state_.role = Role::source;
   state_.transfer_cycle = 0;
   state_.applying_cycle = 0;

@@ -252,7 +252,9 @@ class Session {
   asio::awaitable<Status> on_extent(const Extent& m);
   asio::awaitable<Status> on_extent_hash(const ExtentHash& m);
   asio::awaitable<Status> on_cycle_end(const CycleEnd& m);
-  asio::awaitable<Status> stage_flush();
+  asio::awaitable<Status> stage_flush();  // write what is pending, sync the journal, acknowledge
+  asio::awaitable<Status> stage_write();  // write what is pending as journal records, no sync
+  std::uint64_t unsynced_bytes_ = 0;      // staged in records, not yet synced/acknowledged
   asio::awaitable<Status> initial_checkpoint();
   asio::awaitable<Status> apply_committed(std::uint64_t cycle);
   std::uint64_t staged_global_end() const;
@@ -327,6 +329,9 @@ class Session {
   // a checkpoint (and every change of transfer) waits for them first.
   static constexpr std::size_t kDestWritesMax = 16;
   TaskGroup dwrites_{ex_};
+  // Source: extent frames queued on the connection and not yet written.
+  static constexpr std::size_t kSendsInFlight = 64;
+  TaskGroup sends_{ex_};
   std::set<std::uint64_t> awaiting_data_;
 };
 
