@@ -221,6 +221,65 @@ class Failover(unittest.TestCase):
         shipped = re.findall(r"cycle \d+ committed: (\d+) blocks", p.b.log())
         self.assertEqual(int(shipped[-1]), union)
 
+    def test_consistency_group_unplanned_failover_keeps_cross_volume_order(self):
+        # Three volumes in one session; write j goes to volume j % 3 and depends on write j-1
+        # on another volume. After SIGKILL of the source and an unplanned failover, the stamps
+        # across the three volumes form one prefix: the group was cut and committed as one.
+        seed = int(os.environ.get("TANDEM_SEED", random.randrange(1 << 30)))
+        print("seed", seed, flush=True)
+        rnd = random.Random(seed)
+        vols = ("g0", "g1", "g2")
+        self.pair = Pair(self.wd.path, 32 * MiB, volumes=vols)
+        p = self.start()
+        self.assertEqual(p.a.session()["resource_type"], "volume_group")
+        self.assertEqual([x["local_id"] for x in p.a.session()["storage_element_pairs"]], list(vols))
+        handles = []
+        for v in vols:
+            h = nbd.NBD()
+            h.connect_uri(p.a.uri(v))
+            handles.append(h)
+        acked = [-1]
+        stop = threading.Event()
+
+        def writer():
+            try:
+                for j in range(6000):
+                    if stop.is_set():
+                        return
+                    handles[j % 3].pwrite(stamp(j), (j // 3) * 4096, nbd.CMD_FLAG_FUA)
+                    acked[0] = j
+            except nbd.Error:
+                pass
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        wait_until(lambda: stamps(p.b.image("g2"), 0, 1)[0] == 2, "the first group cycle", timeout_s=60, interval_s=0.05)
+        time.sleep(rnd.uniform(0.1, 1.0))
+        p.a.kill()
+        t.join(timeout=harness.WAIT_S)
+        self.post(p.b, "failover", '{"is_planned": false}')
+        self.assertEqual(p.b.session()["state"], "Failed_Over")
+        n = acked[0] + 1
+        present = {}
+        for vi, v in enumerate(vols):
+            for blk, val in enumerate(stamps(p.b.image(v), 0, n // 3 + 1)):
+                if val is not None:
+                    self.assertEqual(val % 3, vi)
+                    self.assertEqual(val // 3, blk)
+                    present[val] = True
+        k = 0
+        while k in present:
+            k += 1
+        self.assertGreater(k, 0)
+        self.assertEqual(sorted(present), list(range(k)), "a write present without an earlier one on another "
+                         "volume (seed %d)" % seed)
+        print("group: %d writes acknowledged, the committed image holds the first %d" % (n, k), flush=True)
+        for h in handles:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+
     def test_source_killed_while_failing_over_finishes_after_restart(self):
         p = self.start()
         h = nbd.NBD()
