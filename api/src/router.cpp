@@ -101,7 +101,7 @@ json session_object(const replication::Session& s, const std::string& node) {
   j["local_only_paused"] = st.local_only_paused;
   j["data_transfer_state"] = data_transfer_state(st);
   j["data_connection_state"] = data_connection_state(st);
-  j["failover_test_in_progress"] = false;
+  j["failover_test_in_progress"] = st.test_running;
   const bool running = st.transferring && st.transfer_bytes_total > 0;
   if (running) {
     const auto pct = st.transfer_bytes_done * 100 / st.transfer_bytes_total;

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -128,6 +129,10 @@ class Daemon {
       so.rpo_seconds = sc.rpo_seconds;
       so.window_bytes = sc.window_bytes;
       so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
+      so.export_test = [this, sid = sc.id](std::vector<engine::Volume*> vols) -> asio::awaitable<Status> {
+        co_return export_test_images(sid, std::move(vols));
+      };
+      so.unexport_test = [this, sid = sc.id]() -> asio::awaitable<void> { co_await unexport_test_images(sid); };
       for (const auto& vid : sc.volumes) {
         for (auto& v : volumes_) {
           if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});
@@ -266,6 +271,50 @@ class Daemon {
     signals_.cancel(ec);
   }
 
+  struct TestExport {
+    std::string volume_id;  // the destination volume it is an image of
+    std::string socket;
+    engine::Volume* volume = nullptr;
+    std::unique_ptr<frontend::NbdServer> nbd;
+  };
+
+  // A failover test's images, each on its own Unix socket beside the volume's
+  // (<dir>/<volume>-test.nbd), export name = the volume id.
+  Status export_test_images(const std::string& sid, std::vector<engine::Volume*> vols) {
+    auto& list = tests_[sid];
+    for (auto* tv : vols) {
+      const std::string vid = tv->id().substr(0, tv->id().size() - 5);  // "<vid>-test"
+      const VolumeConfig* vc = nullptr;
+      for (const auto& v : cfg_.volumes) {
+        if (v.id == vid) vc = &v;
+      }
+      const std::string dir = vc && !vc->nbd_socket.empty() ? fs::path(vc->nbd_socket).parent_path().string()
+                                                            : cfg_.node.state_dir;
+      TestExport te;
+      te.volume_id = vid;
+      te.socket = dir + "/" + vid + "-test.nbd";
+      te.volume = tv;
+      te.nbd = std::make_unique<frontend::NbdServer>(ctx_.get_executor());
+      te.nbd->add_export(vid, *tv);
+      auto st = te.nbd->listen_unix(te.socket);
+      if (!st) return st;
+      spdlog::info("volume {}: failover test image exported on unix socket {}", vid, te.socket);
+      list.push_back(std::move(te));
+    }
+    return {};
+  }
+
+  asio::awaitable<void> unexport_test_images(const std::string& sid) {
+    auto it = tests_.find(sid);
+    if (it == tests_.end()) co_return;
+    for (auto& te : it->second) {
+      if (te.nbd) co_await te.nbd->stop();
+      std::error_code ec;
+      fs::remove(te.socket, ec);
+    }
+    tests_.erase(it);
+  }
+
   std::vector<api::VolumeView> volume_views() const {
     std::vector<api::VolumeView> out;
     for (const auto& v : volumes_) {
@@ -285,6 +334,18 @@ class Daemon {
         }
       }
       out.push_back(std::move(w));
+    }
+    for (const auto& [sid, list] : tests_) {
+      for (const auto& te : list) {
+        api::VolumeView w;
+        w.id = te.volume_id + "-test";
+        w.size_bytes = te.volume->size_bytes();
+        w.access = "read-write";
+        w.exports.push_back("nbd+unix:///" + te.volume_id + "?socket=" + te.socket);
+        w.backing = "failover test image of " + te.volume_id;
+        w.session_id = sid;
+        out.push_back(std::move(w));
+      }
     }
     return out;
   }
@@ -313,6 +374,7 @@ class Daemon {
   std::vector<std::unique_ptr<replication::Session>> sessions_;
   std::unique_ptr<replication::Replicator> replicator_;
   std::unique_ptr<api::Router> router_;
+  std::map<std::string, std::vector<TestExport>> tests_;  // session id -> its failover test's exports
   std::unique_ptr<api::ApiServer> api_;
   bool shutting_down_ = false;
   int exit_code_ = 0;

@@ -343,6 +343,7 @@ asio::awaitable<void> Session::stop() {
   while (running_ || background_ > 0) co_await done_.wait();
   (void)co_await dwrites_.wait();
   (void)co_await sends_.wait();
+  if (test_running_) co_await close_test_volumes();
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
@@ -369,6 +370,7 @@ SessionStatus Session::status() const {
   s.role = state_.role;
   s.connected = conn_ != nullptr;
   s.local_only_paused = state_.paused && state_.local_only_paused;
+  s.test_running = test_running_;
   s.peer_paused = peer_paused_;
   s.initial_sync = state_.role == Role::source ? (plan_ == Plan::initial || !state_.paired)
                                                : state_.initial != InitialState::done;
@@ -1339,6 +1341,12 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   std::uint64_t bytes = 0;
   for (auto& mem : members_) {
     if (!mem.journal) continue;
+    if (mem.test_image) {
+      // A failover test shows the image as of its start: keep what the cycle overwrites.
+      for (const auto& e : mem.journal->extents()) {
+        TANDEM_CO_TRY(co_await mem.test_image->preserve(e.offset / kBlock, e.length / kBlock));
+      }
+    }
     bytes += mem.journal->staged_bytes();
     TANDEM_CO_TRY(co_await mem.journal->apply(*mem.m.volume));
   }
@@ -1521,6 +1529,7 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
   sit.peer_reachable = conn_ != nullptr;
   sit.resume_to_sync = state_.resume_to_sync;
   sit.force = args.force;
+  sit.test_running = test_running_;
   const Decision d = decide(a, sit);
   if (d.verdict != Verdict::accept) {
     spdlog::info("session {}: {} refused: {}", opts_.id, action_name(a), d.message);
@@ -1548,6 +1557,10 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
     }
     case Action::failover_unplanned:
       co_return co_await unplanned_failover();
+    case Action::start_test:
+      co_return co_await start_test();
+    case Action::stop_test:
+      co_return co_await stop_test();
     case Action::reprotect: {
       state_.phase = Phase::reprotecting;
       exchange_done_ = false;

@@ -373,4 +373,73 @@ asio::awaitable<void> Session::run_reprotect() {
   }
 }
 
+asio::awaitable<ActionResult> Session::start_test() {
+  if (!opts_.export_test) co_return ActionResult{Verdict::not_allowed, "failover tests are not configured here"};
+  Status st;
+  std::vector<engine::Volume*> vols;
+  for (auto& m : members_) {
+    const std::string overlay = m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay";
+    const std::string meta = m.m.state_dir + "/" + m.m.volume->id() + ".test-meta";
+    const std::string image_path = "test-image:" + m.m.volume->id();
+    auto img = engine::TestImage::create(*m.m.env, overlay, *m.m.volume);
+    if (!img) {
+      st = img.error();
+      break;
+    }
+    m.test_image = std::move(img).value();
+    m.test_env = engine::make_test_image_env(*m.m.env, image_path, *m.test_image);
+    st = m.m.env->remove(meta);
+    if (!st) break;
+    engine::VolumeOptions vo;
+    vo.id = m.m.volume->id() + "-test";
+    vo.path = image_path;
+    vo.meta_path = meta;
+    auto v = co_await engine::Volume::open(*m.test_env, std::move(vo));
+    if (!v) {
+      st = v.error();
+      break;
+    }
+    m.test_volume = std::move(v).value();
+    m.test_volume->set_access(engine::Access::read_write);
+    vols.push_back(m.test_volume.get());
+  }
+  test_running_ = true;  // (so close_test_volumes cleans up whatever was made)
+  if (st) st = co_await opts_.export_test(vols);
+  if (!st) {
+    co_await close_test_volumes();
+    co_return ActionResult{Verdict::not_allowed, "start_failover_test failed: " + st.error().message()};
+  }
+  spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
+               "replication goes on underneath",
+               opts_.id, state_.committed_cycle);
+  co_return ActionResult{};
+}
+
+asio::awaitable<void> Session::close_test_volumes() {
+  if (opts_.unexport_test) co_await opts_.unexport_test();
+  for (auto& m : members_) {
+    if (m.test_volume) {
+      auto st = co_await m.test_volume->close();
+      if (!st) spdlog::warn("session {}: closing the test image of {}: {}", opts_.id, m.m.volume->id(), st.error().message());
+      const std::string meta = m.m.state_dir + "/" + m.m.volume->id() + ".test-meta";
+      m.test_volume.reset();
+      (void)m.m.env->remove(meta);
+    }
+    m.test_env.reset();
+    if (m.test_image) (void)m.test_image->discard();
+    m.test_image.reset();
+  }
+  test_running_ = false;
+}
+
+asio::awaitable<ActionResult> Session::stop_test() {
+  std::uint64_t written = 0;
+  for (auto& m : members_) written += m.test_image ? m.test_image->overlay_blocks() : 0;
+  co_await close_test_volumes();
+  spdlog::info("session {}: failover test stopped: the test image and its writes are discarded ({} overlay "
+               "block(s))",
+               opts_.id, written);
+  co_return ActionResult{};
+}
+
 }  // namespace tandem::replication

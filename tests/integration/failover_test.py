@@ -280,6 +280,64 @@ class Failover(unittest.TestCase):
             except nbd.Error:
                 pass
 
+    def test_failover_test_image_while_replication_goes_on(self):
+        p = self.start()
+        rnd = random.Random(11)
+        h = nbd.NBD()
+        h.connect_uri(p.a.uri("vol0"))
+        for i in range(32):
+            h.pwrite(rnd.randbytes(65536), i * MiB)
+        h.flush()
+        wait_identical(p)
+        with open(p.b.image("vol0"), "rb") as f:
+            before = f.read()
+        self.post(p.a, "start_failover_test", expect=400)  # the destination's
+        self.post(p.b, "start_failover_test")
+        s = p.b.session()
+        self.assertTrue(s["failover_test_in_progress"])
+        self.assertEqual(s["state"], "OK")  # the state does not change
+        code, vol = p.b.api("GET", "/api/rest/volume/vol0-test")
+        self.assertEqual(code, 200, vol)
+        self.assertEqual(vol["access"], "read-write")
+        uri = vol["exports"][0]
+        self.post(p.b, "start_failover_test", expect=422)       # one test at a time
+        self.post(p.b, "failover", '{"is_planned": false}', expect=422)  # no failover during a test
+        # The test writes its image; the source writes on (some of the same places).
+        t = nbd.NBD()
+        t.connect_uri(uri)
+        self.assertFalse(t.is_read_only())
+        test_data = rnd.randbytes(4 * 65536)
+        t.pwrite(test_data, 40 * MiB)
+        t.pwrite(test_data[:4096], 3 * MiB)  # a block the source also rewrites below
+        t.flush()
+        for i in range(0, 32, 3):
+            h.pwrite(rnd.randbytes(65536), i * MiB)
+        h.flush()
+        # Replication goes on underneath: the destination's base follows the source.
+        wait_identical(p)
+        # The test image did not move: the start image plus the test's own writes.
+        expect = bytearray(before)
+        expect[40 * MiB:40 * MiB + len(test_data)] = test_data
+        expect[3 * MiB:3 * MiB + 4096] = test_data[:4096]
+        got = b"".join(t.pread(8 * MiB, o) for o in range(0, SIZE, 8 * MiB))
+        self.assertTrue(got == bytes(expect), "the test image changed under the test")
+        t.shutdown()
+        # Stop: the image and its writes are gone; the destination is the source's image.
+        self.post(p.b, "stop_failover_test")
+        self.assertFalse(p.b.session()["failover_test_in_progress"])
+        code, _ = p.b.api("GET", "/api/rest/volume/vol0-test")
+        self.assertEqual(code, 404)
+        wait_identical(p)
+        self.post(p.b, "stop_failover_test", expect=422)
+        # With the peer away, stopping needs force.
+        self.post(p.b, "start_failover_test")
+        h.shutdown()
+        p.a.stop()
+        wait_until(lambda: p.b.session()["data_connection_state"] != "OK", "the link to drop")
+        self.post(p.b, "stop_failover_test", expect=422)
+        self.post(p.b, "stop_failover_test", '{"force": true}')
+        self.assertFalse(p.b.session()["failover_test_in_progress"])
+
     def test_source_killed_while_failing_over_finishes_after_restart(self):
         p = self.start()
         h = nbd.NBD()

@@ -30,6 +30,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -42,6 +43,7 @@
 #include "tandem/engine/bitmap.h"
 #include "tandem/engine/cycle_journal.h"
 #include "tandem/engine/preserve_log.h"
+#include "tandem/engine/test_image.h"
 #include "tandem/engine/volume.h"
 #include "tandem/replication/control.h"
 #include "tandem/replication/generation.h"
@@ -75,6 +77,10 @@ struct SessionOptions {
   std::uint32_t extent_bytes = 1u << 20;
   // Destination: staged bytes per journal record / acknowledgement.
   std::uint64_t stage_batch_bytes = 8ull << 20;
+  // Failover tests: the daemon exports the test images (one volume per member, in order) on
+  // their own sockets, and withdraws them. Unset: tests are refused.
+  std::function<asio::awaitable<Status>(std::vector<engine::Volume*>)> export_test;
+  std::function<asio::awaitable<void>()> unexport_test;
   // Destination: initial-sync bytes between durable checkpoints (each flushes the volume and
   // bounds what a resume after a source crash ships again: 16 MiB is under 1% of a 2 GiB volume).
   std::uint64_t initial_checkpoint_bytes = 16ull << 20;
@@ -102,6 +108,7 @@ struct SessionStatus {
   bool connected = false;
   bool local_only_paused = false;
   bool peer_paused = false;
+  bool test_running = false;         // destination: a failover test image is exported
   bool initial_sync = false;         // the transfer under way (or due) is the initial copy
   bool transferring = false;         // source: a transfer is under way
   std::uint64_t committed_cycle = 0;
@@ -165,6 +172,10 @@ class Session {
     std::unique_ptr<engine::PreserveLog> preserve;
     std::unique_ptr<engine::CycleJournal> journal;
     std::unique_ptr<CowHook> hook;
+    // Failover test (destination): the image, the env that opens it, the volume over it.
+    std::unique_ptr<engine::TestImage> test_image;
+    std::unique_ptr<engine::DeviceEnv> test_env;
+    std::unique_ptr<engine::Volume> test_volume;
   };
   enum class Plan { wait, initial, cycle, finish, refused };
 
@@ -233,6 +244,11 @@ class Session {
   void start_background(asio::awaitable<void> task);
   // Replication waits while the roles are being swapped or wait for reprotect.
   [[nodiscard]] bool replication_held() const;
+  // Failover test (session_failover.cpp).
+  asio::awaitable<ActionResult> start_test();
+  asio::awaitable<ActionResult> stop_test();
+  asio::awaitable<void> close_test_volumes();
+  bool test_running_ = false;
   bool exchange_done_ = false;        // reprotect: the peer's changed blocks are in our dirty map
   std::vector<engine::BlockBitmap> incoming_;  // reprotect: the peer's changed blocks, per member
   WaitQueue progress_;                // a cycle committed, a hello arrived, a phase changed
