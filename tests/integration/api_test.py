@@ -213,6 +213,41 @@ class Api(unittest.TestCase):
         self.assertEqual(code, 204, body)
         wait_until(lambda: p.a.session()["state"] == "OK", "OK after resume")
 
+    def test_partition_during_pause(self):
+        # A fault proxy between the sites cuts the link (no FIN, no RST reaching either side:
+        # the keep-alives find it dead). Each site can then pause only itself.
+        pb = harness.free_port()
+        proxy = harness.FaultProxy(self.wd.path, pb, seed=1)
+        try:
+            p = self.start(b_port=pb, a_dials=proxy.port)
+            proxy.command("cut")
+            for d in (p.a, p.b):
+                wait_until(lambda d=d: d.session()["data_connection_state"] != "OK", "the partition on " + d.name,
+                           timeout_s=30)
+            for d in (p.a, p.b):
+                code, body = d.api("POST", BASE + SID + "/pause")
+                self.assertEqual(code, 204, body)
+                s = d.session()
+                self.assertEqual((s["state"], s["local_only_paused"]), ("Paused", True), d.name)
+                self.expect_error(d, "POST", BASE + SID + "/resume", 422)
+            self.expect_error(p.a, "POST", BASE + SID + "/sync", 422)
+            self.expect_error(p.a, "POST", BASE + SID + "/failover", 422, body='{"is_planned": true}')
+            # Unplanned failover stays allowed in a local-only pause (refused here only because
+            # of the role: it is the destination's).
+            self.expect_error(p.a, "POST", BASE + SID + "/failover", 400, body='{"is_planned": false}')
+            proxy.command("heal")
+            wait_until(lambda: p.a.session()["data_connection_state"] == "OK", "the link to heal", timeout_s=60)
+            code, body = p.b.api("POST", BASE + SID + "/pause")
+            self.assertEqual(code, 204, body)
+            for d in (p.a, p.b):
+                s = d.session()
+                self.assertEqual((s["state"], s["local_only_paused"]), ("Paused", False), d.name)
+            code, body = p.a.api("POST", BASE + SID + "/resume")
+            self.assertEqual(code, 204, body)
+            wait_until(lambda: p.a.session()["state"] == "OK" and p.b.session()["state"] == "OK", "OK")
+        finally:
+            proxy.stop()
+
     def test_pause_mid_cycle_keeps_the_restart_address(self):
         p = self.start(a_overrides={"rate_limit": "4MiB"})
         # 24 MiB dirty at 4 MiB/s: a cycle of several seconds to pause in the middle of.
