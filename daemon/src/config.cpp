@@ -129,7 +129,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   if (node == nullptr || !node->is_table()) return config_error(src + ": missing [node] section");
   {
     Reader r(*node->as_table(), src + ": node");
-    TANDEM_TRY(r.only({"name", "state_dir", "log_level", "api_socket", "api_socket_group"}));
+    TANDEM_TRY(r.only({"name", "state_dir", "log_level", "api_socket", "api_socket_group", "api_listen", "api_token"}));
     CFG_TRY_ASSIGN(name, r.str("name"));
     if (!name) return config_error(src + ": node.name is required (this site's name, e.g. \"site-a\")");
     if (!valid_id(*name)) return config_error(src + ": node.name: use letters, digits, '-', '_' and '.' (at most 64)");
@@ -158,6 +158,18 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     }
     CFG_TRY_ASSIGN(api_group, r.str("api_socket_group"));
     if (api_group) cfg.node.api_socket_group = *api_group;
+    CFG_TRY_ASSIGN(api_listen, r.str("api_listen"));
+    CFG_TRY_ASSIGN(api_token, r.str("api_token"));
+    if (api_listen) {
+      if (!valid_listen(*api_listen)) return config_error(src + ": node.api_listen: \"" + *api_listen + "\" is not host:port");
+      if (!api_token || api_token->size() < 16) {
+        return config_error(src + ": node.api_listen needs node.api_token, a secret of at least 16 characters");
+      }
+      cfg.node.api_listen = *api_listen;
+      cfg.node.api_token = *api_token;
+    } else if (api_token) {
+      return config_error(src + ": node.api_token is set but node.api_listen is not");
+    }
   }
   const toml::node* vols = root.get("volume");
   if (vols == nullptr) return config_error(src + ": no [[volume]] is configured");
@@ -329,6 +341,9 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (srate) sc.rate_limit_bytes_per_s = *srate;
       cfg.sessions.push_back(std::move(sc));
     }
+  }
+  if (!cfg.node.api_listen.empty() && !cfg.tls) {
+    return config_error(src + ": node.api_listen serves TLS only: it needs the [tls] section (its cert and key)");
   }
   if (!cfg.sessions.empty() && (!cfg.tls || !cfg.peer)) {
     return config_error(src + ": sessions need a [tls] and a [peer] section");

@@ -24,6 +24,7 @@
 #include "tandem/frontend/nbd_server.h"
 #include "tandem/replication/replicator.h"
 #include "tandem/replication/session.h"
+#include "tandem/transport/tls.h"
 
 namespace tandem::daemon {
 namespace {
@@ -214,6 +215,21 @@ class Daemon {
       api::ApiServerOptions ao;
       ao.socket_path = cfg_.node.api_socket;
       ao.socket_group = cfg_.node.api_socket_group;
+      if (!cfg_.node.api_listen.empty()) {
+        auto tls = transport::make_tls_context(transport::TlsFiles{cfg_.tls->ca, cfg_.tls->cert, cfg_.tls->key});
+        if (!tls) {
+          spdlog::error("api: {}", tls.error().message());
+          exit_code_ = 1;
+          co_await shutdown();
+          co_return;
+        }
+        // Clients prove themselves with the bearer token, not a certificate.
+        boost::system::error_code vec;
+        (*tls)->set_verify_mode(asio::ssl::verify_none, vec);
+        ao.tcp_listen = cfg_.node.api_listen;
+        ao.tls = *tls;
+        ao.token = cfg_.node.api_token;
+      }
       auto srv = st ? api::ApiServer::listen(ctx_.get_executor(), std::move(ao), *router_)
                     : Result<std::unique_ptr<api::ApiServer>>(st.error());
       if (!srv) {

@@ -15,8 +15,10 @@ to with curl over each daemon's Unix socket.
   there and the volumes end identical.
 """
 import os
+import json
 import random
 import re
+import subprocess
 import sys
 import time
 import unittest
@@ -212,6 +214,41 @@ class Api(unittest.TestCase):
         code, body = p.a.api("POST", BASE + SID + "/resume")
         self.assertEqual(code, 204, body)
         wait_until(lambda: p.a.session()["state"] == "OK", "OK after resume")
+
+    def test_tcp_listener_needs_tls_and_the_token(self):
+        port = harness.free_port()
+        token = "s3cret-token-0123456789"
+        self.pair = Pair(self.wd.path, SIZE)
+        a = self.pair.a
+        a.base_config = a.base_config.replace('log_level = "debug"', 'log_level = "debug"\napi_listen = "127.0.0.1:%d"\n'
+                                              'api_token = "%s"' % (port, token))
+        a.write_config()
+        self.pair.start()
+        ca = os.path.join(self.pair.certs, "ca.crt")
+        url = "https://site-a:%d/api/rest/replication_session" % port
+
+        def curl(*extra):
+            p = subprocess.run(["curl", "-sS", "--max-time", "30", "--cacert", ca, "--resolve",
+                                "site-a:%d:127.0.0.1" % port, "-o", "-", "-w", "\n%{http_code}", *extra],
+                               capture_output=True, text=True, timeout=60)
+            text, _, code = p.stdout.rpartition("\n")
+            return p.returncode, code, text
+
+        rc, code, text = curl("-H", "Authorization: Bearer " + token, url)
+        self.assertEqual((rc, code), (0, "200"), text)
+        self.assertEqual(json.loads(text)[0]["id"], SID)
+        for headers in ([], ["-H", "Authorization: Bearer wrong-token-0123456789"], ["-H", "Authorization: " + token]):
+            rc, code, text = curl(*headers, url)
+            self.assertEqual(code, "401", text)
+            m = json.loads(text)["messages"][0]
+            self.assertEqual(m["code"], "0xE04010010001")
+        # Plain HTTP on the TLS port gets nothing useful.
+        rc, code, text = curl("http://site-a:%d/api/rest/replication_session" % port)
+        self.assertNotEqual(code, "200")
+        # Actions work over TCP too.
+        rc, code, text = curl("-X", "POST", "-H", "Authorization: Bearer " + token,
+                              "https://site-a:%d/api/rest/replication_session/%s/sync" % (port, SID))
+        self.assertEqual(code, "204", text)
 
     def test_partition_during_pause(self):
         # A fault proxy between the sites cuts the link (no FIN, no RST reaching either side:

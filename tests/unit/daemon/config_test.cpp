@@ -80,6 +80,11 @@ TEST(Config, EveryMistakeIsNamed) {
       {"dup path", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/x\"\nnbd_socket=\"/t\""), "used by another volume"},
       {"dup socket", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/y\"\nnbd_socket=\"/s\""), "nbd_socket: used by another"},
       {"meta is data", with_volume("id=\"v\"\npath=\"/x\"\nmeta_path=\"/x\"\nnbd_socket=\"/s\""), "must differ from path"},
+      {"api relative", "[node]\nname=\"a\"\napi_socket=\"api.sock\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "node.api_socket must be an absolute"},
+      {"api listen no token", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "needs node.api_token"},
+      {"api short token", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"short\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "at least 16"},
+      {"api token alone", "[node]\nname=\"a\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "api_listen is not"},
+      {"api listen no tls", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "needs the [tls] section"},
   };
   for (const auto& c : cases) {
     auto r = parse_config(c.text, "t.toml");

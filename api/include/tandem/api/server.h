@@ -6,6 +6,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <memory>
 #include <string>
 
@@ -18,6 +19,11 @@ struct ApiServerOptions {
   std::string socket_path;    // created (a stale socket file is replaced), removed on stop
   unsigned socket_mode = 0660;
   std::string socket_group;   // chgrp the socket to this group, if set
+  // Optional TCP listener ("host:port"), TLS only, every request with
+  // "Authorization: Bearer <token>" (401 otherwise).
+  std::string tcp_listen;
+  std::shared_ptr<asio::ssl::context> tls;
+  std::string token;
 };
 
 class ApiServer {
@@ -28,6 +34,8 @@ class ApiServer {
   ApiServer& operator=(const ApiServer&) = delete;
   // Stops accepting, closes every connection, waits for their coroutines, removes the socket.
   asio::awaitable<void> stop();
+  // The TCP listener's port (0 without one): api_listen may ask for port 0.
+  [[nodiscard]] std::uint16_t tcp_port() const;
 
  private:
   struct Impl;

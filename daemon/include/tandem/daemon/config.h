@@ -22,6 +22,8 @@ struct NodeConfig {
   std::string log_level = "info";
   std::string api_socket = "/run/tandem/api.sock";  // the control API (HTTP over a Unix socket)
   std::string api_socket_group;                     // group of the API socket (mode 0660); empty: the daemon's
+  std::string api_listen;  // optional TCP listener for the API, "host:port": TLS ([tls]) and api_token required
+  std::string api_token;   // the bearer token TCP clients must send
 };
 
 struct VolumeConfig {
