@@ -15,7 +15,9 @@
   destination in Failed_Over and reports its diverged blocks. Reprotect ships a number of
   bytes close to the changed set (far below the volume) and the volumes end identical.
 - A daemon killed mid-failover (planned: the source, while Failing_Over) comes back and
-  finishes it.
+  finishes it; the new source killed while Reprotecting comes back Reprotecting and finishes.
+- A consistency group of three volumes keeps one write order across them through an unplanned
+  failover; a failover test image stays frozen while cycles commit underneath.
 """
 import os
 import random
@@ -360,6 +362,23 @@ class Failover(unittest.TestCase):
         wait_until(lambda: self.both("Failed_Over"), "the failover to finish", timeout_s=120, interval_s=0.1)
         self.assertEqual(p.b.session()["role"], "Source")
         self.assertEqual(xxh128(p.a.image("vol0")), xxh128(p.b.image("vol0")))
+        # Reprotect with the new destination away, and the new source killed in Reprotecting:
+        # it comes back Reprotecting and finishes when the peer returns.
+        h = nbd.NBD()
+        h.connect_uri(p.b.uri("vol0"))
+        for i in range(8):
+            h.pwrite(os.urandom(4096), (20 * MiB) + i * 4096)
+        h.flush()
+        h.shutdown()
+        p.a.stop()
+        self.post(p.b, "reprotect")
+        self.assertEqual(p.b.session()["state"], "Reprotecting")
+        p.b.kill()
+        p.b.start()
+        self.assertEqual(p.b.session()["state"], "Reprotecting")
+        p.a.start()
+        wait_until(lambda: self.both("OK"), "the reprotect to finish", timeout_s=120, interval_s=0.1)
+        wait_identical(p)
 
 
 if __name__ == "__main__":
