@@ -23,7 +23,7 @@ std::uint64_t header_checksum(unsigned char* p, std::uint32_t count) {
 
 // Bytes moved per read while scanning or applying: bounds memory.
 constexpr std::uint64_t kChunkBytes = 1 << 20;
-constexpr std::size_t kApplyParallel = 64;  // extents written at once
+constexpr std::size_t kApplyParallel = 128;  // extents written at once
 
 }  // namespace
 

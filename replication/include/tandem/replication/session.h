@@ -210,7 +210,7 @@ class Session {
     bool done = false;
     Status status;
   };
-  static constexpr std::size_t kReadAheadMax = 32;
+  static constexpr std::size_t kReadAheadMax = 128;
   static constexpr std::uint64_t kReadAheadBytes = 8ull << 20;
   std::shared_ptr<AheadRead> start_read(std::size_t mi, std::uint64_t off, std::uint32_t len, bool frozen_view);
   std::size_t reads_in_flight_ = 0;
