@@ -262,6 +262,9 @@ class Daemon {
     if (shutting_down_) co_return;
     shutting_down_ = true;
     if (api_) co_await api_->stop();
+    // The peer hears "maintenance" before the link closes: it pauses for the NDU and goes on
+    // by itself when this side is back.
+    for (auto& s : sessions_) co_await s->announce_shutdown();
     if (replicator_) co_await replicator_->stop();
     for (auto& s : sessions_) co_await s->stop();
     sessions_.clear();

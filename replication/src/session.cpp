@@ -333,6 +333,13 @@ void Session::request_sync() {
   wake_.notify_all();
 }
 
+asio::awaitable<void> Session::announce_shutdown() {
+  if (!conn_) co_return;
+  const Control msg{opts_.id, next_request_++, ControlOp::going_down, false, 0};
+  std::vector<std::byte> bytes = encode(msg);
+  (void)co_await send(MsgType::control, std::move(bytes));
+}
+
 asio::awaitable<void> Session::stop() {
   stopping_ = true;
   if (timer_) timer_->cancel();
@@ -361,6 +368,7 @@ State Session::state() const {
   if (state_.paused) return State::paused;
   if (named == State::initializing) return named;
   if (conn_ && peer_paused_) return State::system_paused;  // paused on the peer only
+  if (!conn_ && peer_ndu_) return State::paused_for_ndu;
   return named;
 }
 
@@ -428,6 +436,8 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       auto h = decode_session_hello(payload);
       if (!h) co_return h.error();
       peer_paused_ = h->paused;
+      if (peer_ndu_) spdlog::info("session {}: {} is back from maintenance", opts_.id, opts_.peer_name);
+      peer_ndu_ = false;
       progress_.notify_all();
       if (state_.role == Role::source && h->role == Role::source) {
         const bool i_failed_over = state_.phase == Phase::failed_over || state_.phase == Phase::reprotecting ||
@@ -515,6 +525,12 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     case MsgType::control: {
       auto m = decode_control(payload);
       if (!m) co_return m.error();
+      if (m->op == ControlOp::going_down) {
+        peer_ndu_ = true;
+        spdlog::info("session {}: {} is shutting down for maintenance; the session waits for it (Paused_For_NDU)",
+                     opts_.id, opts_.peer_name);
+        co_return Status{};
+      }
       if (m->op != ControlOp::pause && m->op != ControlOp::resume) co_return co_await on_failover_control(*m);
       co_return co_await on_control(*m);
     }

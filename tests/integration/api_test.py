@@ -189,7 +189,7 @@ class Api(unittest.TestCase):
 
     def test_local_only_pause(self):
         p = self.start()
-        p.b.stop()
+        p.b.kill()  # lost, not shut down for maintenance
         wait_until(lambda: p.a.session()["data_connection_state"] != "OK", "the link to drop")
         self.assertEqual(p.a.session()["state"], "System_Paused")
         self.assertIsNotNone(p.a.session()["error_message"])
@@ -249,6 +249,25 @@ class Api(unittest.TestCase):
         rc, code, text = curl("-X", "POST", "-H", "Authorization: Bearer " + token,
                               "https://site-a:%d/api/rest/replication_session/%s/sync" % (port, SID))
         self.assertEqual(code, "204", text)
+
+    def test_peer_shutdown_for_maintenance(self):
+        # A peer that shuts down cleanly says so: the other site shows Paused_For_NDU (the table:
+        # pause, resume, sync, planned failover refused) and goes on by itself when it is back.
+        p = self.start()
+        p.b.stop()
+        wait_until(lambda: p.a.session()["state"] == "Paused_For_NDU", "Paused_For_NDU")
+        self.assertIn("shutting down for maintenance", p.a.log())
+        for verb, body in (("pause", None), ("resume", None), ("sync", None), ("failover", '{"is_planned": true}')):
+            self.expect_error(p.a, "POST", BASE + SID + "/" + verb, 422, body=body, arg=verb)
+        write_blocks(p.a.uri("vol0"), seed=9, count=20)
+        p.b.start()
+        wait_until(lambda: p.a.session()["state"] == "OK", "OK by itself", timeout_s=60)
+        wait_identical(p)
+        # A peer that dies without a word is a fault, not maintenance.
+        p.b.kill()
+        wait_until(lambda: p.a.session()["data_connection_state"] != "OK", "the link to drop")
+        self.assertEqual(p.a.session()["state"], "System_Paused")
+        p.b.start()
 
     def test_partition_during_pause(self):
         # A fault proxy between the sites cuts the link (no FIN, no RST reaching either side:

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Plan: the control API's transition table on a real pair of daemons. The pair is walked
 through the states it can reach (Initializing, OK, Paused on both sites, System_Paused, Paused
-on one site only, Failed_Over on both roles); in each, every action the spec's table refuses
+on one site only, Paused_For_NDU, Failed_Over on both roles); in each, every action the spec's table refuses
 is issued on each site, and the answer must be the spec's status (400 for the wrong role, 422
 otherwise) with an error_response body, and the state must not change. The accepted cells are
 exercised by the workflow tests (api_test, failover_test); the table itself is also checked
@@ -29,6 +29,7 @@ TABLE = {
     "Paused": ["422", "→OK or →Synchronizing", "422", "422", "→Failing_Over_For_DR", "422", "test on", "422"],
     "Paused, local only": ["→Paused both if peer reachable, else 422", "422", "422", "422", "→Failing_Over_For_DR",
                            "422", "test on", "422"],
+    "Paused_For_NDU": ["422", "422", "422", "422", "→Failing_Over_For_DR", "422", "422", "422"],
     "Failed_Over": ["422", "422", "422", "422", "force only", "→Reprotecting", "422", "422"],
 }
 ACTIONS = [("pause", None), ("resume", None), ("sync", None), ("failover", '{"is_planned": true}'),
@@ -111,7 +112,7 @@ class Table(unittest.TestCase):
             self.row(d, "Paused", "Paused")
         code, _ = p.b.api("POST", BASE + "resume")
         self.assertEqual(code, 204)
-        p.b.stop()
+        p.b.kill()  # lost: a fault, not a maintenance shutdown
         wait_until(lambda: p.a.session()["state"] == "System_Paused", "System_Paused")
         self.row(p.a, "System_Paused", "System_Paused", peer_reachable=False)
         code, _ = p.a.api("POST", BASE + "pause")
@@ -125,6 +126,11 @@ class Table(unittest.TestCase):
         code, _ = p.a.api("POST", BASE + "resume")
         self.assertEqual(code, 204)
         wait_until(lambda: p.a.session()["state"] == "OK" and p.b.session()["state"] == "OK", "OK again")
+        p.b.stop()  # a maintenance shutdown
+        wait_until(lambda: p.a.session()["state"] == "Paused_For_NDU", "Paused_For_NDU")
+        self.row(p.a, "Paused_For_NDU", "Paused_For_NDU", peer_reachable=False)
+        p.b.start()
+        wait_until(lambda: p.a.session()["state"] == "OK" and p.b.session()["state"] == "OK", "back from the NDU")
         code, _ = p.a.api("POST", BASE + "failover", '{"is_planned": true}')
         self.assertEqual(code, 204)
         wait_until(lambda: p.a.session()["state"] == "Failed_Over" and p.b.session()["state"] == "Failed_Over",

@@ -156,6 +156,9 @@ class Session {
   // carried out on this site and, where the action needs both, on the peer.
   asio::awaitable<ActionResult> act(Action a, ActionArgs args);
   asio::awaitable<void> stop();
+  // A clean shutdown (maintenance): tells the peer, which shows Paused_For_NDU until this
+  // side is back and then goes on by itself.
+  asio::awaitable<void> announce_shutdown();
   [[nodiscard]] SessionStatus status() const;
   [[nodiscard]] State state() const;
   // Destination in Failed_Over: blocks written here after the failover point (they will be
@@ -260,6 +263,7 @@ class Session {
   bool busy_ = false;           // source: the run loop is in a transfer step
   WaitQueue idle_;              // notified when busy_ drops
   bool peer_paused_ = false;    // the peer's hello said it is paused
+  bool peer_ndu_ = false;       // the peer said it is going down for maintenance
   bool control_busy_ = false;   // one control action at a time
   WaitQueue control_idle_;
 
