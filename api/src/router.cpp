@@ -110,6 +110,9 @@ json session_object(const replication::Session& s, const std::string& node) {
     j["progress_percentage"] = nullptr;
   }
   j["estimated_completion_timestamp"] = nullptr;
+  // tandem's own: the running transfer in bytes (tandemctl shows a rate from them).
+  j["transfer_bytes_total"] = running ? json(st.transfer_bytes_total) : json(nullptr);
+  j["transfer_bytes_done"] = running ? json(st.transfer_bytes_done) : json(nullptr);
   if (running && st.transfer_started && st.transfer_bytes_done > 0) {
     const auto now = std::chrono::system_clock::now();
     const auto elapsed = now - *st.transfer_started;

@@ -151,7 +151,7 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
   const bool tty = ::isatty(STDOUT_FILENO) != 0;
   const auto start = std::chrono::steady_clock::now();
   std::string last_line;
-  std::optional<std::pair<std::chrono::steady_clock::time_point, long>> first_sample;
+  std::optional<std::pair<std::chrono::steady_clock::time_point, double>> first_sample;
   for (;;) {
     std::string err;
     auto r = call(socket, "GET", "/api/rest/replication_session/" + id, "", err);
@@ -177,15 +177,17 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
     std::string line = what + ": " + str(s, "state");
     if (!s["progress_percentage"].is_null()) {
       const long pct = s["progress_percentage"].get<long>();
-      if (!first_sample) first_sample = {now, pct};
+      const double done_bytes = s.value("transfer_bytes_done", 0.0);
+      // A new transfer (less done than before) starts a new rate measurement.
+      if (!first_sample || done_bytes < first_sample->second) first_sample = {now, done_bytes};
       std::string eta = str(s, "estimated_completion_timestamp");
       const double secs = std::chrono::duration<double>(now - first_sample->first).count();
-      const double rate = secs > 0.5 ? static_cast<double>(pct - first_sample->second) / secs : 0;
+      const double rate = secs > 0.2 ? (done_bytes - first_sample->second) / secs / (1024.0 * 1024.0) : 0;
       char buf[160];
       if (tty) {
         std::string bar(static_cast<std::size_t>(pct * 30 / 100), '#');
         bar.resize(30, '.');
-        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f%%/s  ETA %s", bar.c_str(), pct, rate, eta.c_str());
+        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f MiB/s  ETA %s", bar.c_str(), pct, rate, eta.c_str());
       } else {
         std::snprintf(buf, sizeof buf, " %ld%% (ETA %s)", pct, eta.c_str());
       }

@@ -7,6 +7,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstring>
+#include <filesystem>
 
 #include "tandem/common/hash.h"
 #include "tandem/common/probe.h"
@@ -115,6 +116,18 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
                  s->state_.role == Role::source ? "source" : "destination");
   }
   TANDEM_CO_TRY(co_await s->recover());
+  // A failover test does not survive a restart (its overlay map lived in memory): what a killed
+  // daemon left of one goes, and the destination is back to its normal role.
+  for (auto& m : s->members_) {
+    const std::string overlay = m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay";
+    if (std::filesystem::exists(overlay)) {
+      spdlog::warn("session {}: a failover test of {} was running when the daemon stopped; it is over, its "
+                   "image and writes discarded",
+                   s->opts_.id, m.m.volume->id());
+      TANDEM_CO_TRY(m.m.env->remove(overlay));
+      TANDEM_CO_TRY(m.m.env->remove(m.m.state_dir + "/" + m.m.volume->id() + ".test-meta"));
+    }
+  }
   for (std::size_t i = 0; i < s->members_.size(); ++i) {
     auto& m = s->members_[i];
     if (s->state_.role == Role::source) {
@@ -1078,6 +1091,8 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   }
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started);
   last_sync_ms_ = static_cast<std::uint64_t>(ms.count());
+  transfer_total_ = 0;  // no progress to show until the next transfer
+  transfer_done_ = 0;
   last_sync_ = std::chrono::system_clock::now();
   if (is_cycle) {
     TANDEM_CO_TRY(co_await finish_cycle(cycle));

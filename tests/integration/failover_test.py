@@ -339,6 +339,19 @@ class Failover(unittest.TestCase):
         self.post(p.b, "stop_failover_test", expect=422)
         self.post(p.b, "stop_failover_test", '{"force": true}')
         self.assertFalse(p.b.session()["failover_test_in_progress"])
+        # A destination killed during a test comes back without it, in a state the table allows.
+        p.a.start()
+        wait_until(lambda: self.both("OK"), "both OK again")
+        self.post(p.b, "start_failover_test")
+        overlay = os.path.join(self.wd.path, "site-b-state", "vol0.test-overlay")
+        self.assertTrue(os.path.exists(overlay))
+        p.b.kill()
+        p.b.start()
+        s = p.b.session()
+        self.assertFalse(s["failover_test_in_progress"])
+        self.assertIn(s["state"], ("OK", "Synchronizing"))
+        self.assertFalse(os.path.exists(overlay))
+        self.assertIn("a failover test of vol0 was running", p.b.log())
 
     def test_source_killed_while_failing_over_finishes_after_restart(self):
         p = self.start()

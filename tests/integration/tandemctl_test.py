@@ -7,6 +7,7 @@ is not a terminal.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -80,6 +81,22 @@ class Tandemctl(unittest.TestCase):
         self.assertTrue(r.stdout.rstrip().endswith("sync: done, OK (Source)"), r.stdout)
         self.assertNotIn("\r", r.stdout)  # not a terminal: plain lines, no bar redrawing
         self.assertEqual(p.a.session()["lag_bytes"], 0)
+        # On a terminal (script(1) gives it a pseudo-terminal): one redrawn line with a bar,
+        # the percentage, the rate and the ETA.
+        h = nbd.NBD()
+        h.connect_uri(p.a.uri("vol0"))
+        for i in range(16):
+            h.pwrite(os.urandom(MiB), i * 2 * MiB + MiB)
+        h.flush()
+        h.shutdown()
+        cmd = "%s --socket %s session sync s-vol0 --wait" % (TANDEMCTL, p.a.api_socket())
+        r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=180)
+        out = r.stdout.decode(errors="replace")
+        self.assertEqual(r.returncode, 0, out)
+        bars = re.findall(r"\r\x1b\[Ksync: Synchronizing \[(#*)\.*\] +(\d+)%  ([\d.]+) MiB/s  ETA \S+", out)
+        self.assertTrue(bars, repr(out))
+        self.assertNotIn("-", "".join(b[2] for b in bars))  # a rate is never negative
+        self.assertIn("sync: done, OK (Source)", out)
         # Planned failover and reprotect, each waited for.
         r = ctl(p.a, "session", "failover", "s-vol0", "--wait")
         self.assertIn("failover: done, Failed_Over (Destination)", r.stdout)
