@@ -36,16 +36,6 @@ namespace {
 constexpr std::chrono::seconds kIdleTimeout{60};
 constexpr std::uint32_t kHeaderBytesMax = 8 * 1024;
 
-void abort_on_exception(std::exception_ptr e) {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    spdlog::critical("api: unhandled exception: {}", ex.what());
-  }
-  std::abort();
-}
-
 bool token_matches(std::string_view header, const std::string& token) {
   constexpr std::string_view kBearer = "Bearer ";
   if (header.substr(0, kBearer.size()) != kBearer) return false;

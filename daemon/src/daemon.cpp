@@ -48,20 +48,6 @@ Status ensure_dir(const std::string& dir, fs::perms perms) {
   return {};
 }
 
-// Completion handler for spawned coroutines: an exception escaping one is a bug; crash loudly
-// instead of swallowing it (asio::detached would).
-void abort_on_exception(std::exception_ptr e) {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    spdlog::critical("internal error: unhandled exception: {}", ex.what());
-  } catch (...) {
-    spdlog::critical("internal error: unhandled non-standard exception");
-  }
-  std::abort();
-}
-
 engine::VolumeOptions volume_options(const VolumeConfig& v) {
   engine::VolumeOptions o;
   o.id = v.id;

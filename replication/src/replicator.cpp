@@ -8,20 +8,6 @@
 #include "tandem/transport/frame.h"
 
 namespace tandem::replication {
-namespace {
-
-void log_and_abort(std::exception_ptr e) {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    spdlog::critical("replicator: unhandled exception: {}", ex.what());
-  }
-  std::abort();
-}
-
-}  // namespace
-
 Replicator::Replicator(asio::any_io_executor ex, ReplicatorOptions opts) : ex_(std::move(ex)), opts_(std::move(opts)) {}
 
 Replicator::~Replicator() = default;
@@ -60,7 +46,7 @@ void Replicator::on_connected(std::shared_ptr<transport::Connection> c) {
   const std::uint64_t gen = ++gen_;
   spdlog::info("replication link to {} up ({})", opts_.peer_name, c->peer_address());
   for (auto* s : sessions_) s->attach(c);
-  asio::co_spawn(ex_, receive_loop(std::move(c), gen), log_and_abort);
+  asio::co_spawn(ex_, receive_loop(std::move(c), gen), abort_on_exception);
 }
 
 Session* Replicator::find(std::span<const std::byte> payload) const {

@@ -28,16 +28,6 @@ bool all_zero(const std::byte* p, std::size_t n) {
   return true;
 }
 
-void log_and_abort(std::exception_ptr e) {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    spdlog::critical("replication: unhandled exception: {}", ex.what());
-  }
-  std::abort();
-}
-
 }  // namespace
 
 // Copy-on-write: sees each host write to a member before it reaches the device.
@@ -320,7 +310,7 @@ void Session::attach(std::shared_ptr<transport::Connection> conn) {
           spdlog::warn("session {}: cannot send hello: {}", self->opts_.id, st.error().message());
         }
       }(this, conn_gen_),
-      log_and_abort);
+      abort_on_exception);
   wake_.notify_all();
 }
 
@@ -894,7 +884,7 @@ std::shared_ptr<Session::AheadRead> Session::start_read(std::size_t mi, std::uin
     --self->reads_in_flight_;
     self->reads_done_.notify_all();
   };
-  asio::co_spawn(ex_, read(this, r, frozen_view), log_and_abort);
+  asio::co_spawn(ex_, read(this, r, frozen_view), abort_on_exception);
   return r;
 }
 
@@ -1418,7 +1408,7 @@ asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool
         pc->lost = true;
         pc->wq.notify_all();
       }(p),
-      log_and_abort);
+      abort_on_exception);
   const Control msg{opts_.id, id, op, resume_to_sync, value};
   std::vector<std::byte> bytes = encode(msg);
   Status st = co_await send(MsgType::control, std::move(bytes));
@@ -1496,7 +1486,7 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
         std::string message = r.message;
         (void)co_await self->reply_control(req, r.ok() && !self->state_.local_only_paused, 0, std::move(message));
       }(this, c),
-      log_and_abort);
+      abort_on_exception);
   co_return Status{};
 }
 

@@ -38,16 +38,6 @@ namespace {
 
 constexpr auto kRetryPause = std::chrono::milliseconds(500);
 
-void abort_on_exception(std::exception_ptr e) {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    spdlog::critical("replication: unhandled exception: {}", ex.what());
-  }
-  std::abort();
-}
-
 }  // namespace
 
 bool Session::replication_held() const {

@@ -23,6 +23,10 @@ namespace tandem {
 
 namespace asio = boost::asio;
 
+// The completion handler for every co_spawn in tandem: a coroutine that lets an exception
+// escape is a bug; log it and abort rather than lose it (asio::detached would swallow it).
+void abort_on_exception(std::exception_ptr e);
+
 // A move-only, type-erased `void(Args...)` callable (std::move_only_function is C++23).
 template <typename Sig>
 class MoveFunction;
@@ -95,7 +99,7 @@ class WaitQueue {
 // bounded fan-out (wait_below) and a join (wait) that returns the first failure. Every spawned
 // task must be waited for before what it references goes away; the group's own bookkeeping is
 // shared with the tasks, so a task finishing late never touches freed memory of the group.
-// An exception escaping a task is a bug: it aborts the process.
+// An exception escaping a task is a bug: it aborts the process (abort_on_exception).
 class TaskGroup {
  public:
   explicit TaskGroup(asio::any_io_executor ex) : ex_(std::move(ex)), st_(std::make_shared<State>()) {}
@@ -104,9 +108,7 @@ class TaskGroup {
 
   void spawn(asio::awaitable<Status> task) {
     ++st_->running;
-    asio::co_spawn(ex_, run(st_, std::move(task)), [](std::exception_ptr e) {
-      if (e) std::rethrow_exception(e);
-    });
+    asio::co_spawn(ex_, run(st_, std::move(task)), abort_on_exception);
   }
   [[nodiscard]] std::size_t running() const { return st_->running; }
   // Until fewer than n tasks run.
