@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 
 #include "tandem/common/assert.h"
 #include "tandem/common/units.h"
@@ -81,6 +82,8 @@ asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, Vo
     co_return Error(errc::bad_config, who + ": intent region size must be a power of two from 4KiB to 1GiB");
   }
   std::unique_ptr<Volume> v(new Volume(env, std::move(opts)));
+  std::error_code exists_ec;
+  v->data_created_ = !std::filesystem::exists(v->opts_.path, exists_ec);
   auto data = env.open(OpenSpec{v->opts_.path, v->opts_.create_bytes});
   if (!data) co_return Error(data.error().code, who + ": " + data.error().message());
   v->data_ = std::move(data).value();

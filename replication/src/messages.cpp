@@ -106,6 +106,7 @@ std::vector<std::byte> encode(const SessionHello& m) {
   w.u8(m.paused ? 1 : 0);
   w.u8(m.phase);
   w.u64(m.failover_gen);
+  w.u8(m.initial_compare ? 1 : 0);
   return w.take();
 }
 
@@ -128,7 +129,7 @@ Result<SessionHello> decode_session_hello(std::span<const std::byte> p) {
   if (!r.gens(m.generations) || !r.boolean(m.paired) || !r.boolean(m.blank) || !r.u64(m.committed_cycle) ||
       !r.u64(m.staged_cycle) || !r.u64(m.staged_offset) || !r.u8(initial) || initial > 2 ||
       !r.u64(m.initial_offset) || !r.boolean(m.paused) || !r.u8(m.phase) || m.phase > 4 ||
-      !r.u64(m.failover_gen) || !r.done()) {
+      !r.u64(m.failover_gen) || !r.boolean(m.initial_compare) || !r.done()) {
     return bad("session hello");
   }
   m.initial = static_cast<InitialState>(initial);

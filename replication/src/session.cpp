@@ -266,7 +266,9 @@ SessionHello Session::make_hello() const {
   for (const auto& m : members_) h.members.push_back({m.m.volume->id(), m.m.volume->size_bytes()});
   h.generations = generations_;
   h.paired = state_.paired;
-  h.blank = members_[0].m.volume->created() && !state_.paired;
+  // Blank: tandem created the destination's file just now. A device, or a file that was there
+  // before (pre-seeded), may hold the data already: the initial sync compares hashes.
+  h.blank = members_[0].m.volume->created() && members_[0].m.volume->data_created() && !state_.paired;
   h.committed_cycle = state_.committed_cycle;
   h.staged_cycle = state_.role == Role::destination ? state_.transfer_cycle : 0;
   h.staged_offset = h.staged_cycle != 0 ? staged_global_end() : 0;
@@ -275,6 +277,7 @@ SessionHello Session::make_hello() const {
   h.paused = state_.paused;
   h.phase = static_cast<std::uint8_t>(state_.phase);
   h.failover_gen = state_.failover_gen;
+  h.initial_compare = state_.initial == InitialState::running && state_.initial_compare;
   return h;
 }
 
@@ -628,10 +631,10 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
   need_new_generation_ = false;  // connected: writes are tracked for this peer
   peer_committed_ = h.committed_cycle;
   if (h.initial == InitialState::running) {
-    // Resumed in full mode: correct whatever the destination held (a resumed compare would
-    // also be, but full never reads the destination's stale blocks).
+    // Resumed in the mode it started in: a compare goes on comparing (what the destination
+    // already holds beyond the restart address is not shipped again).
     plan_ = Plan::initial;
-    plan_mode_ = TransferMode::initial_full;
+    plan_mode_ = h.initial_compare ? TransferMode::initial_compare : TransferMode::initial_full;
     plan_start_ = h.initial_offset;
   } else if (d == SyncDecision::initial_sync) {
     plan_ = Plan::initial;
@@ -1148,6 +1151,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
     state_.paired = true;
     state_.initial = InitialState::running;
     state_.initial_offset = m.start_offset;
+    state_.initial_compare = m.mode == TransferMode::initial_compare;
     state_.committed_cycle = 0;
     TANDEM_CO_TRY(co_await persist_generations(m.generations));
     state_name_ = "Initializing";

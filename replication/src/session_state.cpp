@@ -7,7 +7,8 @@ namespace tandem::replication {
 
 namespace {
 constexpr std::size_t kBytesV1 = 1 + 1 + 1 + 1 + 8 * 6;
-// v2 = v1 + flags:u8 (bit 0 paused, 1 local only, 2 resume to sync, 3 reverse) + phase:u8 +
+// v2 = v1 + flags:u8 (bit 0 paused, 1 local only, 2 resume to sync, 3 reverse, 4 initial
+// compare) + phase:u8 +
 // failover_gen:u64
 constexpr std::size_t kBytes = kBytesV1 + 1 + 1 + 8;
 }
@@ -25,7 +26,8 @@ std::vector<std::uint8_t> encode_state(const SessionState& s) {
     p += 8;
   }
   b[kBytesV1] = static_cast<std::uint8_t>((s.paused ? 1 : 0) | (s.local_only_paused ? 2 : 0) |
-                                          (s.resume_to_sync ? 4 : 0) | (s.reverse ? 8 : 0));
+                                          (s.resume_to_sync ? 4 : 0) | (s.reverse ? 8 : 0) |
+                                          (s.initial_compare ? 16 : 0));
   b[kBytesV1 + 1] = static_cast<std::uint8_t>(s.phase);
   put_le64(b.data() + kBytesV1 + 2, s.failover_gen);
   return b;
@@ -36,7 +38,7 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
   s.role = role;
   if (blob.empty()) return s;
   const bool v1 = blob.size() == kBytesV1 && blob[0] == 1;
-  const bool v2 = blob.size() == kBytes && blob[0] == 2 && blob[kBytesV1] <= 15 && blob[kBytesV1 + 1] <= 4;
+  const bool v2 = blob.size() == kBytes && blob[0] == 2 && blob[kBytesV1] <= 31 && blob[kBytesV1 + 1] <= 4;
   if ((!v1 && !v2) || (blob[1] != 1 && blob[1] != 2) || blob[2] > 1 || blob[3] > 2) {
     return Error(errc::bad_message, "session state in the superblock is not understood");
   }
@@ -55,6 +57,7 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
     s.local_only_paused = (blob[kBytesV1] & 2) != 0;
     s.resume_to_sync = (blob[kBytesV1] & 4) != 0;
     s.reverse = (blob[kBytesV1] & 8) != 0;
+    s.initial_compare = (blob[kBytesV1] & 16) != 0;
     s.phase = static_cast<Phase>(blob[kBytesV1 + 1]);
     s.failover_gen = get_le64(blob.data() + kBytesV1 + 2);
   }

@@ -111,6 +111,32 @@ class Replication(unittest.TestCase):
         floor_ms = (shipped - MiB) * 1000 // rate - 100
         self.assertGreaterEqual(ms, floor_ms, "shipped %d bytes in %d ms at a 4 MiB/s limit" % (shipped, ms))
 
+    def test_compare_mode_initial_sync_resumes_comparing(self):
+        # The destination already holds the first half (pre-seeded); the second half differs.
+        # The source is killed after the destination's first checkpoint; the resumed initial
+        # sync compares again from the restart address, and what matched is never shipped.
+        self.pair = Pair(self.wd.path, SIZE, a_overrides={"rate_limit": "8MiB"})
+        p = self.pair
+        rnd = random.Random(21)
+        same = rnd.randbytes(SIZE // 2)
+        with open(p.a.image("vol0"), "wb") as f:
+            f.write(same + rnd.randbytes(SIZE // 2))
+        with open(p.b.image("vol0"), "wb") as f:
+            f.write(same + rnd.randbytes(SIZE // 2))
+        p.start()
+        wait_until(lambda: p.b.session()["restart_address"]["offset"] > 0, "a checkpoint", interval_s=0.05)
+        self.assertIn("initial sync (compare hashes) from site-a at offset 0", p.b.log())
+        p.a.kill()
+        p.a.start()
+        wait_identical(p)
+        starts = re.findall(r"initial sync \((.*?)\) from site-a at offset (\d+)", p.b.log())
+        self.assertGreaterEqual(len(starts), 2, starts)
+        self.assertEqual(starts[-1][0], "compare hashes")
+        self.assertGreater(int(starts[-1][1]), 0)
+        done = re.findall(r"initial sync complete in \d+ ms \((\d+) bytes shipped", p.a.log())
+        self.assertTrue(done)
+        self.assertLessEqual(int(done[-1]), SIZE // 2)  # the matching half never shipped
+
     def test_split_brain_is_refused_and_nothing_changes(self):
         p = self.pair.start()
         write_random(p.a.uri("vol0"), 2)

@@ -61,6 +61,7 @@ TEST(Messages, RoundTrip) {
   h.paused = true;
   h.phase = 3;
   h.failover_gen = 77;
+  h.initial_compare = true;
   roundtrip(h, decode_session_hello);
 }
 

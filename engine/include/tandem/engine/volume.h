@@ -75,6 +75,8 @@ class Volume {
   [[nodiscard]] const std::string& failure() const { return failure_; }
   [[nodiscard]] bool writable() const { return access_ == Access::read_write && failure_.empty() && !closing_; }
   [[nodiscard]] bool created() const { return created_; }
+  // The data file did not exist before this open (tandem created it empty): it holds nothing.
+  [[nodiscard]] bool data_created() const { return data_created_; }
 
   BufferArena& buffers() { return env_.buffers(); }
   DirtyMap& dirty() { return *dirty_; }
@@ -133,6 +135,7 @@ class Volume {
   bool closing_ = false;
   bool closed_ = false;
   bool created_ = false;
+  bool data_created_ = false;
   std::uint32_t ops_in_flight_ = 0;
   WaitQueue drained_;
   std::uint32_t writes_in_flight_ = 0;

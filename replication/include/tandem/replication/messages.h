@@ -61,6 +61,7 @@ struct SessionHello {
   bool paused = false;              // an operator paused the session on this site
   std::uint8_t phase = 0;           // SessionState::phase (failover progress)
   std::uint64_t failover_gen = 0;   // the shared generation at the failover, when phase != 0
+  bool initial_compare = false;     // destination: its running initial sync compares hashes
   bool operator==(const SessionHello&) const = default;
 };
 

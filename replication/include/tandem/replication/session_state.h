@@ -44,6 +44,7 @@ struct SessionState {
   bool local_only_paused = false;  // the pause did not reach the peer
   bool resume_to_sync = false;     // the pause interrupted a synchronization: resume goes on with it
   bool reverse = false;            // planned failover: go on into reprotect by itself
+  bool initial_compare = false;    // destination: the running initial sync compares hashes
   Phase phase = Phase::none;
   std::uint64_t failover_gen = 0;  // the generation both sides shared when the roles swapped
   bool operator==(const SessionState&) const = default;
