@@ -320,15 +320,7 @@ writes compete with the source's reads; a real pair has two disks). Load average
 </details>
 {end}
 """
-    doc = nbdbench.DOC
-    text = doc.read_text() if doc.exists() else nbdbench.DOC_HEADER
-    if begin in text and end in text:
-        a, b = text.index(begin), text.index(end) + len(end) + 1
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    doc.write_text(text)
-    log(f"recorded in {doc}")
+    nbdbench.write_section(begin, end, body)
 
 
 def main():

@@ -526,6 +526,12 @@ disk's own speed at that moment, which on this VM drifts with the host's load.
 </details>
 {end}
 """
+    write_section(begin, end, body)
+
+
+def write_section(begin: str, end: str, body: str):
+    """Puts a dated section (between its begin/end markers) into docs/benchmarks.md: replaced
+    when the same date and label are there already, appended otherwise."""
     text = DOC.read_text() if DOC.exists() else DOC_HEADER
     if begin in text and end in text:
         a, b = text.index(begin), text.index(end) + len(end) + 1

@@ -70,31 +70,18 @@ struct ApiServer::Impl {
   Impl(asio::any_io_executor e, ApiServerOptions o, Router& r)
       : ex(std::move(e)), opts(std::move(o)), router(&r), acceptor(ex), tcp_acceptor(ex) {}
 
-  asio::awaitable<void> accept_loop() {
+  // Accepts until stop; each connection is served by its own coroutine.
+  template <typename Acceptor, typename Serve>
+  asio::awaitable<void> accept_loop(Acceptor& a, Serve serve_one) {
     ++running;
     while (!stopping) {
-      auto [ec, sock] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
+      auto [ec, sock] = co_await a.async_accept(asio::as_tuple(asio::use_awaitable));
       if (ec) {
         if (stopping || ec == asio::error::operation_aborted) break;
         spdlog::warn("api: accept failed: {}", ec.message());
         continue;
       }
-      asio::co_spawn(ex, serve_unix(std::move(sock)), abort_on_exception);
-    }
-    --running;
-    done.notify_all();
-  }
-
-  asio::awaitable<void> accept_tcp_loop() {
-    ++running;
-    while (!stopping) {
-      auto [ec, sock] = co_await tcp_acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
-      if (ec) {
-        if (stopping || ec == asio::error::operation_aborted) break;
-        spdlog::warn("api: accept failed: {}", ec.message());
-        continue;
-      }
-      asio::co_spawn(ex, serve_tls(std::move(sock)), abort_on_exception);
+      asio::co_spawn(ex, (this->*serve_one)(std::move(sock)), abort_on_exception);
     }
     --running;
     done.notify_all();
@@ -253,11 +240,11 @@ Result<std::unique_ptr<ApiServer>> ApiServer::listen(asio::any_io_executor ex, A
     if (!ec) impl->tcp_acceptor.bind(ep, ec);
     if (!ec) impl->tcp_acceptor.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) return Error(std::error_code(ec.value(), std::system_category()), "api_listen " + opts.tcp_listen);
-    asio::co_spawn(ex, impl->accept_tcp_loop(), abort_on_exception);
+    asio::co_spawn(ex, impl->accept_loop(impl->tcp_acceptor, &Impl::serve_tls), abort_on_exception);
     spdlog::info("api: listening on {} (TLS, bearer token), port {}", opts.tcp_listen,
                  impl->tcp_acceptor.local_endpoint().port());
   }
-  asio::co_spawn(ex, impl->accept_loop(), abort_on_exception);
+  asio::co_spawn(ex, impl->accept_loop(impl->acceptor, &Impl::serve_unix), abort_on_exception);
   spdlog::info("api: listening on {}", opts.socket_path);
   return std::unique_ptr<ApiServer>(new ApiServer(std::move(impl)));
 }

@@ -76,6 +76,17 @@ class Api(unittest.TestCase):
             self.assertIn(arg, m["arguments"])
         return m
 
+    def pause_both_then_resume(self, p, site):
+        """Pause issued on `site` with the peer reachable pauses both sites; resume brings OK."""
+        code, body = site.api("POST", BASE + SID + "/pause")
+        self.assertEqual(code, 204, body)
+        for d in (p.a, p.b):
+            s = d.session()
+            self.assertEqual((s["state"], s["local_only_paused"]), ("Paused", False), d.name)
+        code, body = p.a.api("POST", BASE + SID + "/resume")
+        self.assertEqual(code, 204, body)
+        wait_until(lambda: p.a.session()["state"] == "OK" and p.b.session()["state"] == "OK", "OK after resume")
+
     def test_reading_and_bad_input(self):
         p = self.start()
         code, sessions = p.a.api("GET", "/api/rest/replication_session")
@@ -206,14 +217,7 @@ class Api(unittest.TestCase):
         wait_until(lambda: p.a.session()["data_connection_state"] == "OK", "reconnect")
         self.assertTrue(p.a.session()["local_only_paused"])
         self.expect_error(p.a, "POST", BASE + SID + "/resume", 422)
-        code, body = p.a.api("POST", BASE + SID + "/pause")
-        self.assertEqual(code, 204, body)
-        for d in (p.a, p.b):
-            s = d.session()
-            self.assertEqual((s["state"], s["local_only_paused"]), ("Paused", False), d.name)
-        code, body = p.a.api("POST", BASE + SID + "/resume")
-        self.assertEqual(code, 204, body)
-        wait_until(lambda: p.a.session()["state"] == "OK", "OK after resume")
+        self.pause_both_then_resume(p, p.a)
 
     def test_tcp_listener_needs_tls_and_the_token(self):
         port = harness.free_port()
@@ -293,14 +297,7 @@ class Api(unittest.TestCase):
             self.expect_error(p.a, "POST", BASE + SID + "/failover", 400, body='{"is_planned": false}')
             proxy.command("heal")
             wait_until(lambda: p.a.session()["data_connection_state"] == "OK", "the link to heal", timeout_s=60)
-            code, body = p.b.api("POST", BASE + SID + "/pause")
-            self.assertEqual(code, 204, body)
-            for d in (p.a, p.b):
-                s = d.session()
-                self.assertEqual((s["state"], s["local_only_paused"]), ("Paused", False), d.name)
-            code, body = p.a.api("POST", BASE + SID + "/resume")
-            self.assertEqual(code, 204, body)
-            wait_until(lambda: p.a.session()["state"] == "OK" and p.b.session()["state"] == "OK", "OK")
+            self.pause_both_then_resume(p, p.b)
         finally:
             proxy.stop()
 
