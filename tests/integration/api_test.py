@@ -89,6 +89,7 @@ class Api(unittest.TestCase):
 
     def test_reading_and_bad_input(self):
         p = self.start()
+        self.assertEqual(os.stat(p.a.api_socket()).st_mode & 0o777, 0o660)
         code, sessions = p.a.api("GET", "/api/rest/replication_session")
         self.assertEqual(code, 200)
         self.assertEqual([s["id"] for s in sessions], [SID])

@@ -14,6 +14,8 @@
   without an earlier one). The old source, which also wrote while cut off, comes back as a
   destination in Failed_Over and reports its diverged blocks. Reprotect ships a number of
   bytes close to the changed set (far below the volume) and the volumes end identical.
+- Unplanned failover with the source alive and writing: the old source steps down on its next
+  hello (its exports refuse writes), reports diverged blocks, and reprotect converges.
 - A daemon killed mid-failover (planned: the source, while Failing_Over) comes back and
   finishes it; the new source killed while Reprotecting comes back Reprotecting and finishes.
 - A consistency group of three volumes keeps one write order across them through an unplanned
@@ -222,6 +224,31 @@ class Failover(unittest.TestCase):
         self.assertLess(bound * 4096, BIG // 4)
         shipped = re.findall(r"cycle \d+ committed: (\d+) blocks", p.b.log())
         self.assertEqual(int(shipped[-1]), union)
+
+    def test_unplanned_failover_with_the_source_alive(self):
+        # Disaster recovery declared while the source still runs (and writes): the destination
+        # takes over from its last committed cycle; the old source, on its next hello, steps
+        # down to a destination in Failed_Over and refuses host writes.
+        p = self.start()
+        w = SequenceWriter(p.a.uri("vol0"), first_block=100, limit=100000)
+        w.start()
+        wait_until(lambda: stamps(p.b.image("vol0"), 100, 1)[0] == 0, "a committed cycle", timeout_s=60)
+        self.post(p.b, "failover", '{"is_planned": false}')
+        s = p.b.session()
+        self.assertEqual((s["state"], s["role"]), ("Failed_Over", "Source"))
+        wait_until(lambda: p.a.session()["state"] == "Failed_Over", "the old source to step down", timeout_s=60)
+        w.join(timeout=harness.WAIT_S)
+        self.assertIn("EPERM", str(w.error))  # the old source's exports are read-only now
+        a = p.a.session()
+        self.assertEqual(a["role"], "Destination")
+        self.assertGreater(a["diverged_blocks"], 0)  # what it wrote after the failover point
+        got = stamps(p.b.image("vol0"), 100, w.acked + 1)
+        k = next((i for i, v in enumerate(got) if v is None), len(got))
+        self.assertEqual(got[:k], list(range(k)))
+        self.assertTrue(all(v is None for v in got[k:]))
+        self.post(p.b, "reprotect")
+        wait_until(lambda: self.both("OK"), "reprotect", timeout_s=120, interval_s=0.1)
+        wait_identical(p)
 
     def test_consistency_group_unplanned_failover_keeps_cross_volume_order(self):
         # Three volumes in one session; write j goes to volume j % 3 and depends on write j-1

@@ -103,6 +103,13 @@ class Tandemctl(unittest.TestCase):
         self.assertEqual(p.b.session()["role"], "Source")
         r = ctl(p.b, "session", "reprotect", "s-vol0", "--wait")
         self.assertIn("reprotect: done, OK (Source)", r.stdout)
+        r = ctl(p.a, "session", "test-start", "s-vol0")  # a is the destination now
+        self.assertIn("test-start accepted", r.stdout)
+        self.assertTrue(json.loads(ctl(p.a, "--json", "session", "show", "s-vol0").stdout)["failover_test_in_progress"])
+        self.assertRegex(ctl(p.a, "volume", "list").stdout, r"vol0-test\s+64\.0 MiB\s+read-write")
+        r = ctl(p.a, "session", "test-stop", "s-vol0")
+        self.assertIn("test-stop accepted", r.stdout)
+        self.assertFalse(json.loads(ctl(p.a, "--json", "session", "show", "s-vol0").stdout)["failover_test_in_progress"])
         r = ctl(p.b, "session", "failover", "s-vol0", "--reverse", "--wait")
         self.assertIn("failover: done, OK (Destination)", r.stdout)
         self.assertEqual(p.a.session()["role"], "Source")
