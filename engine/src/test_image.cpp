@@ -1,5 +1,8 @@
 #include "tandem/engine/test_image.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "tandem/engine/errc.h"
@@ -81,6 +84,34 @@ Result<std::unique_ptr<TestImage>> TestImage::create(DeviceEnv& env, std::string
   if (!dev) return dev.error();
   return std::unique_ptr<TestImage>(new TestImage(env, std::move(overlay_path), base, std::move(dev).value()));
 }
+
+Result<std::unique_ptr<TestImage>> TestImage::reopen(DeviceEnv& env, std::string overlay_path, Volume& base) {
+  // Which blocks the overlay holds: its allocated ranges (it is sparse; every write to it is
+  // whole 4 KiB blocks).
+  const int fd = ::open(overlay_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Error(std::error_code(errno, std::system_category()), "open " + overlay_path);
+  BlockBitmap held(base.size_bytes() / kBlock);
+  const auto size = static_cast<off_t>(base.size_bytes());
+  off_t at = 0;
+  while (at < size) {
+    const off_t data = ::lseek(fd, at, SEEK_DATA);
+    if (data < 0) break;  // ENXIO: no data beyond `at`
+    off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0 || hole > size) hole = size;
+    const auto first = static_cast<std::uint64_t>(data) / kBlock;
+    const auto end = (static_cast<std::uint64_t>(hole) + kBlock - 1) / kBlock;
+    if (end > first) held.set_range(first, std::min<std::uint64_t>(end, held.blocks()) - first);
+    at = hole;
+  }
+  ::close(fd);
+  auto dev = env.open(OpenSpec{overlay_path, std::nullopt});
+  if (!dev) return dev.error();
+  std::unique_ptr<TestImage> img(new TestImage(env, std::move(overlay_path), base, std::move(dev).value()));
+  img->in_overlay_ = std::move(held);
+  return img;
+}
+
+asio::awaitable<Status> TestImage::sync() { co_return co_await overlay_->flush(); }
 
 std::unique_ptr<BlockDevice> TestImage::device() { return std::make_unique<Device>(*this); }
 

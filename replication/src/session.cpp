@@ -106,15 +106,18 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
                  s->state_.role == Role::source ? "source" : "destination");
   }
   TANDEM_CO_TRY(co_await s->recover());
-  // A failover test does not survive a restart (its overlay map lived in memory): what a killed
-  // daemon left of one goes, and the destination is back to its normal role.
+  // A failover test that was running when the daemon stopped goes on: its overlay and its
+  // volume's metadata are on disk (the test is over only when stop_failover_test says so).
+  bool test_left = s->state_.role == Role::destination;
   for (auto& m : s->members_) {
-    const std::string overlay = m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay";
-    if (std::filesystem::exists(overlay)) {
-      spdlog::warn("session {}: a failover test of {} was running when the daemon stopped; it is over, its "
-                   "image and writes discarded",
-                   s->opts_.id, m.m.volume->id());
-      TANDEM_CO_TRY(m.m.env->remove(overlay));
+    test_left = test_left && std::filesystem::exists(m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay");
+  }
+  if (test_left) {
+    TANDEM_CO_TRY(co_await s->open_test(true));
+    spdlog::info("session {}: the failover test that was running goes on; its image is exported again", s->opts_.id);
+  } else {
+    for (auto& m : s->members_) {  // leftovers of a test that was not whole
+      TANDEM_CO_TRY(m.m.env->remove(m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay"));
       TANDEM_CO_TRY(m.m.env->remove(m.m.state_dir + "/" + m.m.volume->id() + ".test-meta"));
     }
   }
@@ -1371,6 +1374,7 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
       for (const auto& e : mem.journal->extents()) {
         TANDEM_CO_TRY(co_await mem.test_image->preserve(e.offset / kBlock, e.length / kBlock));
       }
+      TANDEM_CO_TRY(co_await mem.test_image->sync());  // preserved before the base changes
     }
     bytes += mem.journal->staged_bytes();
     TANDEM_CO_TRY(co_await mem.journal->apply(*mem.m.volume));

@@ -365,21 +365,33 @@ asio::awaitable<void> Session::run_reprotect() {
 
 asio::awaitable<ActionResult> Session::start_test() {
   if (!opts_.export_test) co_return ActionResult{Verdict::not_allowed, "failover tests are not configured here"};
+  Status st = co_await open_test(false);
+  if (!st) co_return ActionResult{Verdict::not_allowed, "start_failover_test failed: " + st.error().message()};
+  spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
+               "replication goes on underneath",
+               opts_.id, state_.committed_cycle);
+  co_return ActionResult{};
+}
+
+asio::awaitable<Status> Session::open_test(bool resume) {
   Status st;
   std::vector<engine::Volume*> vols;
   for (auto& m : members_) {
     const std::string overlay = m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay";
     const std::string meta = m.m.state_dir + "/" + m.m.volume->id() + ".test-meta";
     const std::string image_path = "test-image:" + m.m.volume->id();
-    auto img = engine::TestImage::create(*m.m.env, overlay, *m.m.volume);
+    auto img = resume ? engine::TestImage::reopen(*m.m.env, overlay, *m.m.volume)
+                      : engine::TestImage::create(*m.m.env, overlay, *m.m.volume);
     if (!img) {
       st = img.error();
       break;
     }
     m.test_image = std::move(img).value();
     m.test_env = engine::make_test_image_env(*m.m.env, image_path, *m.test_image);
-    st = m.m.env->remove(meta);
-    if (!st) break;
+    if (!resume) {
+      st = m.m.env->remove(meta);
+      if (!st) break;
+    }
     engine::VolumeOptions vo;
     vo.id = m.m.volume->id() + "-test";
     vo.path = image_path;
@@ -394,15 +406,9 @@ asio::awaitable<ActionResult> Session::start_test() {
     vols.push_back(m.test_volume.get());
   }
   test_running_ = true;  // (so close_test_volumes cleans up whatever was made)
-  if (st) st = co_await opts_.export_test(vols);
-  if (!st) {
-    co_await close_test_volumes();
-    co_return ActionResult{Verdict::not_allowed, "start_failover_test failed: " + st.error().message()};
-  }
-  spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
-               "replication goes on underneath",
-               opts_.id, state_.committed_cycle);
-  co_return ActionResult{};
+  if (st && opts_.export_test) st = co_await opts_.export_test(vols);
+  if (!st) co_await close_test_volumes();
+  co_return st;
 }
 
 asio::awaitable<void> Session::close_test_volumes() {

@@ -13,8 +13,10 @@
 // writes to the image exclude each other per call, so a test write is never overwritten by a
 // late copy of the old base block.
 //
-// The overlay's bitmap is in memory: a test does not survive a restart of the daemon (the
-// session discards a test it finds running after a restart, and says so).
+// The overlay's map is its file's allocation: only blocks the image wrote or preserved are
+// allocated in the sparse file, so reopen() after a restart finds them with SEEK_DATA. The
+// caller syncs the overlay (sync()) after preserving and before overwriting the base, so a
+// crash never leaves the base overwritten and the old block not in the overlay.
 #pragma once
 
 #include <memory>
@@ -32,6 +34,10 @@ class TestImage {
  public:
   // Creates the overlay (replacing an old one) beside the base. The base must outlive the image.
   static Result<std::unique_ptr<TestImage>> create(DeviceEnv& env, std::string overlay_path, Volume& base);
+  // After a restart: the overlay as it was (a real, sparse file).
+  static Result<std::unique_ptr<TestImage>> reopen(DeviceEnv& env, std::string overlay_path, Volume& base);
+  // Makes the overlay durable (after preserve(), before the base is overwritten).
+  asio::awaitable<Status> sync();
   ~TestImage();
   TestImage(const TestImage&) = delete;
   TestImage& operator=(const TestImage&) = delete;

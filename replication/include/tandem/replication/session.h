@@ -249,6 +249,7 @@ class Session {
   [[nodiscard]] bool replication_held() const;
   // Failover test (session_failover.cpp).
   asio::awaitable<ActionResult> start_test();
+  asio::awaitable<Status> open_test(bool resume);  // resume: after a restart, the overlay as it was
   asio::awaitable<ActionResult> stop_test();
   asio::awaitable<void> close_test_volumes();
   bool test_running_ = false;
