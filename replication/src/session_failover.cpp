@@ -38,6 +38,13 @@ namespace {
 
 constexpr auto kRetryPause = std::chrono::milliseconds(500);
 
+// Before asking the peer again (it could not answer yet, or said not now).
+asio::awaitable<void> retry_pause(asio::any_io_executor ex) {
+  asio::steady_timer t(ex, kRetryPause);
+  auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+  (void)ec;
+}
+
 }  // namespace
 
 bool Session::replication_held() const {
@@ -116,15 +123,22 @@ asio::awaitable<Status> Session::become_destination() {
   done_.notify_all();
   if (timer_) timer_->cancel();
   while (running_ || busy_) co_await done_.wait();
+  // Host writes already past the access check finish first (their dirty bits land, their
+  // intent regions unpin) before the hooks go and the dirty maps are written whole.
+  for (auto& m : members_) co_await m.m.volume->hold_writes();
   set_source_hooks(false);
+  Status st;
   for (auto& m : members_) {
+    if (!st) break;
     // A cycle this side had in flight never reached the peer's image: its blocks are changes
     // of this side, like the dirty ones.
     if (m.frozen) m.m.volume->dirty().merge(*m.frozen);
     m.preserve.reset();
     m.frozen.reset();
-    TANDEM_CO_TRY(co_await m.m.volume->dirty().persist_all());
+    st = co_await m.m.volume->dirty().persist_all();
   }
+  for (auto& m : members_) m.m.volume->release_writes();  // they find the volume read-only
+  TANDEM_CO_TRY(st);
   state_.transfer_cycle = 0;
   state_.initial = InitialState::done;
   co_return co_await persist();
@@ -149,9 +163,7 @@ asio::awaitable<void> Session::run_planned_failover() {
     auto reply = co_await request(ControlOp::failover, false, state_.reverse ? 1 : 0);
     if (!reply || !reply->ok) {
       if (reply) spdlog::warn("session {}: the peer cannot take over yet: {}", opts_.id, reply->message);
-      asio::steady_timer t(ex_, kRetryPause);
-      auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
-      (void)ec;
+      co_await retry_pause(ex_);
       continue;
     }
     auto gens = generations_;
@@ -331,9 +343,7 @@ asio::awaitable<void> Session::run_reprotect() {
     auto reply = co_await request(ControlOp::reprotect);
     if (!reply || !reply->ok) {
       if (reply) spdlog::warn("session {}: reprotect: the peer refused: {}", opts_.id, reply->message);
-      asio::steady_timer t(ex_, kRetryPause);
-      auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
-      (void)ec;
+      co_await retry_pause(ex_);
       continue;
     }
     std::uint64_t ours = 0;

@@ -74,6 +74,16 @@ class SequenceWriter(threading.Thread):
             pass
 
 
+def write_run(uri, rnd, offset, blocks):
+    """Writes `blocks` random 4 KiB blocks from `offset` through NBD, then flushes."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(blocks):
+        h.pwrite(rnd.randbytes(4096), offset + i * 4096)
+    h.flush()
+    h.shutdown()
+
+
 def stamps(image, first_block, count):
     """The sequence numbers found in blocks first..first+count of an image (None: no stamp)."""
     out = []
@@ -183,20 +193,10 @@ class Failover(unittest.TestCase):
         self.assertGreater(k, 0)
         print("acknowledged %d writes; the committed image holds the first %d" % (acked + 1, k), flush=True)
         # The new source is writable; the old one comes back, having written while cut off.
-        h = nbd.NBD()
-        h.connect_uri(p.b.uri("vol0"))
-        for i in range(16):
-            h.pwrite(rnd.randbytes(4096), (40 * MiB) + i * 4096)
-        h.flush()
-        h.shutdown()
+        write_run(p.b.uri("vol0"), rnd, 40 * MiB, 16)
         p.b.stop()
         p.a.start()
-        h = nbd.NBD()
-        h.connect_uri(p.a.uri("vol0"))
-        for i in range(8):
-            h.pwrite(rnd.randbytes(4096), (50 * MiB) + i * 4096)
-        h.flush()
-        h.shutdown()
+        write_run(p.a.uri("vol0"), rnd, 50 * MiB, 8)
         p.b.start()
         wait_until(lambda: p.a.session()["state"] == "Failed_Over", "the old source to step down", timeout_s=60)
         a = p.a.session()
@@ -424,12 +424,7 @@ class Failover(unittest.TestCase):
         self.assertEqual(xxh128(p.a.image("vol0")), xxh128(p.b.image("vol0")))
         # Reprotect with the new destination away, and the new source killed in Reprotecting:
         # it comes back Reprotecting and finishes when the peer returns.
-        h = nbd.NBD()
-        h.connect_uri(p.b.uri("vol0"))
-        for i in range(8):
-            h.pwrite(os.urandom(4096), (20 * MiB) + i * 4096)
-        h.flush()
-        h.shutdown()
+        write_run(p.b.uri("vol0"), random.Random(4), 20 * MiB, 8)
         p.a.stop()
         self.post(p.b, "reprotect")
         self.assertEqual(p.b.session()["state"], "Reprotecting")
