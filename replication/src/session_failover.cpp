@@ -146,6 +146,10 @@ asio::awaitable<Status> Session::become_destination() {
 
 asio::awaitable<void> Session::run_planned_failover() {
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_only);
+  // Writes already past the access check are acknowledged to their hosts: let them land (and
+  // mark their blocks dirty) before "nothing left to ship" can be true.
+  for (auto& m : members_) co_await m.m.volume->hold_writes();
+  for (auto& m : members_) m.m.volume->release_writes();
   spdlog::info("session {}: planned failover: host writes refused; shipping the rest", opts_.id);
   while (!stopping_ && state_.phase == Phase::failing_over && state_.role == Role::source) {
     if (!conn_ || !peer_ready_ || state_.paused || peer_paused_) {
