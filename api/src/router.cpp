@@ -1,5 +1,6 @@
 #include "tandem/api/router.h"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <ctime>
@@ -219,14 +220,14 @@ std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, st
   ActionRequest ar;
   bool planned = true;
   std::optional<HttpResponse> bad;
-  if (verb == "pause") {
-    ar.action = Action::pause;
-    bad = parse_flags(content_type, body, {});
-  } else if (verb == "resume") {
-    ar.action = Action::resume;
-    bad = parse_flags(content_type, body, {});
-  } else if (verb == "sync") {
-    ar.action = Action::sync;
+  // Verbs without a body of their own: at most an empty object.
+  static constexpr std::pair<std::string_view, Action> kPlain[] = {
+      {"pause", Action::pause},         {"resume", Action::resume},
+      {"sync", Action::sync},           {"reprotect", Action::reprotect},
+      {"start_failover_test", Action::start_test}};
+  const auto* plain = std::find_if(std::begin(kPlain), std::end(kPlain), [&](const auto& p) { return p.first == verb; });
+  if (plain != std::end(kPlain)) {
+    ar.action = plain->second;
     bad = parse_flags(content_type, body, {});
   } else if (verb == "failover") {
     bad = parse_flags(content_type, body,
@@ -235,12 +236,6 @@ std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, st
     if (!bad && !planned && ar.args.reverse) {
       bad = error_response(ErrorKind::bad_request, "reverse applies to a planned failover only.", {"reverse"});
     }
-  } else if (verb == "reprotect") {
-    ar.action = Action::reprotect;
-    bad = parse_flags(content_type, body, {});
-  } else if (verb == "start_failover_test") {
-    ar.action = Action::start_test;
-    bad = parse_flags(content_type, body, {});
   } else if (verb == "stop_failover_test") {
     ar.action = Action::stop_test;
     bad = parse_flags(content_type, body, {{"force", &ar.args.force}});
