@@ -11,7 +11,7 @@ find_package(fmt REQUIRED)
 pkg_check_modules(URING REQUIRED IMPORTED_TARGET liburing)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 pkg_check_modules(TOMLPP REQUIRED IMPORTED_TARGET tomlplusplus)
-pkg_check_modules(SYSTEMD IMPORTED_TARGET libsystemd)
+pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
 find_package(GTest REQUIRED)
 
 add_library(tandem_asio INTERFACE)

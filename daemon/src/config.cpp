@@ -2,6 +2,8 @@
 
 #include <toml++/toml.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -349,6 +351,149 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     return config_error(src + ": sessions need a [tls] and a [peer] section");
   }
   return cfg;
+}
+
+namespace {
+
+std::string rate_text(std::uint64_t bytes_per_s) {
+  return bytes_per_s == 0 ? std::string("unlimited") : std::to_string(bytes_per_s) + " B/s";
+}
+
+// Appends `what` to `out` when the two values differ.
+template <class T>
+void differs(std::vector<std::string>& out, const T& a, const T& b, std::string what) {
+  if (!(a == b)) out.push_back(std::move(what));
+}
+
+}  // namespace
+
+ReloadPlan plan_reload(const Config& running, const Config& next) {
+  ReloadPlan p;
+  auto& r = p.needs_restart;
+  const NodeConfig& a = running.node;
+  const NodeConfig& b = next.node;
+  if (a.log_level != b.log_level) p.applied.push_back("[node] log_level: " + a.log_level + " -> " + b.log_level);
+  differs(r, a.name, b.name, "[node] name");
+  differs(r, a.state_dir, b.state_dir, "[node] state_dir");
+  differs(r, a.api_socket, b.api_socket, "[node] api_socket");
+  differs(r, a.api_socket_group, b.api_socket_group, "[node] api_socket_group");
+  differs(r, a.api_listen, b.api_listen, "[node] api_listen");
+  differs(r, a.api_token, b.api_token, "[node] api_token");
+
+  for (const auto& va : running.volumes) {
+    const VolumeConfig* vb = nullptr;
+    for (const auto& v : next.volumes) {
+      if (v.id == va.id) vb = &v;
+    }
+    const std::string name = "volume " + va.id;
+    if (vb == nullptr) {
+      r.push_back(name + " (removed)");
+      continue;
+    }
+    differs(r, va.path, vb->path, name + " path");
+    differs(r, va.size_bytes, vb->size_bytes, name + " size");
+    differs(r, va.meta_path, vb->meta_path, name + " meta_path");
+    differs(r, va.nbd_socket, vb->nbd_socket, name + " nbd_socket");
+    differs(r, va.nbd_listen, vb->nbd_listen, name + " nbd_listen");
+    differs(r, va.intent_region_bytes, vb->intent_region_bytes, name + " intent_region_size");
+    differs(r, va.intent_regions_max, vb->intent_regions_max, name + " intent_regions_max");
+  }
+  for (const auto& vb : next.volumes) {
+    bool known = false;
+    for (const auto& va : running.volumes) known = known || va.id == vb.id;
+    if (!known) r.push_back("volume " + vb.id + " (added)");
+  }
+
+  if (running.tls.has_value() != next.tls.has_value()) {
+    r.push_back("[tls]");
+  } else if (running.tls) {
+    differs(r, running.tls->ca, next.tls->ca, "[tls] ca");
+    differs(r, running.tls->cert, next.tls->cert, "[tls] cert");
+    differs(r, running.tls->key, next.tls->key, "[tls] key");
+  }
+  if (running.peer.has_value() != next.peer.has_value()) {
+    r.push_back("[peer]");
+  } else if (running.peer) {
+    const PeerConfig& pa = *running.peer;
+    const PeerConfig& pb = *next.peer;
+    if (pa.rate_limit_bytes_per_s != pb.rate_limit_bytes_per_s) {
+      p.applied.push_back("[peer] rate_limit: " + rate_text(pa.rate_limit_bytes_per_s) + " -> " +
+                          rate_text(pb.rate_limit_bytes_per_s));
+    }
+    differs(r, pa.name, pb.name, "[peer] name");
+    differs(r, pa.address, pb.address, "[peer] address");
+    differs(r, pa.listen, pb.listen, "[peer] listen");
+    differs(r, pa.keepalive_interval_ms, pb.keepalive_interval_ms, "[peer] keepalive_interval_ms");
+    differs(r, pa.peer_timeout_ms, pb.peer_timeout_ms, "[peer] peer_timeout_ms");
+  }
+
+  for (const auto& sa : running.sessions) {
+    const SessionConfig* sb = nullptr;
+    for (const auto& s : next.sessions) {
+      if (s.id == sa.id) sb = &s;
+    }
+    const std::string name = "session " + sa.id;
+    if (sb == nullptr) {
+      r.push_back(name + " (removed)");
+      continue;
+    }
+    if (sa.rpo_seconds != sb->rpo_seconds) {
+      p.applied.push_back(name + " rpo_seconds: " + std::to_string(sa.rpo_seconds) + " -> " +
+                          std::to_string(sb->rpo_seconds));
+    }
+    if (sa.rate_limit_bytes_per_s != sb->rate_limit_bytes_per_s) {
+      p.applied.push_back(name + " rate_limit: " + rate_text(sa.rate_limit_bytes_per_s) + " -> " +
+                          rate_text(sb->rate_limit_bytes_per_s));
+    }
+    differs(r, sa.volumes, sb->volumes, name + " volumes");
+    differs(r, sa.remote_volumes, sb->remote_volumes, name + " remote_volumes");
+    differs(r, sa.role, sb->role, name + " role");
+    differs(r, sa.window_bytes, sb->window_bytes, name + " window");
+  }
+  for (const auto& sb : next.sessions) {
+    bool known = false;
+    for (const auto& sa : running.sessions) known = known || sa.id == sb.id;
+    if (!known) r.push_back("session " + sb.id + " (added)");
+  }
+  return p;
+}
+
+std::string systemd_dropin(const Config& cfg) {
+  namespace fs = std::filesystem;
+  std::vector<std::string> devices;
+  std::vector<std::string> paths;
+  auto add_path = [&paths](const std::string& p) {
+    if (p.empty()) return;
+    const std::string dir = fs::path(p).parent_path().string();
+    for (const char* own : {"/var/lib/tandem", "/run/tandem"}) {
+      if (dir == own || dir.rfind(std::string(own) + "/", 0) == 0) return;
+    }
+    if (std::find(paths.begin(), paths.end(), dir) == paths.end()) paths.push_back(dir);
+  };
+  add_path(cfg.node.state_dir + "/x");
+  add_path(cfg.node.api_socket);
+  for (const auto& v : cfg.volumes) {
+    std::error_code ec;
+    const bool is_device = v.path.rfind("/dev/", 0) == 0 || fs::is_block_file(v.path, ec);
+    if (is_device) {
+      // Symlinks (/dev/disk/by-id/...) resolve to the node the cgroup rule must name.
+      const auto real = fs::canonical(v.path, ec);
+      devices.push_back(ec ? v.path : real.string());
+    } else {
+      add_path(v.path);
+    }
+    add_path(v.meta_path);
+    add_path(v.nbd_socket);
+  }
+  std::string out = "# tandemd.service drop-in for " + cfg.source +
+                    "\n# Install: tandemd --systemd-dropin > /etc/systemd/system/tandemd.service.d/tandem.conf\n"
+                    "#          systemctl daemon-reload\n[Service]\n";
+  if (!devices.empty()) {
+    out += "DeviceAllow=\n";  // an empty assignment drops the unit's device classes
+    for (const auto& d : devices) out += "DeviceAllow=" + d + " rw\n";
+  }
+  for (const auto& p : paths) out += "ReadWritePaths=" + p + "\n";
+  return out;
 }
 
 Result<Config> load_config(const std::string& path) {

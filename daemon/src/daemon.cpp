@@ -1,14 +1,19 @@
 #include "tandem/daemon/daemon.h"
 
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -48,6 +53,24 @@ Status ensure_dir(const std::string& dir, fs::perms perms) {
   return {};
 }
 
+// A socket's directory must not be writable by every user: anyone could replace the socket
+// with their own and receive what hosts or operators send (or answer in tandemd's name).
+Status check_socket_dir(const std::string& socket_path, std::string_view what) {
+  const std::string dir = fs::path(socket_path).parent_path().string();
+  struct stat st {};
+  if (::stat(dir.empty() ? "." : dir.c_str(), &st) != 0) return errno_error(errno, "cannot stat " + dir);
+  if ((st.st_mode & S_IWOTH) != 0) {
+    return Error(std::make_error_code(std::errc::permission_denied),
+                 fmt::format("{} directory {} is writable by every user (mode {:04o}): anyone could replace the "
+                             "socket; use a directory only tandemd (and its group) can write, such as /run/tandem",
+                             what, dir, st.st_mode & 07777));
+  }
+  return {};
+}
+
+// systemd's notification protocol (sd_notify(3)); a no-op when not run by systemd.
+void notify(const std::string& state) { (void)sd_notify(0, state.c_str()); }
+
 engine::VolumeOptions volume_options(const VolumeConfig& v) {
   engine::VolumeOptions o;
   o.id = v.id;
@@ -79,7 +102,9 @@ asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const 
 
 class Daemon {
  public:
-  explicit Daemon(const Config& cfg) : cfg_(cfg), signals_(ctx_, SIGTERM, SIGINT, SIGHUP) {}
+  Daemon(Config cfg, std::string config_path)
+      : cfg_(std::move(cfg)), config_path_(std::move(config_path)), signals_(ctx_, SIGTERM, SIGINT, SIGHUP),
+        tick_(ctx_) {}
 
   int run() {
     asio::co_spawn(ctx_, start(), abort_on_exception);
@@ -142,6 +167,7 @@ class Daemon {
       if (!vc.nbd_socket.empty()) {
         auto st = ensure_dir(fs::path(vc.nbd_socket).parent_path().string(),
                              fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+        if (st) st = check_socket_dir(vc.nbd_socket, "NBD socket");
         if (st) st = v.nbd->listen_unix(vc.nbd_socket);
         if (!st) {
           spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_socket, st.error().message());
@@ -198,6 +224,7 @@ class Daemon {
       router_ = std::make_unique<api::Router>(std::move(actx));
       auto st = ensure_dir(fs::path(cfg_.node.api_socket).parent_path().string(),
                            fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+      if (st) st = check_socket_dir(cfg_.node.api_socket, "API socket");
       api::ApiServerOptions ao;
       ao.socket_path = cfg_.node.api_socket;
       ao.socket_group = cfg_.node.api_socket_group;
@@ -226,8 +253,118 @@ class Daemon {
       }
       api_ = std::move(srv).value();
     }
-    spdlog::info("tandemd {} ready: {} volume(s)", cfg_.node.name, volumes_.size());
+    spdlog::info("tandemd {} ready: {} volume(s), {} session(s)", cfg_.node.name, volumes_.size(), sessions_.size());
     asio::co_spawn(ctx_, wait_signals(), abort_on_exception);
+    // READY only now: every volume is exported and every session loaded, so a unit ordered
+    // after tandemd.service (a mount over nbd-client, say) finds them there.
+    status_line_ = status_text();
+    notify("READY=1\nSTATUS=" + status_line_);
+    for (const auto& s : sessions_) last_state_[s->id()] = s->state();
+    asio::co_spawn(ctx_, run_ticker(), abort_on_exception);
+  }
+
+  // The event loop's heartbeat: pings systemd's watchdog (a loop stuck for WatchdogSec gets the
+  // daemon restarted), keeps STATUS= current, and logs each session's state changes once.
+  asio::awaitable<void> run_ticker() {
+    std::uint64_t watchdog_usec = 0;
+    const bool watchdog = sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0;
+    // Ping at a quarter of the watchdog's period; look at the sessions at least twice a second.
+    auto period = std::chrono::milliseconds(500);
+    if (watchdog) period = std::min(period, std::chrono::milliseconds(std::max<std::uint64_t>(watchdog_usec / 4000, 10)));
+    while (!shutting_down_) {
+      if (watchdog) notify("WATCHDOG=1");
+      log_state_changes();
+      const std::string line = status_text();
+      if (line != status_line_) {
+        status_line_ = line;
+        notify("STATUS=" + line);
+      }
+      tick_.expires_after(period);
+      auto [ec] = co_await tick_.async_wait(asio::as_tuple(asio::use_awaitable));
+      (void)ec;
+    }
+  }
+
+  // "site-a: s-vol0 OK (source, lag 0 B); s-db Paused (destination)"
+  std::string status_text() const {
+    std::string out = cfg_.node.name + ":";
+    if (sessions_.empty()) return out + " " + std::to_string(volumes_.size()) + " volume(s) exported, no replication";
+    bool first = true;
+    for (const auto& s : sessions_) {
+      const auto st = s->status();
+      out += first ? " " : "; ";
+      first = false;
+      out += fmt::format("{} {} ({}{}{})", s->id(), replication::state_name(st.state),
+                         st.role == replication::Role::source ? "source" : "destination",
+                         st.connected ? "" : ", peer not connected",
+                         st.role == replication::Role::source ? ", lag " + format_bytes(st.lag_bytes) : std::string());
+    }
+    return out;
+  }
+
+  // Cycles take a session through Synchronizing and back to OK every RPO; those routine steps
+  // are logged at debug level. Every other change is logged once, at info (warn for the states
+  // an operator must look at).
+  void log_state_changes() {
+    using replication::State;
+    for (const auto& s : sessions_) {
+      const State now = s->state();
+      auto [it, inserted] = last_state_.try_emplace(s->id(), now);
+      if (inserted || it->second == now) continue;
+      const State before = it->second;
+      it->second = now;
+      const auto routine = [](State x) { return x == State::ok || x == State::synchronizing; };
+      const auto alarming = [](State x) {
+        return x == State::system_paused || x == State::error || x == State::paused_for_ndu;
+      };
+      const auto level = routine(before) && routine(now) ? spdlog::level::debug
+                         : alarming(now)                 ? spdlog::level::warn
+                                                         : spdlog::level::info;
+      const auto st = s->status();
+      spdlog::log(level, "session {}: state {} -> {} ({}{})", s->id(), replication::state_name(before),
+                  replication::state_name(now), st.role == replication::Role::source ? "source" : "destination",
+                  st.error.empty() ? std::string() : ": " + st.error);
+    }
+  }
+
+  // SIGHUP: re-read the configuration file and apply what can change at run time.
+  void reload() {
+    notify("RELOADING=1");
+    auto next = load_config(config_path_);
+    if (!next) {
+      spdlog::error("SIGHUP: {}; keeping the running configuration", next.error().message());
+      notify("READY=1");
+      return;
+    }
+    const ReloadPlan plan = plan_reload(cfg_, *next);
+    if (plan.applied.empty() && plan.needs_restart.empty()) {
+      spdlog::info("SIGHUP: {} unchanged", config_path_);
+    }
+    if (cfg_.node.log_level != next->node.log_level) {
+      cfg_.node.log_level = next->node.log_level;
+      spdlog::set_level(spdlog::level::from_str(cfg_.node.log_level));
+    }
+    if (cfg_.peer && next->peer && cfg_.peer->rate_limit_bytes_per_s != next->peer->rate_limit_bytes_per_s) {
+      cfg_.peer->rate_limit_bytes_per_s = next->peer->rate_limit_bytes_per_s;
+      if (replicator_) replicator_->set_rate_limit(cfg_.peer->rate_limit_bytes_per_s);
+    }
+    for (auto& sc : cfg_.sessions) {
+      for (const auto& nc : next->sessions) {
+        if (nc.id != sc.id) continue;
+        sc.rpo_seconds = nc.rpo_seconds;
+        sc.rate_limit_bytes_per_s = nc.rate_limit_bytes_per_s;
+        for (auto& s : sessions_) {
+          if (s->id() != sc.id) continue;
+          s->set_rpo_seconds(sc.rpo_seconds);
+          s->set_rate_limit(sc.rate_limit_bytes_per_s);
+        }
+      }
+    }
+    for (const auto& a : plan.applied) spdlog::info("SIGHUP: applied {}", a);
+    for (const auto& r : plan.needs_restart) {
+      spdlog::warn("SIGHUP: {} changed: this needs a restart; still running with the old value", r);
+    }
+    notify("READY=1");
   }
 
   asio::awaitable<void> wait_signals() {
@@ -235,7 +372,7 @@ class Daemon {
       auto [ec, sig] = co_await signals_.async_wait(asio::as_tuple(asio::use_awaitable));
       if (ec) co_return;
       if (sig == SIGHUP) {
-        spdlog::info("SIGHUP: nothing in this configuration can be reloaded at run time; restart to apply changes");
+        if (!shutting_down_) reload();
         continue;
       }
       spdlog::info("signal {}: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -244,19 +381,23 @@ class Daemon {
     }
   }
 
+  // SIGTERM, or a start that failed half way. In order: refuse new work (API, NBD: requests
+  // in flight finish and are answered), tell the peer this is maintenance (it pauses for the
+  // NDU and goes on by itself when this side is back), stop replication at an extent boundary
+  // with the restart address persisted, then flush each volume and write its dirty map.
   asio::awaitable<void> shutdown() {
     if (shutting_down_) co_return;
     shutting_down_ = true;
+    notify("STOPPING=1\nSTATUS=" + cfg_.node.name + ": shutting down");
+    tick_.cancel();
     if (api_) co_await api_->stop();
-    // The peer hears "maintenance" before the link closes: it pauses for the NDU and goes on
-    // by itself when this side is back.
+    for (auto& v : volumes_) {
+      if (v.nbd) co_await v.nbd->stop();
+    }
     for (auto& s : sessions_) co_await s->announce_shutdown();
     if (replicator_) co_await replicator_->stop();
     for (auto& s : sessions_) co_await s->stop();
     sessions_.clear();
-    for (auto& v : volumes_) {
-      if (v.nbd) co_await v.nbd->stop();
-    }
     for (auto& v : volumes_) {
       auto st = co_await v.volume->close();
       if (!st) {
@@ -372,9 +513,13 @@ class Daemon {
     return out;
   }
 
-  const Config& cfg_;
+  Config cfg_;  // reloadable keys change on SIGHUP; VolumeRuntime::cfg points into cfg_.volumes
+  const std::string config_path_;
   asio::io_context ctx_;
   asio::signal_set signals_;
+  asio::steady_timer tick_;
+  std::string status_line_;
+  std::map<std::string, replication::State> last_state_;
   std::vector<VolumeRuntime> volumes_;
   std::vector<std::unique_ptr<replication::Session>> sessions_;
   std::unique_ptr<replication::Replicator> replicator_;
@@ -387,21 +532,63 @@ class Daemon {
 
 }  // namespace
 
+namespace {
+
+// "<N>": the syslog priority of the message, which journald reads off the start of each line
+// written to a stream it captured (sd-daemon(3)); `journalctl -p warning` then filters on it.
+class SyslogPriorityFlag final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+    int prio = 6;
+    switch (msg.level) {
+      case spdlog::level::trace:
+      case spdlog::level::debug: prio = 7; break;
+      case spdlog::level::info: prio = 6; break;
+      case spdlog::level::warn: prio = 4; break;
+      case spdlog::level::err: prio = 3; break;
+      case spdlog::level::critical: prio = 2; break;
+      default: break;
+    }
+    const char text[3] = {'<', static_cast<char>('0' + prio), '>'};
+    dest.append(text, text + 3);
+  }
+  [[nodiscard]] std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<SyslogPriorityFlag>();
+  }
+};
+
+}  // namespace
+
+bool journald_logging() {
+  // systemd sets JOURNAL_STREAM to "device:inode" of the stream it connected to stderr; it is
+  // only ours when that is still what stderr is (not inherited by a child whose stderr moved).
+  const char* js = std::getenv("JOURNAL_STREAM");
+  if (js == nullptr) return false;
+  unsigned long long dev = 0;
+  unsigned long long ino = 0;
+  if (std::sscanf(js, "%llu:%llu", &dev, &ino) != 2) return false;
+  struct stat st {};
+  if (::fstat(STDERR_FILENO, &st) != 0) return false;
+  return st.st_dev == dev && st.st_ino == ino;
+}
+
 void setup_logging(const std::string& level) {
   auto logger = spdlog::stderr_logger_mt("tandemd");
-  if (std::getenv("JOURNAL_STREAM") != nullptr) {
-    // journald adds its own timestamps; keep the level for filtering.
-    logger->set_pattern("[%l] %v");
+  auto formatter = std::make_unique<spdlog::pattern_formatter>();
+  if (journald_logging()) {
+    // journald stamps each line itself and reads the priority off the <N> prefix.
+    formatter->add_flag<SyslogPriorityFlag>('*').set_pattern("%*%v");
   } else {
-    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e [%l] %v");
+    formatter->set_pattern("%Y-%m-%dT%H:%M:%S.%e [%l] %v");
   }
+  logger->set_formatter(std::move(formatter));
   spdlog::set_default_logger(logger);
   spdlog::set_level(spdlog::level::from_str(level));
   spdlog::flush_on(spdlog::level::info);
 }
 
-int run_daemon(const Config& cfg) {
-  Daemon d(cfg);
+int run_daemon(const Config& cfg, const std::string& config_path) {
+  Daemon d(cfg, config_path);
   return d.run();
 }
 

@@ -213,6 +213,8 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
 int main(int argc, char** argv) {
   CLI::App app{"tandemctl — drive tandemd's replication sessions (the control API, docs/api.md)."};
   app.require_subcommand(1);
+  // --socket, --json and --timeout may come after the subcommands too.
+  app.fallthrough();
   std::string socket = "/run/tandem/api.sock";
   bool as_json = false;
   int timeout_s = 3600;
@@ -251,7 +253,18 @@ int main(int argc, char** argv) {
   volume->add_subcommand("list", "every volume on this node");
   auto* vshow = volume->add_subcommand("show", "one volume");
   vshow->add_option("id", id, "volume id")->required();
-  CLI11_PARSE(app, argc, argv);
+  std::string wait_state = "OK";
+  auto* wt = session->add_subcommand(
+      "wait", "wait until the session reaches a state (default OK), drawing the progress of a running "
+              "transfer: the way to follow an initial sync, which cannot be asked for with sync");
+  wt->add_option("id", id, "session id")->required();
+  wt->add_option("--state", wait_state, "the state to wait for")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help, or the error and a hint
+    return rc == 0 ? 0 : 2;      // every usage error exits 2
+  }
 
   std::string err;
   auto get = [&](const std::string& path) -> std::optional<json> {
@@ -290,6 +303,11 @@ int main(int argc, char** argv) {
       print_session(*j);
     }
     return 0;
+  }
+  if (verb == "wait") {
+    return wait_for(socket, id, "wait for " + wait_state,
+                    [&](const json& s) { return s.value("state", "") == wait_state && s["progress_percentage"].is_null(); },
+                    timeout_s);
   }
   std::string api_verb = verb;
   json body = json::object();

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   bool check = false;
   bool inspect = false;
   bool version = false;
+  bool dropin = false;
   std::string set_role;
   app.add_option("-c,--config", config_path, "configuration file (TOML)")->capture_default_str();
   app.add_flag("--check-config", check, "validate the configuration and exit (0 when valid)");
@@ -21,6 +22,10 @@ int main(int argc, char** argv) {
   app.add_option("--set-role", set_role,
                  "SESSION=ROLE: make this node the source or destination of a session and exit (daemon must be "
                  "stopped; becoming the source starts a new generation, like a forced promotion)");
+  app.add_flag("--systemd-dropin", dropin,
+               "print a systemd drop-in for tandemd.service that opens the unit's sandbox to exactly what this "
+               "configuration uses (DeviceAllow= for its block devices, ReadWritePaths= for files and directories "
+               "outside /var/lib/tandem and /run/tandem) and exit");
   app.add_flag("--version", version, "print the version and exit");
   CLI11_PARSE(app, argc, argv);
   if (version) {
@@ -31,6 +36,10 @@ int main(int argc, char** argv) {
   if (!cfg) {
     std::fprintf(stderr, "tandemd: %s\n", cfg.error().message().c_str());
     return 2;
+  }
+  if (dropin) {
+    std::cout << tandem::daemon::systemd_dropin(*cfg);
+    return 0;
   }
   if (check) {
     std::printf("%s: OK (%zu volume(s))\n", config_path.c_str(), cfg->volumes.size());
@@ -46,5 +55,5 @@ int main(int argc, char** argv) {
     }
     return tandem::daemon::set_session_role(*cfg, set_role.substr(0, eq), set_role.substr(eq + 1));
   }
-  return tandem::daemon::run_daemon(*cfg);
+  return tandem::daemon::run_daemon(*cfg, config_path);
 }

@@ -663,9 +663,20 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
   co_return Status{};
 }
 
+void Session::set_rpo_seconds(std::uint32_t seconds) {
+  if (seconds == opts_.rpo_seconds) return;
+  opts_.rpo_seconds = seconds;
+  if (timer_) timer_->cancel();  // run_timer() starts over with the new period
+}
+
+void Session::set_rate_limit(std::uint64_t bytes_per_s) {
+  opts_.rate_limit_bytes_per_s = bytes_per_s;
+  limiter_.set_rate(bytes_per_s, transport::RateLimiter::Clock::now());
+}
+
 asio::awaitable<void> Session::run_timer() {
-  const auto period = std::chrono::milliseconds(std::max<std::uint64_t>(opts_.rpo_seconds * 500ull, 100));
   while (!stopping_ && state_.role == Role::source) {
+    const auto period = std::chrono::milliseconds(std::max<std::uint64_t>(opts_.rpo_seconds * 500ull, 100));
     timer_->expires_after(period);
     auto [ec] = co_await timer_->async_wait(asio::as_tuple(asio::use_awaitable));
     if (stopping_ || state_.role != Role::source) break;

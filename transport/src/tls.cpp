@@ -83,11 +83,18 @@ Result<std::shared_ptr<asio::ssl::context>> make_tls_context(const TlsFiles& fil
   if (!cert) return cert.error();
   auto key = read_pem(files.key, "private key");
   if (!key) return key.error();
+  // Anyone on the host who can read the key can impersonate this site to the peer: refuse a
+  // world-readable key outright. A group-readable one (a deliberate key-access group) warns.
   struct stat st {};
-  if (::stat(files.key.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+  if (::stat(files.key.c_str(), &st) == 0 && (st.st_mode & S_IRWXO) != 0) {
+    return Error(errc::tls_config,
+                 fmt::format("private key '{}' is accessible to every user (mode {:04o}); refusing to use it: "
+                             "chmod 600 it (or 640 with a dedicated group)",
+                             files.key, st.st_mode & 07777));
+  }
+  if ((st.st_mode & S_IRWXG) != 0) {
     spdlog::warn(
-        "transport: private key '{}' is readable by group or others (mode {:04o}); "
-        "it should be 0600",
+        "transport: private key '{}' is readable by its group (mode {:04o}); it should be 0600",
         files.key, st.st_mode & 07777);
   }
 

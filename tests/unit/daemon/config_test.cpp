@@ -2,6 +2,8 @@
 // make is refused with a message that names the key (and the volume) and says what is wrong.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "tandem/daemon/config.h"
 
 namespace tandem::daemon {
@@ -129,6 +131,62 @@ TEST(Config, SessionKeys) {
   auto bad = parse_config(std::string(kPair) + "rate_limit = \"fast\"\n", "t.toml");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.error().message().find("rate_limit"), std::string::npos) << bad.error().message();
+}
+
+Config parsed(const std::string& text) {
+  auto c = parse_config(text, "t.toml");
+  EXPECT_TRUE(c.ok()) << c.error().message();
+  return c.ok() ? *c : Config{};
+}
+
+bool has(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+
+TEST(Config, ReloadAppliesRuntimeKeysAndNamesTheRest) {
+  const Config running = parsed(kPair);
+  // Nothing changed: nothing to do.
+  const ReloadPlan same = plan_reload(running, parsed(kPair));
+  EXPECT_TRUE(same.applied.empty());
+  EXPECT_TRUE(same.needs_restart.empty());
+  // The reloadable keys.
+  std::string text = kPair;
+  text.replace(text.find("name = \"site-a\""), 15, "name = \"site-a\"\nlog_level = \"debug\"");
+  text.replace(text.find("listen = \"0.0.0.0:7788\""), 23, "listen = \"0.0.0.0:7788\"\nrate_limit = \"1MiB\"");
+  text += "rpo_seconds = 4\nrate_limit = \"2MiB\"\n";
+  const ReloadPlan r = plan_reload(running, parsed(text));
+  EXPECT_TRUE(r.needs_restart.empty()) << r.needs_restart.front();
+  EXPECT_TRUE(has(r.applied, "[node] log_level: info -> debug"));
+  EXPECT_TRUE(has(r.applied, "[peer] rate_limit: unlimited -> 1048576 B/s"));
+  EXPECT_TRUE(has(r.applied, "session s0 rpo_seconds: 10 -> 4"));
+  EXPECT_TRUE(has(r.applied, "session s0 rate_limit: unlimited -> 2097152 B/s"));
+  EXPECT_EQ(r.applied.size(), 4u);
+  // Keys that need a restart, each named.
+  std::string moved = kPair;
+  moved.replace(moved.find("/srv/vol0.img"), 13, "/srv/other.img");
+  moved.replace(moved.find("10.0.0.2:7788"), 13, "10.0.0.3:7788");
+  moved.replace(moved.find("/etc/tandem/a.key"), 17, "/etc/tandem/b.key");
+  moved += "window = \"8MiB\"\n[[session]]\nid = \"s1\"\nvolumes = [\"vol1\"]\nremote_volumes = [\"v\"]\nrole = \"source\"\n"
+           "[[volume]]\nid = \"vol1\"\npath = \"/srv/vol1.img\"\nnbd_socket = \"/run/tandem/vol1.nbd\"\n";
+  const ReloadPlan m = plan_reload(running, parsed(moved));
+  EXPECT_TRUE(m.applied.empty());
+  EXPECT_TRUE(has(m.needs_restart, "volume vol0 path"));
+  EXPECT_TRUE(has(m.needs_restart, "[peer] address"));
+  EXPECT_TRUE(has(m.needs_restart, "[tls] key"));
+  EXPECT_TRUE(has(m.needs_restart, "session s0 window"));
+  EXPECT_TRUE(has(m.needs_restart, "session s1 (added)"));
+  EXPECT_TRUE(has(m.needs_restart, "volume vol1 (added)"));
+  EXPECT_EQ(m.needs_restart.size(), 6u);
+}
+
+TEST(Config, SystemdDropinOpensWhatTheConfigUses) {
+  const std::string d = systemd_dropin(parsed(kGood));
+  // The block device by name, replacing the unit's device classes; the file's directory.
+  EXPECT_NE(d.find("[Service]\nDeviceAllow=\nDeviceAllow=/dev/nvme0n1 rw\n"), std::string::npos) << d;
+  EXPECT_NE(d.find("ReadWritePaths=/srv\n"), std::string::npos) << d;
+  // Nothing for the unit's own directories.
+  EXPECT_EQ(d.find("ReadWritePaths=/var/lib/tandem"), std::string::npos) << d;
+  EXPECT_EQ(d.find("ReadWritePaths=/run/tandem"), std::string::npos) << d;
 }
 
 TEST(Config, MissingFileIsAClearError) {

@@ -2,7 +2,7 @@
 // A good CA/cert/key loads; each broken input fails with errc::tls_config and a context that
 // names the file and the problem (missing, not PEM, no certificate, key not matching the
 // certificate); our own expired or foreign-CA certificate loads but logs a warning saying the
-// peer will refuse it; a group-readable key loads with a warning. The context only allows TLS
+// peer will refuse it; a group-readable key loads with a warning, a world-readable one is refused. The context only allows TLS
 // 1.3 and requires a peer certificate.
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
@@ -111,7 +111,18 @@ TEST_F(TlsContextTest, GroupReadableKeyIsAWarning) {
   f.key =
       write("open.key", read(f.key), fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
   ASSERT_TRUE(make_tls_context(f).ok());
-  EXPECT_TRUE(logs_.contains({"readable by group or others", "0640"})) << logs_.dump();
+  EXPECT_TRUE(logs_.contains({"readable by its group", "0640"})) << logs_.dump();
+}
+
+TEST_F(TlsContextTest, WorldReadableKeyIsRefused) {
+  TlsFiles f = tls_files("site-a");
+  f.key = write("world.key", read(f.key),
+                fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read);
+  auto ctx = make_tls_context(f);
+  ASSERT_FALSE(ctx.ok());
+  EXPECT_EQ(ctx.code(), errc::tls_config);
+  EXPECT_NE(ctx.error().message().find("accessible to every user (mode 0644)"), std::string::npos)
+      << ctx.error().message();
 }
 
 }  // namespace

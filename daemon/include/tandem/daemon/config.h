@@ -24,6 +24,8 @@ struct NodeConfig {
   std::string api_socket_group;                     // group of the API socket (mode 0660); empty: the daemon's
   std::string api_listen;  // optional TCP listener for the API, "host:port": TLS ([tls]) and api_token required
   std::string api_token;   // the bearer token TCP clients must send
+
+  bool operator==(const NodeConfig&) const = default;
 };
 
 struct VolumeConfig {
@@ -35,10 +37,14 @@ struct VolumeConfig {
   std::string nbd_listen;  // host:port for the NBD export over TCP
   std::uint32_t intent_region_bytes = 4 * 1024 * 1024;
   std::uint32_t intent_regions_max = 1024;
+
+  bool operator==(const VolumeConfig&) const = default;
 };
 
 struct TlsConfig {
   std::string ca, cert, key;
+
+  bool operator==(const TlsConfig&) const = default;
 };
 
 struct PeerConfig {
@@ -48,6 +54,8 @@ struct PeerConfig {
   std::uint64_t rate_limit_bytes_per_s = 0;  // 0 = unlimited
   std::uint32_t keepalive_interval_ms = 1000;
   std::uint32_t peer_timeout_ms = 5000;
+
+  bool operator==(const PeerConfig&) const = default;
 };
 
 struct SessionConfig {
@@ -58,6 +66,8 @@ struct SessionConfig {
   std::uint32_t rpo_seconds = 10;
   std::uint64_t window_bytes = 64ull << 20;  // unacknowledged bytes in flight
   std::uint64_t rate_limit_bytes_per_s = 0;  // extent data this session ships; 0 = unlimited
+
+  bool operator==(const SessionConfig&) const = default;
 };
 
 struct Config {
@@ -67,7 +77,26 @@ struct Config {
   std::optional<TlsConfig> tls;
   std::optional<PeerConfig> peer;
   std::vector<SessionConfig> sessions;
+
+  bool operator==(const Config&) const = default;
 };
+
+// What a reload (SIGHUP) may change at run time, and what it may not.
+//
+// Reloadable: node.log_level, peer.rate_limit, and each session's rpo_seconds and rate_limit.
+// Everything else (volumes, sockets, certificates, the peer's address, session membership...)
+// takes a restart: a reload keeps the running value and names the key.
+struct ReloadPlan {
+  std::vector<std::string> applied;        // "session s-vol0 rpo_seconds: 10 -> 4"
+  std::vector<std::string> needs_restart;  // "volume vol0 path", "[tls] cert", "session s-x (added)"
+};
+ReloadPlan plan_reload(const Config& running, const Config& next);
+
+// A systemd drop-in ([Service] section) that lets the sandboxed unit reach what `cfg` uses:
+// DeviceAllow= for each block device (the list replaces the unit's device classes), and
+// ReadWritePaths= for regular-file volumes, metadata and sockets outside the unit's own
+// StateDirectory (/var/lib/tandem) and RuntimeDirectory (/run/tandem).
+std::string systemd_dropin(const Config& cfg);
 
 // Parses and validates configuration text. `source` names it in error messages.
 Result<Config> parse_config(std::string_view text, std::string_view source);

@@ -165,6 +165,10 @@ class Session {
   // overwritten by reprotect).
   [[nodiscard]] std::uint64_t diverged_blocks() const;
   [[nodiscard]] const SessionOptions& options() const { return opts_; }
+  // Run-time changes (SIGHUP). A new RPO restarts the cycle timer with the new period; a new
+  // rate applies to the next extent sent (0 = unlimited).
+  void set_rpo_seconds(std::uint32_t seconds);
+  void set_rate_limit(std::uint64_t bytes_per_s);
 
  private:
   class CowHook;
