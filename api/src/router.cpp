@@ -215,8 +215,28 @@ HttpResponse no_content() {
 
 std::string_view error_code(ErrorKind k) { return info(k).code; }
 
+std::span<const std::string_view> action_verbs() {
+  static constexpr std::string_view kVerbs[] = {"pause",     "resume",    "sync",
+                                                "failover",  "reprotect", "start_failover_test",
+                                                "stop_failover_test"};
+  return kVerbs;
+}
+
+std::vector<std::string> routes() {
+  std::vector<std::string> r = {"GET /metrics", "GET /api/rest/openapi.json", "GET /api/rest/volume",
+                                "GET /api/rest/volume/{id}", "GET /api/rest/replication_session",
+                                "GET /api/rest/replication_session/{id}"};
+  for (const auto verb : action_verbs()) r.push_back("POST /api/rest/replication_session/{id}/" + std::string(verb));
+  std::sort(r.begin(), r.end());
+  return r;
+}
+
 std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, std::string_view content_type,
                                                        std::string_view body) {
+  const auto verbs = action_verbs();
+  if (std::find(verbs.begin(), verbs.end(), verb) == verbs.end()) {
+    return error_response(ErrorKind::not_found, "No such action: " + std::string(verb) + ".", {std::string(verb)});
+  }
   ActionRequest ar;
   bool planned = true;
   std::optional<HttpResponse> bad;
@@ -239,8 +259,8 @@ std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, st
   } else if (verb == "stop_failover_test") {
     ar.action = Action::stop_test;
     bad = parse_flags(content_type, body, {{"force", &ar.args.force}});
-  } else {
-    return error_response(ErrorKind::not_found, "No such action: " + std::string(verb) + ".", {std::string(verb)});
+  } else {  // unreachable: action_verbs() lists every verb handled above
+    return error_response(ErrorKind::internal, "Action " + std::string(verb) + " has no parser.", {std::string(verb)});
   }
   if (bad) return std::move(*bad);
   return ar;
@@ -281,6 +301,12 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
   }
   if (p.size() < 3 || p[0] != "api" || p[1] != "rest") {
     co_return error_response(ErrorKind::not_found, "No such resource.", {req.target});
+  }
+  if (p.size() == 3 && p[2] == "openapi.json") {
+    if (!get) co_return method_not_allowed("GET");
+    HttpResponse r;
+    r.body = std::string(openapi_document());
+    co_return r;
   }
   if (p[2] == "volume" && p.size() <= 4) {
     if (!get) co_return method_not_allowed("GET");

@@ -255,6 +255,37 @@ class Api(unittest.TestCase):
                               "https://site-a:%d/api/rest/replication_session/%s/sync" % (port, SID))
         self.assertEqual(code, "204", text)
 
+    def test_openapi_document_matches_the_real_routes(self):
+        # The document served is checked against the router in a unit test; here every route it
+        # lists answers on a real daemon, every other method on those paths gets 405, and the
+        # objects the daemon returns have exactly the documented fields.
+        p = self.start()
+        code, doc = p.a.api("GET", "/api/rest/openapi.json")
+        self.assertEqual(code, 200)
+        self.assertEqual(doc["openapi"], "3.0.3")
+        self.assertGreaterEqual(len(doc["paths"]), 13)
+        for path, item in doc["paths"].items():
+            for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+                if method.lower() not in item:
+                    self.expect_error(p.a, method, path.replace("{id}", SID), 405)
+                elif method == "GET":
+                    concrete = path.replace("{id}", "vol0" if "/volume/" in path else SID)
+                    code, body = p.a.api("GET", concrete)
+                    self.assertEqual(code, 200, (path, body))
+                else:
+                    # An action on a session that does not exist: the route is there (the
+                    # unknown-session error, not no-such-path), and nothing happens to s-vol0.
+                    m = self.expect_error(p.a, method, path.replace("{id}", "no-such-session"), 404, body="{}")
+                    self.assertEqual(m["code"], "0xE04040020001", (path, m))
+        self.expect_error(p.a, "GET", "/api/rest/replication_session/%s/undocumented" % SID, 404)
+        schemas = doc["components"]["schemas"]
+        for d in (p.a, p.b):
+            self.assertEqual(set(d.session()), set(schemas["ReplicationSession"]["properties"]))
+            self.assertIn(d.session()["state"], schemas["ReplicationSession"]["properties"]["state"]["enum"])
+            code, vols = d.api("GET", "/api/rest/volume")
+            for v in vols:
+                self.assertEqual(set(v), set(schemas["Volume"]["properties"]))
+
     def test_peer_shutdown_for_maintenance(self):
         # A peer that shuts down cleanly says so: the other site shows Paused_For_NDU (the table:
         # pause, resume, sync, planned failover refused) and goes on by itself when it is back.

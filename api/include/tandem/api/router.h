@@ -8,6 +8,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -83,6 +84,16 @@ struct ActionRequest {
 // 404 for an unknown verb).
 std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, std::string_view content_type,
                                                        std::string_view body);
+
+// The action verbs: POST /api/rest/replication_session/{id}/<verb>. parse_action() knows
+// exactly these.
+std::span<const std::string_view> action_verbs();
+// Every route Router::handle() serves, "METHOD /path/{id}", sorted. The OpenAPI document lists
+// exactly these (tests/unit/api/openapi_test.cpp; the api integration test calls each one on a
+// real daemon).
+std::vector<std::string> routes();
+// The OpenAPI 3 document served at GET /api/rest/openapi.json (api/share/openapi.json).
+std::string_view openapi_document();
 
 class Router {
  public:
