@@ -9,8 +9,10 @@ PACKAGES=(
   libboost1.81-dev liburing-dev libssl-dev libxxhash-dev libspdlog-dev libfmt-dev
   libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libgtest-dev
   # real clients and tools used by the tests, the demo and the benchmarks
-  libnbd-bin python3-libnbd nbdkit nbdfuse fuse3 qemu-utils fio xxhash openssl curl
+  libnbd-bin python3-libnbd nbdkit fuse3 qemu-utils fio xxhash openssl curl
   e2fsprogs util-linux mount procps iproute2 rsync
+  # packaging and the service checks (cpack's dpkg-shlibdeps, systemd-analyze, man pages)
+  dpkg-dev systemd groff-base
 )
 
 missing=()

@@ -1,5 +1,7 @@
 #include "tandem/api/router.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -46,13 +48,16 @@ KindInfo info(ErrorKind k) {
   return {"0xE05000010001", 500};
 }
 
+// RFC 3339 in UTC with milliseconds: two cycles in the same second still differ.
 std::string rfc3339(std::chrono::system_clock::time_point t) {
-  const std::time_t tt = std::chrono::system_clock::to_time_t(t);
+  const auto ms = std::chrono::time_point_cast<std::chrono::milliseconds>(t);
+  const std::time_t tt = std::chrono::system_clock::to_time_t(ms);
   std::tm tm{};
   gmtime_r(&tt, &tm);
   std::array<char, 32> buf{};
-  std::strftime(buf.data(), buf.size(), "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf.data();
+  std::strftime(buf.data(), buf.size(), "%Y-%m-%dT%H:%M:%S", &tm);
+  const auto frac = ms.time_since_epoch().count() % 1000;
+  return fmt::format("{}.{:03d}Z", buf.data(), frac < 0 ? frac + 1000 : frac);
 }
 
 json time_or_null(const std::optional<std::chrono::system_clock::time_point>& t) {
@@ -357,6 +362,7 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
   const std::string state_arg(replication::state_name(before));
   switch (r.verdict) {
     case Verdict::wrong_role: co_return error_response(ErrorKind::wrong_role, r.message, {action_arg});
+    case Verdict::failed: co_return error_response(ErrorKind::failed, r.message, {action_arg, state_arg});
     default: break;
   }
   co_return error_response(ErrorKind::not_allowed, r.message, {action_arg, state_arg});

@@ -53,6 +53,9 @@ std::optional<Reply> call(const std::string& socket, const std::string& method, 
     boost::system::error_code ec;
     s.shutdown(local::socket::shutdown_both, ec);
     return Reply{res.result_int(), res.body()};
+  } catch (const boost::system::system_error& e) {
+    err = "cannot reach tandemd at " + socket + ": " + e.code().message();  // without Boost's source location
+    return std::nullopt;
   } catch (const std::exception& e) {
     err = "cannot reach tandemd at " + socket + ": " + e.what();
     return std::nullopt;
@@ -180,14 +183,22 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
       const double done_bytes = s.value("transfer_bytes_done", 0.0);
       // A new transfer (less done than before) starts a new rate measurement.
       if (!first_sample || done_bytes < first_sample->second) first_sample = {now, done_bytes};
-      std::string eta = str(s, "estimated_completion_timestamp");
       const double secs = std::chrono::duration<double>(now - first_sample->first).count();
-      const double rate = secs > 0.2 ? (done_bytes - first_sample->second) / secs / (1024.0 * 1024.0) : 0;
+      const double rate = secs > 0.2 ? (done_bytes - first_sample->second) / secs : 0;  // bytes/s
+      const double total = s.value("transfer_bytes_total", 0.0);
+      // Time left at the rate seen so far ("-" until there is one).
+      std::string eta = "-";
+      if (rate > 0 && total >= done_bytes) {
+        const auto left = static_cast<long>((total - done_bytes) / rate + 0.5);
+        eta = left >= 60 ? std::to_string(left / 60) + "m" + (left % 60 < 10 ? "0" : "") + std::to_string(left % 60) + "s"
+                         : std::to_string(left) + "s";
+      }
       char buf[160];
       if (tty) {
         std::string bar(static_cast<std::size_t>(pct * 30 / 100), '#');
         bar.resize(30, '.');
-        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f MiB/s  ETA %s", bar.c_str(), pct, rate, eta.c_str());
+        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f MiB/s  ETA %s", bar.c_str(), pct, rate / (1024.0 * 1024.0),
+                      eta.c_str());
       } else {
         std::snprintf(buf, sizeof buf, " %ld%% (ETA %s)", pct, eta.c_str());
       }

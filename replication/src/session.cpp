@@ -1006,7 +1006,8 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
                                   e.zero ? std::span<const std::byte>{} : std::span<const std::byte>(data.data(), len)));
     }
     bytes_shipped_ += e.zero ? 0 : len;
-    if (global < high_water_) bytes_reshipped_ += std::min<std::uint64_t>(len, high_water_ - global);
+    // Re-shipped: below where an interrupted attempt had got to (not a compare-mode resend).
+    if (resumed && global < resume_high) bytes_reshipped_ += std::min<std::uint64_t>(len, resume_high - global);
     co_return Status{};
   };
   auto drain_resends = [&]() -> asio::awaitable<Status> {
@@ -1511,7 +1512,7 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
 
 asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
   Status st = co_await pause_here(resume_to_sync);
-  if (!st) co_return ActionResult{Verdict::not_allowed, "pause failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
   bool both = false;
   if (conn_) {
     auto reply = co_await request(ControlOp::pause, state_.resume_to_sync);
@@ -1524,7 +1525,7 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
   state_.local_only_paused = !both;
   if (both) peer_paused_ = true;
   st = co_await persist();
-  if (!st) co_return ActionResult{Verdict::not_allowed, "pause failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
   if (both) {
     spdlog::info("session {}: paused on both sites{}", opts_.id,
                  state_.resume_to_sync ? " (a synchronization will go on from its restart address)" : "");
@@ -1538,13 +1539,13 @@ asio::awaitable<ActionResult> Session::do_resume() {
   auto reply = co_await request(ControlOp::resume, false);
   if (!reply || !reply->ok) {
     std::string why = reply ? reply->message : "the peer " + opts_.peer_name + " did not answer";
-    co_return ActionResult{Verdict::not_allowed, "Operation resume failed: " + why + "."};
+    co_return ActionResult{Verdict::failed, "Operation resume failed: " + why + "."};
   }
   state_.paused = false;
   state_.local_only_paused = false;
   peer_paused_ = false;
   Status st = co_await persist();
-  if (!st) co_return ActionResult{Verdict::not_allowed, "resume failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "resume failed: " + st.error().message()};
   spdlog::info("session {}: resumed on both sites", opts_.id);
   wake_.notify_all();
   co_return ActionResult{};
@@ -1570,7 +1571,15 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
   sit.resume_to_sync = state_.resume_to_sync;
   sit.force = args.force;
   sit.test_running = test_running_;
-  const Decision d = decide(a, sit);
+  Decision d = decide(a, sit);
+  if (d.verdict == Verdict::accept && a == Action::failover_planned && conn_) {
+    // A failover test on the destination is the peer's state: ask before accepting.
+    auto reply = co_await request(ControlOp::failover_check, false, 0);
+    if (reply && !reply->ok) {
+      d.verdict = Verdict::not_allowed;
+      d.message = "Operation " + std::string(action_name(a)) + " is not allowed: " + reply->message + ".";
+    }
+  }
   if (d.verdict != Verdict::accept) {
     spdlog::info("session {}: {} refused: {}", opts_.id, action_name(a), d.message);
     co_return ActionResult{d.verdict, d.message};
@@ -1591,7 +1600,7 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
       state_.phase = Phase::failing_over;
       state_.reverse = args.reverse;
       Status st = co_await persist();
-      if (!st) co_return ActionResult{Verdict::not_allowed, "failover failed: " + st.error().message()};
+      if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
       start_background(run_planned_failover());
       co_return ActionResult{};
     }
@@ -1605,7 +1614,7 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
       state_.phase = Phase::reprotecting;
       exchange_done_ = false;
       Status st = co_await persist();
-      if (!st) co_return ActionResult{Verdict::not_allowed, "reprotect failed: " + st.error().message()};
+      if (!st) co_return ActionResult{Verdict::failed, "reprotect failed: " + st.error().message()};
       start_background(run_reprotect());
       co_return ActionResult{};
     }

@@ -201,7 +201,7 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
     spdlog::warn("session {}: unplanned failover: dropping staged, uncommitted cycle {}", opts_.id,
                  state_.transfer_cycle);
   }
-  if (!st) co_return ActionResult{Verdict::not_allowed, "failover failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
   if (state_.initial != InitialState::done) {
     spdlog::warn("session {}: unplanned failover forced on a destination whose initial sync did not finish: "
                  "its image is not consistent",
@@ -214,7 +214,7 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   st = co_await become_source();  // drops the staged journal
   state_.phase = Phase::failed_over;
   if (st) st = co_await persist_generations(gens);
-  if (!st) co_return ActionResult{Verdict::not_allowed, "failover failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
   spdlog::warn("session {}: unplanned failover: this side is the source now, writable from committed cycle {} "
                "(generations {}); the old source becomes a destination when it returns",
                opts_.id, state_.committed_cycle, describe(generations_));
@@ -236,10 +236,19 @@ asio::awaitable<Status> Session::demote_by_hello(const SessionHello& h) {
   co_return Status{};
 }
 
+namespace {
+constexpr const char* kTestRunningHere = "a failover test is running on the destination; stop it there first";
+}  // namespace
+
 asio::awaitable<Status> Session::on_failover_control(const Control& c) {
   switch (c.op) {
+    case ControlOp::failover_check:
+      if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
+      if (test_running_) co_return co_await reply_control(c, false, 0, kTestRunningHere);
+      co_return co_await reply_control(c, true, 0, {});
     case ControlOp::failover: {
       if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
+      if (test_running_) co_return co_await reply_control(c, false, 0, kTestRunningHere);
       if (state_.initial != InitialState::done || dmode_ || state_.transfer_cycle != 0 || state_.applying_cycle != 0) {
         co_return co_await reply_control(c, false, 0, "a transfer is still under way here");
       }
@@ -380,7 +389,7 @@ asio::awaitable<void> Session::run_reprotect() {
 asio::awaitable<ActionResult> Session::start_test() {
   if (!opts_.export_test) co_return ActionResult{Verdict::not_allowed, "failover tests are not configured here"};
   Status st = co_await open_test(false);
-  if (!st) co_return ActionResult{Verdict::not_allowed, "start_failover_test failed: " + st.error().message()};
+  if (!st) co_return ActionResult{Verdict::failed, "start_failover_test failed: " + st.error().message()};
   spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
                "replication goes on underneath",
                opts_.id, state_.committed_cycle);

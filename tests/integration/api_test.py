@@ -105,7 +105,7 @@ class Api(unittest.TestCase):
         self.assertFalse(a["local_only_paused"])
         self.assertFalse(a["failover_test_in_progress"])
         self.assertEqual(a["rpo_seconds"], 2)
-        self.assertRegex(a["last_sync_timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertRegex(a["last_sync_timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertEqual(set(a["restart_address"]), {"cycle", "offset"})
         for k in ("progress_percentage", "estimated_completion_timestamp", "next_sync_timestamp", "lag_bytes",
                   "last_sync_duration", "error_code", "error_message", "local_resource_id", "remote_resource_id"):

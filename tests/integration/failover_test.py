@@ -331,6 +331,11 @@ class Failover(unittest.TestCase):
         uri = vol["exports"][0]
         self.post(p.b, "start_failover_test", expect=422)       # one test at a time
         self.post(p.b, "failover", '{"is_planned": false}', expect=422)  # no failover during a test
+        # Nor a planned one from the source: it asks the destination first, and nothing changes.
+        refused = self.post(p.a, "failover", '{"is_planned": true}', expect=422)
+        self.assertIn("a failover test is running on the destination", refused["messages"][0]["message_l10n"])
+        self.assertEqual(p.a.session()["state"], "OK")
+        self.assertEqual(p.a.session()["role"], "Source")
         # The test writes its image; the source writes on (some of the same places).
         t = nbd.NBD()
         t.connect_uri(uri)

@@ -63,6 +63,7 @@ enum class Verdict : std::uint8_t {
   accept,       // 204: act; the state becomes `next`
   wrong_role,   // 400: this action belongs to the other site
   not_allowed,  // 422: not in this state (or not now)
+  failed,       // 422: accepted, then failed on the way (an I/O error persisting it, the peer gone)
 };
 
 struct Decision {

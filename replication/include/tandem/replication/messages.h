@@ -137,8 +137,9 @@ enum class ControlOp : std::uint8_t {
   reprotect = 4,         // new source → new destination: send the blocks you changed
   reprotect_commit = 5,  // new source → new destination: they are safe here, forget them
   going_down = 6,        // either way, no reply: shutting down for maintenance, back soon
+  failover_check = 7,    // source → destination, before accepting a planned failover: could you take over?
 };
-inline constexpr std::uint8_t kControlOpMax = 6;
+inline constexpr std::uint8_t kControlOpMax = 7;
 
 struct Control {
   std::string session_id;
