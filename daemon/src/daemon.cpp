@@ -259,7 +259,7 @@ class Daemon {
     // after tandemd.service (a mount over nbd-client, say) finds them there.
     status_line_ = status_text();
     notify("READY=1\nSTATUS=" + status_line_);
-    for (const auto& s : sessions_) last_state_[s->id()] = s->state();
+    for (auto& sp : sessions_) sp->note_state();  // the state at start (not logged: the start-up lines say it)
     asio::co_spawn(ctx_, run_ticker(), abort_on_exception);
   }
 
@@ -273,7 +273,7 @@ class Daemon {
     if (watchdog) period = std::min(period, std::chrono::milliseconds(std::max<std::uint64_t>(watchdog_usec / 4000, 10)));
     while (!shutting_down_) {
       if (watchdog) notify("WATCHDOG=1");
-      log_state_changes();
+      for (auto& sp : sessions_) sp->note_state();  // a backstop: sessions log their own changes
       const std::string line = status_text();
       if (line != status_line_) {
         status_line_ = line;
@@ -300,31 +300,6 @@ class Daemon {
                          st.role == replication::Role::source ? ", lag " + format_bytes(st.lag_bytes) : std::string());
     }
     return out;
-  }
-
-  // Cycles take a session through Synchronizing and back to OK every RPO; those routine steps
-  // are logged at debug level. Every other change is logged once, at info (warn for the states
-  // an operator must look at).
-  void log_state_changes() {
-    using replication::State;
-    for (const auto& s : sessions_) {
-      const State now = s->state();
-      auto [it, inserted] = last_state_.try_emplace(s->id(), now);
-      if (inserted || it->second == now) continue;
-      const State before = it->second;
-      it->second = now;
-      const auto routine = [](State x) { return x == State::ok || x == State::synchronizing; };
-      const auto alarming = [](State x) {
-        return x == State::system_paused || x == State::error || x == State::paused_for_ndu;
-      };
-      const auto level = routine(before) && routine(now) ? spdlog::level::debug
-                         : alarming(now)                 ? spdlog::level::warn
-                                                         : spdlog::level::info;
-      const auto st = s->status();
-      spdlog::log(level, "session {}: state {} -> {} ({}{})", s->id(), replication::state_name(before),
-                  replication::state_name(now), st.role == replication::Role::source ? "source" : "destination",
-                  st.error.empty() ? std::string() : ": " + st.error);
-    }
   }
 
   // SIGHUP: re-read the configuration file and apply what can change at run time.
@@ -519,7 +494,6 @@ class Daemon {
   asio::signal_set signals_;
   asio::steady_timer tick_;
   std::string status_line_;
-  std::map<std::string, replication::State> last_state_;
   std::vector<VolumeRuntime> volumes_;
   std::vector<std::unique_ptr<replication::Session>> sessions_;
   std::unique_ptr<replication::Replicator> replicator_;

@@ -318,6 +318,7 @@ void Session::attach(std::shared_ptr<transport::Connection> conn) {
       }(this, conn_gen_),
       abort_on_exception);
   wake_.notify_all();
+  note_state();
 }
 
 void Session::detach(const std::string& reason) {
@@ -335,6 +336,7 @@ void Session::detach(const std::string& reason) {
   window_.notify_all();
   done_.notify_all();
   wake_.notify_all();
+  note_state();
 }
 
 void Session::request_sync() {
@@ -363,6 +365,28 @@ asio::awaitable<void> Session::stop() {
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
+
+void Session::note_state() {
+  const State now = state();
+  if (logged_state_ == now) return;
+  const std::optional<State> before = logged_state_;
+  logged_state_ = now;
+  if (!before) return;  // the state at start is in the start-up lines
+  const auto routine = [](State x) { return x == State::ok || x == State::synchronizing; };
+  const bool alarming = now == State::system_paused || now == State::error || now == State::paused_for_ndu;
+  const auto level = routine(*before) && routine(now) ? spdlog::level::debug
+                     : alarming                       ? spdlog::level::warn
+                                                      : spdlog::level::info;
+  const std::string why = (now == State::error || now == State::system_paused) && !error_.empty() ? ": " + error_ : "";
+  spdlog::log(level, "session {}: state {} -> {} ({}){}", opts_.id, state_name(*before), state_name(now),
+              state_.role == Role::source ? "source" : "destination", why);
+}
+
+// Logs a state change when a coroutine step ends, whichever way it leaves.
+struct Session::NoteOnExit {
+  Session* s;
+  ~NoteOnExit() { s->note_state(); }
+};
 
 State Session::state() const {
   const auto named = state_from_name(state_name_).value_or(State::ok);
@@ -423,6 +447,7 @@ SessionStatus Session::status() const {
 }
 
 asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte> payload) {
+  NoteOnExit note{this};
   // A destination's data messages are counted: an unplanned failover waits for the one being
   // handled (an apply, say) before it takes the volume over.
   struct Busy {
@@ -693,6 +718,7 @@ asio::awaitable<void> Session::run_source() {
       idle_.notify_all();
     }
     progress_.notify_all();  // whoever waits for a step to end (failover, reprotect)
+    note_state();
     if (state_.role != Role::source) break;
     if (!peer_ready_ || plan_ == Plan::refused || state_.paused || peer_paused_ || replication_held()) {
       co_await wake_.wait();
@@ -1552,6 +1578,7 @@ asio::awaitable<ActionResult> Session::do_resume() {
 }
 
 asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
+  NoteOnExit note{this};
   // One action at a time per session: the second waits for the first, then is judged on the
   // state the first left.
   while (control_busy_) co_await control_idle_.wait();

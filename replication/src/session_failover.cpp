@@ -188,6 +188,7 @@ asio::awaitable<void> Session::run_planned_failover() {
     if (conn_) conn_->close("roles swapped");  // both sides say hello again in their new roles
     break;
   }
+  note_state();
   progress_.notify_all();
 }
 

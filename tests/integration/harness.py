@@ -137,7 +137,9 @@ class Daemon:
                 os.unlink(path)
         self.logf = open(self.log_path, "a")
         env = dict(os.environ, **(self.env or {}))
-        self.proc = subprocess.Popen([TANDEMD, "-c", self.config], stdout=self.logf, stderr=self.logf, env=env)
+        # prefix: a wrapper command (setpriv, say) the daemon runs under.
+        self.proc = subprocess.Popen(list(getattr(self, "prefix", [])) + [TANDEMD, "-c", self.config],
+                                     stdout=self.logf, stderr=self.logf, env=env)
         _started.append(self)
 
         def ready():

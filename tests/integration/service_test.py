@@ -292,6 +292,34 @@ class Service(unittest.TestCase):
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertIn("NBD socket directory %s is writable by every user" % d, p.stderr)
 
+    def test_runs_with_only_the_units_capabilities(self):
+        # The unit's CapabilityBoundingSet and NoNewPrivileges, applied with setpriv: the pair
+        # still replicates, and the API socket still gets its group (CAP_CHOWN).
+        unit = os.path.join(os.path.dirname(__file__), "..", "..", "systemd", "tandemd.service")
+        with open(unit) as f:
+            caps = [l.split("=", 1)[1].split() for l in f if l.startswith("CapabilityBoundingSet=")][0]
+        self.assertTrue(caps)
+        bounding = "-all," + ",".join("+" + c[len("CAP_"):].lower() for c in caps)
+        prefix = ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all", "--no-new-privs", "--"]
+        pair = Pair(self.wd.path, SIZE)
+        for d in (pair.a, pair.b):
+            d.prefix = prefix
+            d.base_config = d.base_config.replace("[node]", '[node]\napi_socket_group = "disk"')
+            d.write_config()
+        self.pair = pair.start()
+        with open("/proc/%d/status" % pair.a.proc.pid) as f:
+            capbnd = [l.split()[1] for l in f if l.startswith("CapBnd:")][0]
+        self.assertNotEqual(int(capbnd, 16) & (1 << 21), 1 << 21, "CAP_SYS_ADMIN still in the bounding set")
+        wait_until(lambda: pair.a.session()["state"] == "OK" and pair.b.session()["state"] == "OK", "OK",
+                   timeout_s=120)
+        import grp
+        self.assertEqual(os.stat(pair.a.api_socket()).st_gid, grp.getgrnam("disk").gr_gid)
+        write_blocks(pair.a.uri("vol0"), seed=8, count=300)
+        code, body = pair.a.api("POST", "/api/rest/replication_session/%s/sync" % SID)
+        self.assertEqual(code, 204, body)
+        wait_identical(pair)
+        self.assertEqual(pair.stop(), [0, 0])
+
     def sigterm_mid_transfer(self, victim):
         pair = Pair(self.wd.path, SIZE, rpo=60, a_overrides={"rate_limit": "8MiB"})
         self.pair = pair.start()

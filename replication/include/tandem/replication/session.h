@@ -161,6 +161,11 @@ class Session {
   asio::awaitable<void> announce_shutdown();
   [[nodiscard]] SessionStatus status() const;
   [[nodiscard]] State state() const;
+  // Logs the session's state when it differs from the last one logged: once per change, with
+  // the session id. Called after every message, action, link change and step of the session's
+  // loops, and by the daemon's ticker as a backstop. The routine OK <-> Synchronizing steps of
+  // each cycle are logged at debug level; System_Paused, Paused_For_NDU and Error at warn.
+  void note_state();
   // Destination in Failed_Over: blocks written here after the failover point (they will be
   // overwritten by reprotect).
   [[nodiscard]] std::uint64_t diverged_blocks() const;
@@ -172,6 +177,7 @@ class Session {
 
  private:
   class CowHook;
+  struct NoteOnExit;
   struct Member {
     SessionMember m;
     std::uint64_t base = 0;  // global offset of the member's first byte
@@ -300,6 +306,7 @@ class Session {
   bool sync_requested_ = false;
   std::string error_;
   std::string state_name_;
+  std::optional<State> logged_state_;  // note_state()
 
   // Source run state.
   Plan plan_ = Plan::wait;
