@@ -131,6 +131,9 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
       m.m.volume->set_access(engine::Access::read_only);
     }
   }
+  if (s->state_.last_sync_unix_ms != 0) {
+    s->last_sync_ = std::chrono::system_clock::time_point(std::chrono::milliseconds(s->state_.last_sync_unix_ms));
+  }
   s->state_name_ = s->state_.role == Role::destination && s->state_.committed_cycle == 0 ? "Initializing"
                    : s->state_.role == Role::source && !s->state_.paired             ? "Initializing"
                                                                                      : "OK";
@@ -365,6 +368,12 @@ asio::awaitable<void> Session::stop() {
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
+
+namespace {
+std::uint64_t unix_ms(std::chrono::system_clock::time_point t) {
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count());
+}
+}  // namespace
 
 void Session::note_state() {
   const State now = state();
@@ -1128,6 +1137,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   transfer_total_ = 0;  // no progress to show until the next transfer
   transfer_done_ = 0;
   last_sync_ = std::chrono::system_clock::now();
+  state_.last_sync_unix_ms = unix_ms(*last_sync_);  // persisted with the cycle's end below
   if (is_cycle) {
     TANDEM_CO_TRY(co_await finish_cycle(cycle));
     spdlog::info("session {}: cycle {} committed: {} blocks in {} ms ({} bytes shipped, {} re-shipped in all)",
@@ -1420,12 +1430,13 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   state_.committed_cycle = cycle;
   state_.applying_cycle = 0;
   state_.transfer_cycle = 0;
+  last_sync_ = std::chrono::system_clock::now();
+  state_.last_sync_unix_ms = unix_ms(*last_sync_);
   TANDEM_CO_TRY(co_await persist());
   for (auto& mem : members_) {
     if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->remove());
     mem.journal.reset();
   }
-  last_sync_ = std::chrono::system_clock::now();
   state_name_ = "OK";
   spdlog::info("session {}: cycle {} committed and applied ({} bytes)", opts_.id, cycle, bytes);
   co_return Status{};

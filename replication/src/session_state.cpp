@@ -21,7 +21,7 @@ std::vector<std::uint8_t> encode_state(const SessionState& s) {
   b[3] = static_cast<std::uint8_t>(s.initial);
   unsigned char* p = b.data() + 4;
   for (std::uint64_t v : {s.initial_offset, s.committed_cycle, s.transfer_cycle, s.applying_cycle, s.next_cycle,
-                          std::uint64_t{0}}) {
+                          s.last_sync_unix_ms}) {
     put_le64(p, v);
     p += 8;
   }
@@ -52,6 +52,7 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
   s.applying_cycle = get_le64(p + 24);
   s.next_cycle = get_le64(p + 32);
   if (s.next_cycle == 0) s.next_cycle = 1;
+  s.last_sync_unix_ms = get_le64(p + 40);
   if (v2) {
     s.paused = (blob[kBytesV1] & 1) != 0;
     s.local_only_paused = (blob[kBytesV1] & 2) != 0;

@@ -347,6 +347,17 @@ class Service(unittest.TestCase):
 
     def test_sigterm_destination_mid_transfer(self):
         a, b = self.sigterm_mid_transfer("b")
+        # The time of the last commit survives a crash of the destination: the age of its
+        # image is known before anyone decides on an unplanned failover.
+        wait_until(lambda: b.session()["last_sync_timestamp"] is not None, "a last sync on site-b")
+        wait_until(lambda: a.session()["lag_bytes"] == 0, "nothing left to ship")
+        code, _ = a.api("POST", "/api/rest/replication_session/%s/pause" % SID)  # no cycle meanwhile
+        self.assertEqual(code, 204)
+        wait_until(lambda: b.session()["state"] == "Paused", "Paused on site-b")
+        before = b.session()["last_sync_timestamp"]
+        b.kill()
+        b.start()
+        self.assertEqual(b.session()["last_sync_timestamp"], before)
         reshipped = metric(a, "tandem_session_reshipped_bytes_total")
         self.assertLess(reshipped, SIZE // 4, "re-shipped %d bytes of %d" % (reshipped, SIZE))
         # The destination kept its restart address through the stop, and the transfer went on

@@ -39,6 +39,10 @@ struct SessionState {
   std::uint64_t transfer_cycle = 0;
   std::uint64_t applying_cycle = 0;            // destination: commit record (journal being applied)
   std::uint64_t next_cycle = 1;                // source: number of the next cut
+  // When the last cycle committed (Unix time, ms; 0 = never): last_sync_timestamp, kept across
+  // restarts so that the age of a destination's image is known before an unplanned failover.
+  // In what was version 1's reserved sixth word, always written 0 before.
+  std::uint64_t last_sync_unix_ms = 0;
   // Control state (version 2).
   bool paused = false;             // an operator paused the session (here, and the peer unless local_only)
   bool local_only_paused = false;  // the pause did not reach the peer
