@@ -22,10 +22,11 @@ set(CPACK_PACKAGE_NAME tandem)
 set(CPACK_PACKAGE_VENDOR "tandem")
 set(CPACK_PACKAGE_CONTACT "tandem maintainers <tandem@localhost>")
 set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "block-device replication for disaster recovery")
-set(CPACK_PACKAGE_DESCRIPTION
-    "tandemd replicates Linux block devices between two hosts over mutual TLS, in crash-consistent\n"
-    "cycles, with planned and unplanned failover, reprotect and failover tests driven by a REST\n"
-    "API and tandemctl.")
+set(CPACK_PACKAGE_DESCRIPTION "tandemd replicates Linux block devices between two hosts over mutual TLS, \
+in crash-consistent cycles, with planned and unplanned failover, reprotect and failover tests \
+driven by a REST API and tandemctl.")
+# Debug information stays in the build tree; the package carries stripped binaries.
+set(CPACK_STRIP_FILES ON)
 set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
 set(CPACK_GENERATOR DEB)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)

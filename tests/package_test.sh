@@ -26,6 +26,9 @@ for dep in liburing2 libssl3 libsystemd0 libstdc++6 libc6 procps; do
   grep -qE "(^|, )${dep//+/\\+}( |,|$)" <<<"$DEPENDS" || fail "Depends lacks $dep"
 done
 grep -q "nbd-client" <<<"$(dpkg-deb -f "$DEB" Recommends)" || fail "Recommends lacks nbd-client"
+DESC=$(dpkg-deb -f "$DEB" Description)
+grep -q "replicates Linux block devices" <<<"$DESC" || fail "Description: $DESC"
+! grep -q ";" <<<"$DESC" || fail "Description has list separators: $DESC"
 
 check_layout() {  # check_layout ROOT: the installed tree under ROOT (prefix /usr)
   local R=$1
@@ -43,6 +46,9 @@ check_layout() {  # check_layout ROOT: the installed tree under ROOT (prefix /us
   extra=$(cd "$R" && find . -type f | grep -vE '^\./usr/(sbin/tandemd|bin/tandemctl|lib/systemd/system/tandemd\.service|share/man/man[58]/|share/doc/tandem/)' || true)
   [ -z "$extra" ] || fail "unexpected files installed: $extra"
   "$R/usr/sbin/tandemd" --version | grep -qx "tandemd 0.1.0" || fail "tandemd --version"
+  if [ "$R" = "$TMP/root" ]; then  # the package's binaries are stripped (debug info stays in the build)
+    ! readelf -S "$R/usr/sbin/tandemd" | grep -q "\.debug_info" || fail "tandemd in the .deb is not stripped"
+  fi
   "$R/usr/bin/tandemctl" --help | grep -q "session" || fail "tandemctl --help"
   "$R/usr/sbin/tandemd" --check-config -c "$R/usr/share/doc/tandem/examples/tandemd.toml" >/dev/null ||
     fail "the example configuration does not pass --check-config"
