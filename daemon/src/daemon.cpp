@@ -271,13 +271,17 @@ class Daemon {
     // Ping at a quarter of the watchdog's period; look at the sessions at least twice a second.
     auto period = std::chrono::milliseconds(500);
     if (watchdog) period = std::min(period, std::chrono::milliseconds(std::max<std::uint64_t>(watchdog_usec / 4000, 10)));
-    while (!shutting_down_) {
+    // It goes on pinging during a shutdown (flushing big volumes takes a while), until the
+    // shutdown is over.
+    while (!stopped_) {
       if (watchdog) notify("WATCHDOG=1");
-      for (auto& sp : sessions_) sp->note_state();  // a backstop: sessions log their own changes
-      const std::string line = status_text();
-      if (line != status_line_) {
-        status_line_ = line;
-        notify("STATUS=" + line);
+      if (!shutting_down_) {
+        for (auto& sp : sessions_) sp->note_state();  // a backstop: sessions log their own changes
+        const std::string line = status_text();
+        if (line != status_line_) {
+          status_line_ = line;
+          notify("STATUS=" + line);
+        }
       }
       tick_.expires_after(period);
       auto [ec] = co_await tick_.async_wait(asio::as_tuple(asio::use_awaitable));
@@ -364,7 +368,6 @@ class Daemon {
     if (shutting_down_) co_return;
     shutting_down_ = true;
     notify("STOPPING=1\nSTATUS=" + cfg_.node.name + ": shutting down");
-    tick_.cancel();
     if (api_) co_await api_->stop();
     for (auto& v : volumes_) {
       if (v.nbd) co_await v.nbd->stop();
@@ -390,6 +393,8 @@ class Daemon {
     }
     boost::system::error_code ec;
     signals_.cancel(ec);
+    stopped_ = true;
+    tick_.cancel();
   }
 
   struct TestExport {
@@ -501,6 +506,7 @@ class Daemon {
   std::map<std::string, std::vector<TestExport>> tests_;  // session id -> its failover test's exports
   std::unique_ptr<api::ApiServer> api_;
   bool shutting_down_ = false;
+  bool stopped_ = false;  // shutdown() is over
   int exit_code_ = 0;
 };
 
