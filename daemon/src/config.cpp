@@ -1,5 +1,7 @@
 #include "tandem/daemon/config.h"
 
+#include <sys/stat.h>
+#include <fmt/format.h>
 #include <toml++/toml.h>
 
 #include <algorithm>
@@ -458,6 +460,31 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
   return p;
 }
 
+Status check_files(const Config& cfg) {
+  namespace fs = std::filesystem;
+  if (cfg.tls) {
+    struct stat st {};
+    if (::stat(cfg.tls->key.c_str(), &st) == 0 && (st.st_mode & S_IRWXO) != 0) {
+      return config_error(cfg.source + ": tls.key: " + cfg.tls->key + " is accessible to every user (mode " +
+                          fmt::format("{:04o}", st.st_mode & 07777) + "); chmod 600 it");
+    }
+  }
+  auto socket_dir = [&cfg](const std::string& socket, const std::string& key) -> Status {
+    if (socket.empty()) return {};
+    const std::string dir = fs::path(socket).parent_path().string();
+    struct stat st {};
+    if (::stat(dir.empty() ? "." : dir.c_str(), &st) == 0 && (st.st_mode & S_IWOTH) != 0) {
+      return config_error(cfg.source + ": " + key + ": directory " + dir + " is writable by every user (mode " +
+                          fmt::format("{:04o}", st.st_mode & 07777) +
+                          "): anyone could replace the socket; use one only tandemd can write, such as /run/tandem");
+    }
+    return {};
+  };
+  TANDEM_TRY(socket_dir(cfg.node.api_socket, "node.api_socket"));
+  for (const auto& v : cfg.volumes) TANDEM_TRY(socket_dir(v.nbd_socket, "volume " + v.id + ".nbd_socket"));
+  return {};
+}
+
 std::string systemd_dropin(const Config& cfg) {
   namespace fs = std::filesystem;
   std::vector<std::string> devices;
@@ -476,9 +503,9 @@ std::string systemd_dropin(const Config& cfg) {
     std::error_code ec;
     const bool is_device = v.path.rfind("/dev/", 0) == 0 || fs::is_block_file(v.path, ec);
     if (is_device) {
-      // Symlinks (/dev/disk/by-id/...) resolve to the node the cgroup rule must name.
-      const auto real = fs::canonical(v.path, ec);
-      devices.push_back(ec ? v.path : real.string());
+      // The path as configured: systemd resolves it (symlinks too) each time the unit starts,
+      // while a kernel name (/dev/dm-3, /dev/sdb) may belong to another disk after a reboot.
+      devices.push_back(v.path);
     } else {
       add_path(v.path);
     }
@@ -492,7 +519,8 @@ std::string systemd_dropin(const Config& cfg) {
     out += "DeviceAllow=\n";  // an empty assignment drops the unit's device classes
     for (const auto& d : devices) out += "DeviceAllow=" + d + " rw\n";
   }
-  for (const auto& p : paths) out += "ReadWritePaths=" + p + "\n";
+  // "-": a directory that does not exist yet (a socket's, under /run) does not fail the unit.
+  for (const auto& p : paths) out += "ReadWritePaths=-" + p + "\n";
   return out;
 }
 

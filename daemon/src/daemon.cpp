@@ -104,7 +104,7 @@ class Daemon {
  public:
   Daemon(Config cfg, std::string config_path)
       : cfg_(std::move(cfg)), config_path_(std::move(config_path)), signals_(ctx_, SIGTERM, SIGINT, SIGHUP),
-        tick_(ctx_) {}
+        tick_(ctx_), start_tick_(ctx_) {}
 
   int run() {
     asio::co_spawn(ctx_, start(), abort_on_exception);
@@ -113,8 +113,25 @@ class Daemon {
   }
 
  private:
+  // Start-up can take long: a destination killed while applying a cycle replays it before its
+  // session is loaded. Until READY it tells systemd it is still going (EXTEND_TIMEOUT_USEC)
+  // and what it is doing (STATUS), so the unit's start timeout bounds a stuck start, not a
+  // long one.
+  asio::awaitable<void> extend_start() {
+    while (!ready_ && !shutting_down_) {
+      notify("EXTEND_TIMEOUT_USEC=60000000");
+      start_tick_.expires_after(std::chrono::seconds(20));
+      auto [ec] = co_await start_tick_.async_wait(asio::as_tuple(asio::use_awaitable));
+      (void)ec;
+    }
+  }
+
+  void starting(const std::string& what) { notify("STATUS=" + cfg_.node.name + ": starting: " + what); }
+
   asio::awaitable<void> start() {
+    asio::co_spawn(ctx_, extend_start(), abort_on_exception);
     for (const auto& vc : cfg_.volumes) {
+      starting("opening volume " + vc.id + " (" + vc.path + ")");
       auto rt = co_await open_volume(ctx_, vc);
       if (!rt) {
         spdlog::error("{}", rt.error().message());
@@ -151,6 +168,7 @@ class Daemon {
         }
       }
       asio::any_io_executor ex = ctx_.get_executor();
+      starting("loading session " + sc.id + " (a cycle the destination had committed is applied first)");
       auto s = co_await replication::Session::open(std::move(ex), std::move(so));
       if (!s) {
         spdlog::error("session {}: {}", sc.id, s.error().message());
@@ -258,6 +276,8 @@ class Daemon {
     // READY only now: every volume is exported and every session loaded, so a unit ordered
     // after tandemd.service (a mount over nbd-client, say) finds them there.
     status_line_ = status_text();
+    ready_ = true;
+    start_tick_.cancel();
     notify("READY=1\nSTATUS=" + status_line_);
     for (auto& sp : sessions_) sp->note_state();  // the state at start (not logged: the start-up lines say it)
     asio::co_spawn(ctx_, run_ticker(), abort_on_exception);
@@ -395,6 +415,7 @@ class Daemon {
     signals_.cancel(ec);
     stopped_ = true;
     tick_.cancel();
+    start_tick_.cancel();
   }
 
   struct TestExport {
@@ -498,6 +519,7 @@ class Daemon {
   asio::io_context ctx_;
   asio::signal_set signals_;
   asio::steady_timer tick_;
+  asio::steady_timer start_tick_;  // extend_start()
   std::string status_line_;
   std::vector<VolumeRuntime> volumes_;
   std::vector<std::unique_ptr<replication::Session>> sessions_;
@@ -507,6 +529,7 @@ class Daemon {
   std::unique_ptr<api::ApiServer> api_;
   bool shutting_down_ = false;
   bool stopped_ = false;  // shutdown() is over
+  bool ready_ = false;    // READY=1 sent
   int exit_code_ = 0;
 };
 

@@ -41,6 +41,13 @@ int main(int argc, char** argv) {
     std::cout << tandem::daemon::systemd_dropin(*cfg);
     return 0;
   }
+  // Before the daemon runs (and for --check-config, so the unit's ExecStartPre stops it): the
+  // key's and the sockets' permissions.
+  const bool runs = !inspect && set_role.empty();
+  if (auto files = tandem::daemon::check_files(*cfg); (check || runs) && !files) {
+    std::fprintf(stderr, "tandemd: %s\n", files.error().message().c_str());
+    return 2;
+  }
   if (check) {
     std::printf("%s: OK (%zu volume(s))\n", config_path.c_str(), cfg->volumes.size());
     return 0;

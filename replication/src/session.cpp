@@ -60,7 +60,9 @@ asio::awaitable<void> Session::pace(std::uint64_t bytes) {
     const auto wait = limiter_.delay(transport::RateLimiter::Clock::now());
     if (wait == transport::RateLimiter::Clock::duration::zero()) break;
     asio::steady_timer t(ex_, wait);
+    pacing_ = &t;  // a new rate (set_rate_limit) cuts the wait short and it is priced again
     auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+    pacing_ = nullptr;
     (void)ec;
     if (stopping_) co_return;
   }
@@ -706,6 +708,7 @@ void Session::set_rpo_seconds(std::uint32_t seconds) {
 void Session::set_rate_limit(std::uint64_t bytes_per_s) {
   opts_.rate_limit_bytes_per_s = bytes_per_s;
   limiter_.set_rate(bytes_per_s, transport::RateLimiter::Clock::now());
+  if (pacing_ != nullptr) pacing_->cancel();
 }
 
 asio::awaitable<void> Session::run_timer() {
@@ -1611,11 +1614,21 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
   sit.test_running = test_running_;
   Decision d = decide(a, sit);
   if (d.verdict == Verdict::accept && a == Action::failover_planned && conn_) {
-    // A failover test on the destination is the peer's state: ask before accepting.
+    // A failover test on the destination is the peer's state: ask before accepting, then judge
+    // again on the state after the wait (the peer may have gone meanwhile).
     auto reply = co_await request(ControlOp::failover_check, false, 0);
-    if (reply && !reply->ok) {
+    if (!reply) {
+      d.verdict = Verdict::failed;
+      d.message = "Operation " + std::string(action_name(a)) + " failed: the peer " + opts_.peer_name +
+                  " did not answer whether it can take over; try again.";
+    } else if (!reply->ok) {
       d.verdict = Verdict::not_allowed;
       d.message = "Operation " + std::string(action_name(a)) + " is not allowed: " + reply->message + ".";
+    } else {
+      sit.state = state();
+      sit.peer_reachable = conn_ != nullptr;
+      sit.local_only_paused = state_.local_only_paused;
+      d = decide(a, sit);
     }
   }
   if (d.verdict != Verdict::accept) {

@@ -243,13 +243,19 @@ constexpr const char* kTestRunningHere = "a failover test is running on the dest
 
 asio::awaitable<Status> Session::on_failover_control(const Control& c) {
   switch (c.op) {
-    case ControlOp::failover_check:
-      if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
-      if (test_running_) co_return co_await reply_control(c, false, 0, kTestRunningHere);
-      co_return co_await reply_control(c, true, 0, {});
+    case ControlOp::failover_check: {
+      // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
+      std::string why;
+      if (state_.role != Role::destination) why = "this side is not a destination";
+      if (why.empty() && test_running_) why = kTestRunningHere;
+      const bool ok = why.empty();
+      co_return co_await reply_control(c, ok, 0, std::move(why));
+    }
     case ControlOp::failover: {
-      if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
-      if (test_running_) co_return co_await reply_control(c, false, 0, kTestRunningHere);
+      if (state_.role != Role::destination || test_running_) {
+        std::string why = state_.role != Role::destination ? "this side is not a destination" : kTestRunningHere;
+        co_return co_await reply_control(c, false, 0, std::move(why));
+      }
       if (state_.initial != InitialState::done || dmode_ || state_.transfer_cycle != 0 || state_.applying_cycle != 0) {
         co_return co_await reply_control(c, false, 0, "a transfer is still under way here");
       }

@@ -185,15 +185,16 @@ class Service(unittest.TestCase):
         wait_until(lambda: a.session()["state"] == "OK" and pair.b.session()["state"] == "OK", "OK", timeout_s=120)
         self.assertEqual(a.session()["rpo_seconds"], 2)
         # RPO and rate limit: applied and said so; a volume's socket path needs a restart.
-        a.extra_config = a.extra_config.replace("rpo_seconds = 2", 'rpo_seconds = 7\nrate_limit = "4MiB"')
+        # RPO 3600: no cycle of the timer's starts during the fill below and ships part of it early.
+        a.extra_config = a.extra_config.replace("rpo_seconds = 2", 'rpo_seconds = 3600\nrate_limit = "4MiB"')
         a.base_config = a.base_config.replace('nbd_socket = "%s"' % a.socket("vol0"),
                                               'nbd_socket = "%s"' % os.path.join(self.wd.path, "moved.nbd"))
         a.write_config()
         out = self.reload(a, "needs a restart")
-        self.assertIn("SIGHUP: applied session s-vol0 rpo_seconds: 2 -> 7", out)
+        self.assertIn("SIGHUP: applied session s-vol0 rpo_seconds: 2 -> 3600", out)
         self.assertIn("SIGHUP: applied session s-vol0 rate_limit: unlimited -> 4194304 B/s", out)
         self.assertIn("SIGHUP: volume vol0 nbd_socket changed: this needs a restart", out)
-        self.assertEqual(a.session()["rpo_seconds"], 7)
+        self.assertEqual(a.session()["rpo_seconds"], 3600)
         self.assertTrue(os.path.exists(a.socket("vol0")))  # the export stays where it was
         # The new limit holds: 16 MiB at 4 MiB/s cannot ship in under ~3 s (a lower bound that only
         # a limit not applied can break).
@@ -209,19 +210,25 @@ class Service(unittest.TestCase):
             f.write("\nno_such_key = 1\n")
         out = self.reload(a, "keeping the running configuration")
         self.assertIn("no_such_key", out)
-        self.assertEqual(a.session()["rpo_seconds"], 7)
-        # Log level: at warn, an info line ("unchanged") is not written; back at info it is.
-        a.write_config()
+        self.assertEqual(a.session()["rpo_seconds"], 3600)
+        # Log level. The file as running (the socket back where it is), at warn: an info line
+        # ("applied") is no longer written, though the change it reports is made (the API shows it).
+        a.base_config = a.base_config.replace('nbd_socket = "%s"' % os.path.join(self.wd.path, "moved.nbd"),
+                                              'nbd_socket = "%s"' % a.socket("vol0"))
         a.base_config = a.base_config.replace('log_level = "debug"', 'log_level = "warn"')
+        a.extra_config = a.extra_config.replace("rpo_seconds = 3600", "rpo_seconds = 3599")
         a.write_config()
-        self.reload(a, "needs a restart")  # the warning still shows at warn
         before = len(a.log())
-        a.proc.send_signal(signal.SIGHUP)  # nothing changed: an info line, filtered out
+        a.proc.send_signal(signal.SIGHUP)  # the level is set before the changes are logged
+        wait_until(lambda: a.session()["rpo_seconds"] == 3599, "the RPO change, at warn")
+        self.assertNotIn("rpo_seconds: 3600 -> 3599", a.log()[before:])
+        self.assertNotIn("log_level: debug -> warn", a.log()[before:])
+        # Back at info, the next reload's lines show again.
         a.base_config = a.base_config.replace('log_level = "warn"', 'log_level = "info"')
-        time.sleep(0.5)
+        a.extra_config = a.extra_config.replace("rpo_seconds = 3599", "rpo_seconds = 3598")
         a.write_config()
-        out = self.reload(a, "log_level: warn -> info")
-        self.assertNotIn("unchanged", a.log()[before:])
+        out = self.reload(a, "SIGHUP: applied [node] log_level: warn -> info")
+        self.assertIn("SIGHUP: applied session s-vol0 rpo_seconds: 3599 -> 3598", out)
         self.assertNotIn("[debug]", out)
 
     def test_journald_lines_and_state_changes(self):
@@ -258,14 +265,24 @@ class Service(unittest.TestCase):
             if l:
                 self.assertRegex(l, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} \[\w+\] ", l)
 
+    def refused(self, config, expect):
+        """tandemd and tandemd --check-config both refuse `config` with exit 2 (a configuration
+        error: the unit does not restart on it), naming the problem; nothing is created."""
+        for extra in ([], ["--check-config"]):
+            p = subprocess.run([harness.TANDEMD, "-c", config] + extra, capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 2, (extra, p.stdout, p.stderr))
+            self.assertIn(expect, p.stderr)
+
     def test_refuses_world_readable_key_and_open_socket_dir(self):
         pair = Pair(self.wd.path, SIZE)
         key = os.path.join(pair.certs, "site-a.key")
         os.chmod(key, 0o644)
-        pair.a.write_config()
-        p = subprocess.run([harness.TANDEMD, "-c", pair.a.config], capture_output=True, text=True, timeout=120)
-        self.assertNotEqual(p.returncode, 0)
-        self.assertIn("private key '%s' is accessible to every user (mode 0644)" % key, p.stderr)
+        self.refused(pair.a.config, "tls.key: %s is accessible to every user (mode 0644); chmod 600 it" % key)
+        self.assertFalse(os.path.exists(pair.a.api_socket()))
+        os.chmod(key, 0o640)  # a group that may read it: allowed
+        p = subprocess.run([harness.TANDEMD, "-c", pair.a.config, "--check-config"], capture_output=True, text=True,
+                           timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
         os.chmod(key, 0o600)
         # An API socket in a directory every user can write (even with the sticky bit, like /tmp).
         for mode in (0o777, 0o1777):
@@ -276,9 +293,7 @@ class Service(unittest.TestCase):
             a = harness.Daemon(self.wd.path, [("vol0", SIZE)], name="solo")
             a.base_config = a.base_config.replace('api_socket = "%s"' % a.api_socket(), 'api_socket = "%s"' % sock)
             a.write_config()
-            p = subprocess.run([harness.TANDEMD, "-c", a.config], capture_output=True, text=True, timeout=120)
-            self.assertEqual(p.returncode, 1, p.stderr)
-            self.assertIn("API socket directory %s is writable by every user (mode %04o)" % (d, mode), p.stderr)
+            self.refused(a.config, "node.api_socket: directory %s is writable by every user (mode %04o)" % (d, mode))
             self.assertFalse(os.path.exists(sock))
         # The same for an NBD socket.
         d = os.path.join(self.wd.path, "open-nbd")
@@ -288,9 +303,7 @@ class Service(unittest.TestCase):
         a.base_config = a.base_config.replace('nbd_socket = "%s"' % a.socket("vol0"),
                                               'nbd_socket = "%s"' % os.path.join(d, "vol0.nbd"))
         a.write_config()
-        p = subprocess.run([harness.TANDEMD, "-c", a.config], capture_output=True, text=True, timeout=120)
-        self.assertEqual(p.returncode, 1, p.stderr)
-        self.assertIn("NBD socket directory %s is writable by every user" % d, p.stderr)
+        self.refused(a.config, "volume vol0.nbd_socket: directory %s is writable by every user" % d)
 
     def test_runs_with_only_the_units_capabilities(self):
         # The unit's CapabilityBoundingSet and NoNewPrivileges, applied with setpriv: the pair
@@ -369,8 +382,14 @@ class Service(unittest.TestCase):
 
     def test_sigterm_source_mid_transfer(self):
         a, b = self.sigterm_mid_transfer("a")
-        # The restarted source resumed the initial sync instead of starting over.
-        self.assertRegex(a.log(), r"resum")
+        # After the restart the source resumed the cycle it had cut, from the restart address the
+        # destination kept: the cycle's 64 MiB are not shipped again in full.
+        after = a.log().split("signal SIGTERM: shutting down", 1)[1]
+        m = re.search(r"resuming cycle (\d+) after restart", after)
+        self.assertTrue(m, after)
+        c = re.search(r"cycle %s committed: \d+ blocks in \d+ ms \((\d+) bytes shipped" % m.group(1), after)
+        self.assertTrue(c, after)
+        self.assertLess(int(c.group(1)), SIZE * 3 // 4, after)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ TEST(Config, SystemdDropinOpensWhatTheConfigUses) {
   const std::string d = systemd_dropin(parsed(kGood));
   // The block device by name, replacing the unit's device classes; the file's directory.
   EXPECT_NE(d.find("[Service]\nDeviceAllow=\nDeviceAllow=/dev/nvme0n1 rw\n"), std::string::npos) << d;
-  EXPECT_NE(d.find("ReadWritePaths=/srv\n"), std::string::npos) << d;
+  EXPECT_NE(d.find("ReadWritePaths=-/srv\n"), std::string::npos) << d;
   // Nothing for the unit's own directories.
   EXPECT_EQ(d.find("ReadWritePaths=/var/lib/tandem"), std::string::npos) << d;
   EXPECT_EQ(d.find("ReadWritePaths=/run/tandem"), std::string::npos) << d;

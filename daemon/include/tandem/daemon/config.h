@@ -92,6 +92,12 @@ struct ReloadPlan {
 };
 ReloadPlan plan_reload(const Config& running, const Config& next);
 
+// What can be checked about the files a configuration names before anything starts: the TLS
+// key must not be accessible to every user, and no socket may go into a directory every user
+// can write (anyone could replace the socket). --check-config and the daemon's start both run
+// it; a failure is a configuration error (exit 2, which the unit does not restart on).
+Status check_files(const Config& cfg);
+
 // A systemd drop-in ([Service] section) that lets the sandboxed unit reach what `cfg` uses:
 // DeviceAllow= for each block device (the list replaces the unit's device classes), and
 // ReadWritePaths= for regular-file volumes, metadata and sockets outside the unit's own

@@ -331,6 +331,7 @@ class Session {
   std::uint64_t corrupt_every_ = 0;  // probe: corrupt every Nth extent sent (tests)
   std::uint64_t extents_sent_ = 0;
   std::uint64_t corrupted_ = 0;
+  asio::steady_timer* pacing_ = nullptr;  // pace()'s wait, while there is one
   transport::RateLimiter limiter_;  // SessionOptions::rate_limit_bytes_per_s, on extent data
   asio::awaitable<void> pace(std::uint64_t bytes);
   std::uint64_t bytes_reshipped_ = 0;
