@@ -367,6 +367,30 @@ void differs(std::vector<std::string>& out, const T& a, const T& b, std::string 
   if (!(a == b)) out.push_back(std::move(what));
 }
 
+// Pairs the entries of `running` and `next` by id: `both(name, a, b)` for each id in both
+// ("<kind> <id>" as name); one removed or added is a restart, named in `restart`.
+template <class T, class Both>
+void by_id(const std::vector<T>& running, const std::vector<T>& next, const std::string& kind,
+           std::vector<std::string>& restart, Both both) {
+  auto find = [](const std::vector<T>& in, const std::string& id) -> const T* {
+    for (const auto& x : in) {
+      if (x.id == id) return &x;
+    }
+    return nullptr;
+  };
+  for (const auto& a : running) {
+    const T* b = find(next, a.id);
+    if (b == nullptr) {
+      restart.push_back(kind + " " + a.id + " (removed)");
+    } else {
+      both(kind + " " + a.id, a, *b);
+    }
+  }
+  for (const auto& b : next) {
+    if (find(running, b.id) == nullptr) restart.push_back(kind + " " + b.id + " (added)");
+  }
+}
+
 }  // namespace
 
 ReloadPlan plan_reload(const Config& running, const Config& next) {
@@ -382,29 +406,16 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
   differs(r, a.api_listen, b.api_listen, "[node] api_listen");
   differs(r, a.api_token, b.api_token, "[node] api_token");
 
-  for (const auto& va : running.volumes) {
-    const VolumeConfig* vb = nullptr;
-    for (const auto& v : next.volumes) {
-      if (v.id == va.id) vb = &v;
-    }
-    const std::string name = "volume " + va.id;
-    if (vb == nullptr) {
-      r.push_back(name + " (removed)");
-      continue;
-    }
-    differs(r, va.path, vb->path, name + " path");
-    differs(r, va.size_bytes, vb->size_bytes, name + " size");
-    differs(r, va.meta_path, vb->meta_path, name + " meta_path");
-    differs(r, va.nbd_socket, vb->nbd_socket, name + " nbd_socket");
-    differs(r, va.nbd_listen, vb->nbd_listen, name + " nbd_listen");
-    differs(r, va.intent_region_bytes, vb->intent_region_bytes, name + " intent_region_size");
-    differs(r, va.intent_regions_max, vb->intent_regions_max, name + " intent_regions_max");
-  }
-  for (const auto& vb : next.volumes) {
-    bool known = false;
-    for (const auto& va : running.volumes) known = known || va.id == vb.id;
-    if (!known) r.push_back("volume " + vb.id + " (added)");
-  }
+  by_id(running.volumes, next.volumes, "volume", r,
+        [&r](const std::string& name, const VolumeConfig& va, const VolumeConfig& vb) {
+          differs(r, va.path, vb.path, name + " path");
+          differs(r, va.size_bytes, vb.size_bytes, name + " size");
+          differs(r, va.meta_path, vb.meta_path, name + " meta_path");
+          differs(r, va.nbd_socket, vb.nbd_socket, name + " nbd_socket");
+          differs(r, va.nbd_listen, vb.nbd_listen, name + " nbd_listen");
+          differs(r, va.intent_region_bytes, vb.intent_region_bytes, name + " intent_region_size");
+          differs(r, va.intent_regions_max, vb.intent_regions_max, name + " intent_regions_max");
+        });
 
   if (running.tls.has_value() != next.tls.has_value()) {
     r.push_back("[tls]");
@@ -429,34 +440,21 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
     differs(r, pa.peer_timeout_ms, pb.peer_timeout_ms, "[peer] peer_timeout_ms");
   }
 
-  for (const auto& sa : running.sessions) {
-    const SessionConfig* sb = nullptr;
-    for (const auto& s : next.sessions) {
-      if (s.id == sa.id) sb = &s;
-    }
-    const std::string name = "session " + sa.id;
-    if (sb == nullptr) {
-      r.push_back(name + " (removed)");
-      continue;
-    }
-    if (sa.rpo_seconds != sb->rpo_seconds) {
-      p.applied.push_back(name + " rpo_seconds: " + std::to_string(sa.rpo_seconds) + " -> " +
-                          std::to_string(sb->rpo_seconds));
-    }
-    if (sa.rate_limit_bytes_per_s != sb->rate_limit_bytes_per_s) {
-      p.applied.push_back(name + " rate_limit: " + rate_text(sa.rate_limit_bytes_per_s) + " -> " +
-                          rate_text(sb->rate_limit_bytes_per_s));
-    }
-    differs(r, sa.volumes, sb->volumes, name + " volumes");
-    differs(r, sa.remote_volumes, sb->remote_volumes, name + " remote_volumes");
-    differs(r, sa.role, sb->role, name + " role");
-    differs(r, sa.window_bytes, sb->window_bytes, name + " window");
-  }
-  for (const auto& sb : next.sessions) {
-    bool known = false;
-    for (const auto& sa : running.sessions) known = known || sa.id == sb.id;
-    if (!known) r.push_back("session " + sb.id + " (added)");
-  }
+  by_id(running.sessions, next.sessions, "session", r,
+        [&r, &p](const std::string& name, const SessionConfig& sa, const SessionConfig& sb) {
+          if (sa.rpo_seconds != sb.rpo_seconds) {
+            p.applied.push_back(name + " rpo_seconds: " + std::to_string(sa.rpo_seconds) + " -> " +
+                                std::to_string(sb.rpo_seconds));
+          }
+          if (sa.rate_limit_bytes_per_s != sb.rate_limit_bytes_per_s) {
+            p.applied.push_back(name + " rate_limit: " + rate_text(sa.rate_limit_bytes_per_s) + " -> " +
+                                rate_text(sb.rate_limit_bytes_per_s));
+          }
+          differs(r, sa.volumes, sb.volumes, name + " volumes");
+          differs(r, sa.remote_volumes, sb.remote_volumes, name + " remote_volumes");
+          differs(r, sa.role, sb.role, name + " role");
+          differs(r, sa.window_bytes, sb.window_bytes, name + " window");
+        });
   return p;
 }
 

@@ -53,21 +53,6 @@ Status ensure_dir(const std::string& dir, fs::perms perms) {
   return {};
 }
 
-// A socket's directory must not be writable by every user: anyone could replace the socket
-// with their own and receive what hosts or operators send (or answer in tandemd's name).
-Status check_socket_dir(const std::string& socket_path, std::string_view what) {
-  const std::string dir = fs::path(socket_path).parent_path().string();
-  struct stat st {};
-  if (::stat(dir.empty() ? "." : dir.c_str(), &st) != 0) return errno_error(errno, "cannot stat " + dir);
-  if ((st.st_mode & S_IWOTH) != 0) {
-    return Error(std::make_error_code(std::errc::permission_denied),
-                 fmt::format("{} directory {} is writable by every user (mode {:04o}): anyone could replace the "
-                             "socket; use a directory only tandemd (and its group) can write, such as /run/tandem",
-                             what, dir, st.st_mode & 07777));
-  }
-  return {};
-}
-
 // systemd's notification protocol (sd_notify(3)); a no-op when not run by systemd.
 void notify(const std::string& state) { (void)sd_notify(0, state.c_str()); }
 
@@ -185,7 +170,6 @@ class Daemon {
       if (!vc.nbd_socket.empty()) {
         auto st = ensure_dir(fs::path(vc.nbd_socket).parent_path().string(),
                              fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
-        if (st) st = check_socket_dir(vc.nbd_socket, "NBD socket");
         if (st) st = v.nbd->listen_unix(vc.nbd_socket);
         if (!st) {
           spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_socket, st.error().message());
@@ -242,7 +226,6 @@ class Daemon {
       router_ = std::make_unique<api::Router>(std::move(actx));
       auto st = ensure_dir(fs::path(cfg_.node.api_socket).parent_path().string(),
                            fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
-      if (st) st = check_socket_dir(cfg_.node.api_socket, "API socket");
       api::ApiServerOptions ao;
       ao.socket_path = cfg_.node.api_socket;
       ao.socket_group = cfg_.node.api_socket_group;

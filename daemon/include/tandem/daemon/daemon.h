@@ -11,7 +11,8 @@
 
 namespace tandem::daemon {
 
-// Runs tandemd until a terminating signal. Returns the process exit code. Under systemd it
+// Runs tandemd until a terminating signal. Returns the process exit code. The caller has run
+// check_files(cfg) (the key's and the socket directories' permissions; tandemd's main does). Under systemd it
 // notifies READY/STATUS/STOPPING and pings the watchdog; SIGHUP re-reads `config_path` and
 // applies what can change at run time (see plan_reload()).
 int run_daemon(const Config& cfg, const std::string& config_path);
