@@ -57,7 +57,13 @@ check_layout() {  # check_layout ROOT: the installed tree under ROOT (prefix /us
   # The unit, pointed at the unpacked binary (systemd-analyze checks ExecStart= exists).
   sed "s|/usr/sbin/tandemd|$R/usr/sbin/tandemd|g" "$R/usr/lib/systemd/system/tandemd.service" >"$TMP/tandemd.service"
   (cd "$TMP" && systemd-analyze verify --man=no "$TMP/tandemd.service") || fail "systemd-analyze verify"
-  grep -qx "Type=notify" "$R/usr/lib/systemd/system/tandemd.service" || fail "unit is not Type=notify"
+  # What the unit must say (issue: service): notify, watchdog, its directories, the sandbox.
+  for line in "Type=notify" "WatchdogSec=30s" "ExecReload=/bin/kill -HUP \$MAINPID" "StateDirectory=tandem" \
+              "RuntimeDirectory=tandem" "ProtectSystem=strict" "ProtectHome=yes" "PrivateTmp=yes" \
+              "NoNewPrivileges=yes" "DevicePolicy=closed" "DeviceAllow=block-blkext rw" \
+              "CapabilityBoundingSet=CAP_CHOWN CAP_IPC_LOCK" "LimitMEMLOCK=infinity" "RestartPreventExitStatus=2"; do
+    grep -qxF "$line" "$R/usr/lib/systemd/system/tandemd.service" || fail "unit lacks: $line"
+  done
   for m in man8/tandemd.8 man8/tandemctl.8 man5/tandemd.toml.5; do
     local out
     out=$(groff -man -Tutf8 "$R/usr/share/man/$m" 2>&1 >/dev/null | grep -v "cannot adjust line" || true)
