@@ -350,10 +350,14 @@ void Session::request_sync() {
 }
 
 asio::awaitable<void> Session::announce_shutdown() {
-  if (!conn_) co_return;
-  const Control msg{opts_.id, next_request_++, ControlOp::going_down, false, 0};
-  std::vector<std::byte> bytes = encode(msg);
-  (void)co_await send(MsgType::control, std::move(bytes));
+  // A request, answered once the peer has handled it: a frame only written to the socket can
+  // still be lost when the link closes right after (a close with acknowledgements left unread
+  // sends a reset, and the peer's kernel drops what its reader had not taken yet).
+  auto reply = co_await request(ControlOp::going_down, false, 0);
+  if (!reply && conn_) {
+    spdlog::warn("session {}: {} did not confirm the maintenance notice; it will show the link as lost",
+                 opts_.id, opts_.peer_name);
+  }
 }
 
 asio::awaitable<void> Session::stop() {
@@ -574,7 +578,8 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
         peer_ndu_ = true;
         spdlog::info("session {}: {} is shutting down for maintenance; the session waits for it (Paused_For_NDU)",
                      opts_.id, opts_.peer_name);
-        co_return Status{};
+        std::string none;  // a named local: GCC 12 destroys temporaries inside co_await twice
+        co_return co_await reply_control(*m, true, 0, std::move(none));
       }
       if (m->op != ControlOp::pause && m->op != ControlOp::resume) co_return co_await on_failover_control(*m);
       co_return co_await on_control(*m);

@@ -136,7 +136,7 @@ enum class ControlOp : std::uint8_t {
   failover = 3,          // source → destination, everything committed: take over (value 1: reverse)
   reprotect = 4,         // new source → new destination: send the blocks you changed
   reprotect_commit = 5,  // new source → new destination: they are safe here, forget them
-  going_down = 6,        // either way, no reply: shutting down for maintenance, back soon
+  going_down = 6,        // either way: shutting down for maintenance, back soon (answered once handled)
   failover_check = 7,    // source → destination, before accepting a planned failover: could you take over?
 };
 inline constexpr std::uint8_t kControlOpMax = 7;
