@@ -139,13 +139,14 @@ asio::awaitable<Status> Connection::Impl::establish(std::shared_ptr<Connection> 
     st = Error(errc::timeout, "handshake interrupted");
   }
   if (!st) {
+    // An abort says why itself (the step it interrupted saw only a closed socket), and the Link
+    // that aborted has logged it.
+    if (abort_error_) st = *abort_error_;
     closing_ = true;
     finished_ = true;
     close_error_ = st.error();
     close_socket();
-    if (handshake_aborted_) {
-      st = Error(errc::stopped, "link stopping");
-    } else if (connected_ && !failure_logged_) {
+    if (!abort_error_ && connected_ && !failure_logged_) {
       const std::string& why = st.error().context.empty() ? st.error().message() : st.error().context;
       if (is_refusal(st.code())) {
         spdlog::warn("transport: peer {} refused: {}", address_, why);
@@ -166,9 +167,9 @@ void Connection::Impl::on_handshake_timeout() {
   close_socket();
 }
 
-void Connection::Impl::abort_handshake() {
+void Connection::Impl::abort_handshake(Error why) {
   if (established_ || socket_closed_) return;
-  handshake_aborted_ = true;
+  abort_error_ = std::move(why);
   close_socket();
 }
 
@@ -177,7 +178,7 @@ Error Connection::Impl::handshake_failure(const ErrorCode& ec, const char* doing
     return Error(errc::timeout, fmt::format("handshake not completed within {} ms ({})",
                                             params_.handshake_timeout.count(), doing));
   }
-  if (handshake_aborted_) return Error(errc::stopped, "link stopping");
+  if (abort_error_) return *abort_error_;
   if (ec.category() == asio::error::get_ssl_category()) {
     const std::string d = detail::describe_tls_error(ec);
     if (d.find("alert") != std::string::npos) {
@@ -193,7 +194,7 @@ Error Connection::Impl::handshake_failure(const ErrorCode& ec, const char* doing
 asio::awaitable<Status> Connection::Impl::handshake_steps(Tcp::resolver::results_type endpoints) {
   if (!endpoints.empty()) {
     auto [ec, ep] = co_await asio::async_connect(stream_.lowest_layer(), endpoints, kTuple);
-    if (ec || handshake_timed_out_ || handshake_aborted_) {
+    if (ec || handshake_timed_out_ || abort_error_) {
       if (handshake_timed_out_) {
         co_return Error(errc::timeout,
                         fmt::format("connect: no answer within {} ms", params_.handshake_timeout.count()));
@@ -218,16 +219,17 @@ asio::awaitable<Status> Connection::Impl::handshake_steps(Tcp::resolver::results
     }
   }
   connected_ = true;
+  progress_ = Progress::tls;
 
   stream_.set_verify_callback(VerifyRecorder{this});
   auto [hec] = co_await stream_.async_handshake(
       dialed_ ? asio::ssl::stream_base::client : asio::ssl::stream_base::server, kTuple);
-  if (hec || handshake_timed_out_ || handshake_aborted_) {
+  if (hec || handshake_timed_out_ || abort_error_) {
     if (!verify_failure_.empty()) {
       co_return Error(errc::tls_handshake_failed, "certificate verify failed: " + verify_failure_);
     }
     const std::string d = detail::describe_tls_error(hec);
-    if (!handshake_timed_out_ && !handshake_aborted_ &&
+    if (!handshake_timed_out_ && !abort_error_ &&
         (d.find("TLS 1.3") != std::string::npos || d.find("does not speak TLS") != std::string::npos ||
          d.find("no certificate") != std::string::npos)) {
       co_return Error(errc::tls_handshake_failed, "TLS handshake failed: " + d);
@@ -244,6 +246,7 @@ asio::awaitable<Status> Connection::Impl::handshake_steps(Tcp::resolver::results
                                                     detail::quote_names(n), params_.expected_peer_name)));
   }
   peer_name_ = params_.expected_peer_name;
+  progress_ = Progress::authenticated;
 
   // Hellos cross: both sides write theirs, then read the other's. A hello is small, so the
   // writes complete into the socket buffers and nobody waits for the other to read.

@@ -80,7 +80,7 @@ struct ConnectionParams {
   Hello hello;  // ours
   std::chrono::milliseconds keepalive_interval{1000};
   std::chrono::milliseconds peer_timeout{5000};
-  std::chrono::milliseconds handshake_timeout{10000};
+  std::chrono::milliseconds handshake_timeout{5000};
   std::uint64_t rate_limit_bytes_per_s = 0;
 };
 
@@ -111,6 +111,9 @@ struct Connection::Impl {
   [[nodiscard]] bool connected() const { return connected_; }
   [[nodiscard]] std::uint64_t peer_instance() const { return peer_hello_.instance_id; }
   [[nodiscard]] bool established() const { return established_; }
+  // How far the handshake got: the Link drops the least advanced accepted connection first.
+  enum class Progress { nothing_received, tls, authenticated };
+  [[nodiscard]] Progress progress() const { return progress_; }
   [[nodiscard]] bool finished() const { return finished_; }
 
   // ----- handshake
@@ -118,8 +121,10 @@ struct Connection::Impl {
   asio::awaitable<Status> refuse(Error e);
   asio::awaitable<Status> read_hello();
   void on_handshake_timeout();
-  // The Link is stopping: give up the handshake (establish() returns errc::stopped).
-  void abort_handshake();
+  // Gives up the handshake now (the socket closes): establish() returns `why` and logs nothing,
+  // the caller having said why. The Link does this when it stops (errc::stopped) and when it
+  // drops an accepted connection to make room for a newer one.
+  void abort_handshake(Error why);
   [[nodiscard]] Error handshake_failure(const boost::system::error_code& ec, const char* doing) const;
 
   // ----- running
@@ -154,7 +159,8 @@ struct Connection::Impl {
   bool connected_ = false;
   bool established_ = false;
   bool handshake_timed_out_ = false;
-  bool handshake_aborted_ = false;
+  std::optional<Error> abort_error_;  // set by abort_handshake()
+  Progress progress_ = Progress::nothing_received;
   bool failure_logged_ = false;  // refuse() logs at the moment of the decision
   std::string verify_failure_;   // the first X509 verify failure OpenSSL reported
   std::string peer_name_;

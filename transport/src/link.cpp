@@ -86,9 +86,15 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
   std::uint16_t port = 0;
   std::shared_ptr<Connection> current;
   Clock::time_point current_since;
-  // Connections in their handshake (the dialer's and up to kHandshakesMax accepted ones).
+  // Connections in their handshake: the dialer's and the accepted ones (stop() aborts them).
   std::vector<std::shared_ptr<Connection>> handshaking;
-  std::size_t accepted_handshaking = 0;
+  // The accepted ones among them, oldest first; at most kHandshakesMax. One dropped to make
+  // room leaves this list at once (its task winds down on its own, its socket already closed).
+  struct Accepted {
+    std::shared_ptr<Connection> conn;
+    Clock::time_point since;
+  };
+  std::vector<Accepted> accepted_handshaking;
   // Connections closed by the Link that may still be saying goodbye; stop() waits for them.
   std::vector<std::weak_ptr<Connection>> retired;
   bool started = false;
@@ -138,6 +144,40 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
       backoff.reset();
     }
     changed.notify_all();
+  }
+
+  // The table of accepted handshakes is full: drop one so that the newcomer (at `address`) gets
+  // its slot. Refusing the newcomer instead would let anyone who connects first and says
+  // nothing keep the real peer out, again each time a handshake times out. The one dropped is
+  // the least advanced (nothing received yet, then still in TLS, then authenticated but
+  // without its hello), the oldest among equals: a flood of silent connections pushes out only
+  // its own members, never a peer whose TLS handshake has begun, and one that has proved it
+  // holds the peer's certificate goes last.
+  void make_room(const std::string& address) {
+    TANDEM_ASSERT(accepted_handshaking.size() == kHandshakesMax);
+    const auto victim = std::min_element(
+        accepted_handshaking.begin(), accepted_handshaking.end(), [](const Accepted& x, const Accepted& y) {
+          return Access::impl(*x.conn).progress() < Access::impl(*y.conn).progress();
+        });
+    const Accepted dropped = *victim;
+    accepted_handshaking.erase(victim);
+    const char* progress = "nothing received";
+    switch (Access::impl(*dropped.conn).progress()) {
+      case Access::Impl::Progress::nothing_received: break;
+      case Access::Impl::Progress::tls: progress = "in the TLS handshake"; break;
+      case Access::Impl::Progress::authenticated: progress = "authenticated, no hello yet"; break;
+    }
+    const auto age_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - dropped.since).count();
+    spdlog::warn(
+        "transport: {} handshakes already in progress: dropping the connection from {} ({} after {} ms) to "
+        "accept {}",
+        kHandshakesMax, dropped.conn->peer_address(), progress, age_ms, address);
+    Access::impl(*dropped.conn)
+        .abort_handshake(Error(errc::connection_closed,
+                               fmt::format("dropped to make room for a newer connection ({} handshakes in "
+                                           "progress)",
+                                           kHandshakesMax)));
   }
 
   // A connection finished its handshake: make it current, or refuse it.
@@ -211,12 +251,13 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
 
 asio::awaitable<void> Link::Core::handshake_task(std::shared_ptr<Core> core,
                                                  std::shared_ptr<Connection> conn) {
-  core->handshaking.push_back(conn);
+  // accept_loop listed it (in both lists) before this task began, so that stop() and
+  // make_room() can abort it even before it starts.
   Tcp::resolver::results_type none;
   Status st = co_await Access::impl(*conn).establish(conn, std::move(none));
   std::erase(core->handshaking, conn);
-  TANDEM_ASSERT(core->accepted_handshaking > 0);
-  --core->accepted_handshaking;
+  // Still listed unless make_room() dropped it.
+  std::erase_if(core->accepted_handshaking, [&conn](const Accepted& a) { return a.conn == conn; });
   if (st) core->install(conn);
   core->task_done();
 }
@@ -236,17 +277,13 @@ asio::awaitable<void> Link::Core::accept_loop(std::shared_ptr<Core> core) {
     ErrorCode rec;
     const Tcp::endpoint remote = socket.remote_endpoint(rec);
     const std::string address = rec ? std::string("(unknown peer)") : describe(remote);
-    if (core->accepted_handshaking >= kHandshakesMax) {
-      spdlog::warn("transport: refusing connection from {}: {} handshakes already in progress", address,
-                   core->accepted_handshaking);
-      ErrorCode ignored;
-      socket.close(ignored);
-      continue;
-    }
+    if (core->accepted_handshaking.size() >= kHandshakesMax) core->make_room(address);
+    TANDEM_ASSERT(core->accepted_handshaking.size() < kHandshakesMax);
     socket.set_option(Tcp::no_delay(true), rec);
-    ++core->accepted_handshaking;
     ++core->tasks;
     std::shared_ptr<Connection> conn = core->make_connection(std::move(socket), false, address);
+    core->accepted_handshaking.push_back(Accepted{conn, Clock::now()});
+    core->handshaking.push_back(conn);
     asio::co_spawn(core->ex, handshake_task(core, std::move(conn)),
                    AbortOnException{"a transport handshake"});
   }
@@ -385,7 +422,9 @@ asio::awaitable<void> Link::stop() {
     core->resolver.cancel();
     core->backoff_timer.cancel();
     core->changed.notify_all();
-    for (const auto& c : core->handshaking) Access::impl(*c).abort_handshake();
+    for (const auto& c : core->handshaking) {
+      Access::impl(*c).abort_handshake(Error(errc::stopped, "link stopping"));
+    }
     if (core->current) core->current->close("link stopping");
   }
   while (core->tasks > 0) co_await core->tasks_done.wait();

@@ -2,18 +2,25 @@
 // never costs the listener: after each refusal a good peer still connects. A raw TLS client
 // (transport_test_util.h) plays the bad peer so every byte is the test's choice: a certificate
 // from another CA, an expired certificate, a certificate for another name, no certificate, a
-// TLS 1.2-only client, a plaintext client, a client that never speaks (handshake timeout), a
-// flood of idle connections (bounded handshakes), a first frame that is not a hello, a hello
-// with no common version, and — after a good hello — each kind of bad frame (bad magic,
+// TLS 1.2-only client, a plaintext client, a client that never speaks and one that completes
+// TLS but never sends its hello (each closed by the handshake timeout; waited for with a
+// generous bound, never timed), a flood of silent connections (a full table drops its oldest
+// silent member to accept the next, so the real peer still gets in, and a peer further along
+// is never the one dropped), a first frame that is not a hello, a hello with no common
+// version, and — after a good hello — each kind of bad frame (bad magic,
 // unknown envelope version, reserved bits, an over-long length, a reserved transport type, a
 // malformed ping, a second hello). Bad frames close that connection with the reason logged and
 // sent to the peer in a goodbye. The dialing side refuses a listener with the wrong name too.
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
+#include <sys/socket.h>
 
+#include <cerrno>
 #include <ostream>
+#include <variant>
 
 #include <boost/asio/connect.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 
@@ -22,6 +29,8 @@
 
 namespace tandem::transport::test {
 namespace {
+
+using namespace asio::experimental::awaitable_operators;
 
 LinkOptions dialer(const std::string& peer, std::uint16_t port) {
   LinkOptions o = options(peer);
@@ -53,6 +62,39 @@ asio::awaitable<std::string> raw_attempt(TransportTest& t, std::uint16_t port, s
   // arrives as an alert (or a goodbye frame) on the first read.
   if (co_await raw.send_hello(77)) co_return "";
   co_return co_await raw.read_until_closed();
+}
+
+// A TCP connection to `port` that will never say anything.
+asio::awaitable<std::unique_ptr<Tcp::socket>> silent_connection(TransportTest& t, std::uint16_t port) {
+  auto s = std::make_unique<Tcp::socket>(t.io_);
+  auto [ec] = co_await s->async_connect(Tcp::endpoint(asio::ip::make_address("127.0.0.1"), port), kTuple);
+  if (ec) ADD_FAILURE() << "connect: " << ec.message();
+  co_return s;
+}
+
+// True once the server has closed `s` (EOF or reset); false if it is still open after `limit`.
+// The server never writes to a client that has said nothing, so the first read ends with the
+// close.
+asio::awaitable<bool> closed_within(Tcp::socket& s, std::chrono::milliseconds limit) {
+  std::array<char, 256> buf{};
+  auto r = co_await (s.async_read_some(asio::buffer(buf), kTuple) || sleep_for(limit));
+  if (r.index() == 1) co_return false;
+  const auto [ec, n] = std::get<0>(r);
+  if (!ec) ADD_FAILURE() << "the server sent " << n << " bytes to a silent client";
+  co_return ec.failed();
+}
+
+// True while the server has not closed `s`: nothing to read, not even an EOF. Asks the kernel
+// without waiting.
+bool still_open(Tcp::socket& s) {
+  char c = 0;
+  const ssize_t n = ::recv(s.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
+// How the server names the connection `s` in its log lines.
+std::string address_of(const Tcp::socket& s) {
+  return "127.0.0.1:" + std::to_string(s.local_endpoint().port());
 }
 
 struct RefusalCase {
@@ -147,33 +189,93 @@ TEST_F(TransportTest, SilentClientTimesOutInTheHandshake) {
     o.handshake_timeout_ms = 300;
     Peer& a = t.add_peer("site-a", o);
     CO_ASSERT(a.link->start().ok());
-    Tcp::socket s(t.io_);
-    auto [cec] = co_await s.async_connect(
-        Tcp::endpoint(asio::ip::make_address("127.0.0.1"), a.link->listen_port()), kTuple);
-    CO_ASSERT(!cec);
-    std::array<char, 16> buf{};
-    auto [rec, rn] = co_await asio::async_read(s, asio::buffer(buf), kTuple);
-    (void)rn;
-    EXPECT_TRUE(rec);
-    EXPECT_TRUE(t.logs_.contains({"handshake with 127.0.0.1:", "handshake not completed within 300 ms"}))
+    std::unique_ptr<Tcp::socket> s = co_await silent_connection(t, a.link->listen_port());
+    // Generous: the bound is 300 ms; only a server that never drops the connection fails this.
+    EXPECT_TRUE(co_await closed_within(*s, 10s));
+    EXPECT_TRUE(t.logs_.contains({"handshake with 127.0.0.1:", "handshake not completed within 300 ms",
+                                  "waiting for the TLS client hello"}))
         << t.logs_.dump();
+    CO_ASSERT(co_await good_peer_connects(t, a));
   }(*this));
 }
 
-TEST_F(TransportTest, HandshakesInProgressAreBounded) {
+TEST_F(TransportTest, ClientThatNeverSendsItsHelloTimesOutInTheHandshake) {
   run(io_, [](TransportTest& t) -> asio::awaitable<void> {
-    Peer& a = t.add_peer("site-a", options("site-b"));
+    LinkOptions o = options("site-b");
+    o.handshake_timeout_ms = 300;
+    Peer& a = t.add_peer("site-a", o);
     CO_ASSERT(a.link->start().ok());
-    std::vector<std::unique_ptr<Tcp::socket>> idle;
-    for (std::size_t i = 0; i < kHandshakesMax + 1; ++i) {
-      idle.push_back(std::make_unique<Tcp::socket>(t.io_));
-      auto [ec] = co_await idle.back()->async_connect(
-          Tcp::endpoint(asio::ip::make_address("127.0.0.1"), a.link->listen_port()), kTuple);
-      CO_ASSERT(!ec);
-    }
-    CO_ASSERT(co_await eventually([&t] { return t.logs_.contains({"handshakes already in progress"}); }, 5s));
-    idle.clear();  // their handshakes end (EOF), freeing the slots
+    // A client with a good certificate: TLS completes and the server sends its hello, but the
+    // client's never comes.
+    RawClient raw(t.io_, "site-b");
+    CO_ASSERT(!(co_await raw.connect(a.link->listen_port())));
+    CO_ASSERT(!(co_await raw.handshake()));
+    auto r = co_await (raw.read_until_closed() || sleep_for(10s));
+    EXPECT_EQ(r.index(), 0u) << "the server still holds a connection that never sent its hello";
+    EXPECT_TRUE(t.logs_.contains({"handshake with 127.0.0.1:", "handshake not completed within 300 ms",
+                                  "waiting for the peer's hello"}))
+        << t.logs_.dump();
+    EXPECT_TRUE(a.connections.empty());
     CO_ASSERT(co_await good_peer_connects(t, a));
+  }(*this));
+}
+
+TEST_F(TransportTest, FullHandshakeTableDropsTheOldestSilentConnection) {
+  run(io_, [](TransportTest& t) -> asio::awaitable<void> {
+    LinkOptions o = options("site-b");
+    o.handshake_timeout_ms = 60'000;  // so that only making room can close a connection here
+    Peer& a = t.add_peer("site-a", o);
+    CO_ASSERT(a.link->start().ok());
+    const std::uint16_t port = a.link->listen_port();
+    // The flood that found this: twelve connections that say nothing. The first kHandshakesMax
+    // fill the table and each later one pushes out the oldest; the server accepts them in the
+    // order they connected (the listen backlog is a FIFO).
+    constexpr std::size_t kExtra = 4;
+    std::vector<std::unique_ptr<Tcp::socket>> silent;
+    for (std::size_t i = 0; i < kHandshakesMax + kExtra; ++i) {
+      silent.push_back(co_await silent_connection(t, port));
+    }
+    for (std::size_t i = 0; i < kExtra; ++i) {
+      CO_ASSERT(co_await closed_within(*silent[i], 10s));
+      EXPECT_TRUE(t.logs_.contains({"handshakes already in progress: dropping the connection from " +
+                                        address_of(*silent[i]) + " (nothing received",
+                                    "to accept 127.0.0.1:"}))
+          << t.logs_.dump();
+    }
+    for (std::size_t i = kExtra; i < silent.size(); ++i) EXPECT_TRUE(still_open(*silent[i])) << i;
+    // The real peer still gets in, at the price of the oldest silent connection only.
+    CO_ASSERT(co_await good_peer_connects(t, a));
+    EXPECT_TRUE(co_await closed_within(*silent[kExtra], 10s));
+    for (std::size_t i = kExtra + 1; i < silent.size(); ++i) EXPECT_TRUE(still_open(*silent[i])) << i;
+  }(*this));
+}
+
+TEST_F(TransportTest, FloodNeverDropsAPeerFurtherAlong) {
+  run(io_, [](TransportTest& t) -> asio::awaitable<void> {
+    LinkOptions o = options("site-b");
+    o.handshake_timeout_ms = 60'000;
+    Peer& a = t.add_peer("site-a", o);
+    CO_ASSERT(a.link->start().ok());
+    const std::uint16_t port = a.link->listen_port();
+    // The oldest handshake in the table is authenticated: the server has checked its
+    // certificate and sent its hello (read here), and waits for the client's.
+    RawClient raw(t.io_, "site-b");
+    CO_ASSERT(!(co_await raw.connect(port)));
+    CO_ASSERT(!(co_await raw.handshake()));
+    std::optional<Frame> server_hello = co_await raw.read_frame();
+    CO_ASSERT(server_hello && server_hello->type == kFrameTypeHello);
+    // kHandshakesMax silent ones: the last finds the table full, and the one dropped for it is
+    // the oldest silent one, not the older, authenticated client.
+    std::vector<std::unique_ptr<Tcp::socket>> silent;
+    for (std::size_t i = 0; i < kHandshakesMax; ++i) silent.push_back(co_await silent_connection(t, port));
+    CO_ASSERT(co_await closed_within(*silent[0], 10s));
+    EXPECT_TRUE(
+        t.logs_.contains({"dropping the connection from " + address_of(*silent[0]) + " (nothing received"}))
+        << t.logs_.dump();
+    for (std::size_t i = 1; i < silent.size(); ++i) EXPECT_TRUE(still_open(*silent[i])) << i;
+    CO_ASSERT(!(co_await raw.send_hello(42)));
+    CO_ASSERT(co_await eventually([&a] { return a.connected(); }, 10s));
+    EXPECT_EQ(a.last()->peer_address(), address_of(raw.stream().next_layer()));
   }(*this));
 }
 

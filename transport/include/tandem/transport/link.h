@@ -1,12 +1,17 @@
 // Link: keeps at most one authenticated Connection to one peer up, for as long as it runs.
 //
 // A Link listens (listen_address), dials (connect_address), or both. Every connection, dialed
-// or accepted, goes through the same handshake (connection.h) bounded by handshake_timeout_ms;
-// at most kHandshakesMax accepted connections may be handshaking at once, further ones are
-// closed at accept with a log line (only one peer is legitimate, so more is a flood). A peer is
-// refused, with a warning that says why, when it does not speak TLS 1.3, its certificate does
-// not chain to the CA or has expired, its certificate name is not `peer_name`, or its hello is
-// bad or shares no protocol version with ours.
+// or accepted, goes through the same handshake (connection.h): TLS, the peer name check and
+// the hellos, all within handshake_timeout_ms, or the connection is dropped. At most
+// kHandshakesMax accepted connections may be handshaking at once (only one peer is legitimate,
+// so more is a flood); when one more arrives, the Link makes room rather than refusing it: it
+// drops the least advanced handshake (nothing received yet, then in TLS, then authenticated
+// but without a hello), the oldest among equals, with a warning naming its address. So
+// connections that connect and say nothing can neither hold a slot past the timeout nor keep
+// the real peer out while they last. A peer is refused, with a warning that says why, when it
+// does not speak TLS 1.3, its certificate does not chain to the CA or has expired, its
+// certificate name is not `peer_name`, or its hello is bad or shares no protocol version with
+// ours.
 //
 // Each established connection becomes the current one and is handed to on_connected. If one
 // is already up, the newest wins and the old one is closed ("replaced") — a peer that restarted
@@ -46,7 +51,8 @@ class context;
 namespace tandem::transport {
 
 // Accepted connections handshaking at once. Reconnect races need two or three; the rest of
-// this bound is slack, and beyond it a connection flood costs nothing but a close.
+// this bound is slack. Beyond it each newcomer pushes out the least advanced one (see above),
+// so a flood holds at most this many sockets and handshakes.
 inline constexpr std::size_t kHandshakesMax = 8;
 
 struct LinkOptions {
@@ -58,8 +64,10 @@ struct LinkOptions {
   std::uint32_t peer_timeout_ms = 5000;        // silence after which the peer is dead
   std::uint32_t backoff_min_ms = 100, backoff_max_ms = 5000;
   std::uint64_t rate_limit_bytes_per_s = 0;  // 0 = unlimited; applies to sends, not keep-alives
-  // TCP connect + TLS + hello must complete within this, or the attempt is dropped.
-  std::uint32_t handshake_timeout_ms = 10'000;
+  // TCP connect + TLS + hello must complete within this, or the attempt is dropped. The real
+  // peer needs a few round trips; one that has not finished after 5 s is stuck or hostile, and
+  // holds one of the kHandshakesMax slots until then.
+  std::uint32_t handshake_timeout_ms = 5'000;
   // Our capability bits (frame.h: 0..15 transport, 16..63 replication); the connection's
   // capabilities() are the bits both sides set.
   std::uint64_t capabilities = 0;
