@@ -213,14 +213,7 @@ asio::awaitable<Status> DirtyMap::update_intent_log() {
   // being persisted; a write that wants one again waits for the next intent record.
   for (auto r : victims) hot_.erase(r);
   if (!victims.empty()) {
-    std::vector<std::uint64_t> pages;
-    for (auto r : victims) {
-      pages.push_back(std::uint64_t{r} * region_blocks_ / MetaLayout::kBlocksPerBitmapPage);
-    }
-    std::sort(pages.begin(), pages.end());
-    pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-    for (auto p : pages) TANDEM_CO_TRY(co_await write_pages(bits_, p, 1, MetaStore::BitmapArea::dirty));
-    TANDEM_CO_TRY(co_await meta_.flush());
+    TANDEM_CO_TRY(co_await write_region_pages(victims));
     evictions_ += victims.size();
   }
   std::vector<std::uint32_t> record;
@@ -246,9 +239,61 @@ asio::awaitable<Status> DirtyMap::update_intent_log() {
 
 namespace tandem::engine {
 
+asio::awaitable<Status> DirtyMap::write_region_pages(const std::vector<std::uint32_t>& regions) {
+  std::vector<std::uint64_t> pages;
+  for (auto r : regions) {
+    const std::uint64_t first = std::uint64_t{r} * region_blocks_;
+    const std::uint64_t last = std::min<std::uint64_t>(first + region_blocks_, blocks_) - 1;
+    // A region larger than a bitmap page spans several (eviction used to write only the first).
+    constexpr std::uint64_t kPerPage = MetaLayout::kBlocksPerBitmapPage;
+    for (std::uint64_t p = first / kPerPage; p <= last / kPerPage; ++p) pages.push_back(p);
+  }
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  bool wrote = false;
+  for (auto p : pages) {
+    if (!disk_nonzero_[p] && !page_nonzero(bits_, p)) continue;  // zero on both sides already
+    TANDEM_CO_TRY(co_await write_pages(bits_, p, 1, MetaStore::BitmapArea::dirty));
+    wrote = true;
+  }
+  if (wrote) TANDEM_CO_TRY(co_await meta_.flush());
+  co_return Status{};
+}
+
+asio::awaitable<Status> DirtyMap::cool_committed() {
+  // One intent-log writer at a time: begin_write()'s update_intent_log() may be running.
+  while (writing_intent_) co_await intent_waiters_.wait();
+  std::vector<std::uint32_t> cold;
+  for (auto& [r, h] : hot_) {
+    if (h.pins == 0 && h.last_use <= cut_tick_) cold.push_back(r);
+  }
+  if (cold.empty()) co_return Status{};
+  writing_intent_ = true;
+  for (auto r : cold) hot_.erase(r);
+  Status st = co_await write_region_pages(cold);
+  if (st) {
+    std::vector<std::uint32_t> record;
+    record.reserve(hot_.size());
+    for (auto& [r, h] : hot_) record.push_back(r);
+    std::sort(record.begin(), record.end());
+    st = co_await meta_.write_intent(record);
+  }
+  if (st) {
+    cooled_ += cold.size();
+  } else {
+    // Still in the disk's intent log, and maybe with bits only in memory: hot again, so the
+    // next intent record keeps them until their pages are written.
+    for (auto r : cold) hot_.try_emplace(r, Hot{0, cut_tick_});
+  }
+  writing_intent_ = false;
+  intent_waiters_.notify_all();
+  co_return st;
+}
+
 asio::awaitable<Result<BlockBitmap>> DirtyMap::freeze() {
   for (auto& [r, h] : hot_) TANDEM_ASSERT_MSG(h.pins == 0, "cut with writes in flight");
   TANDEM_ASSERT(wanted_.empty() && !writing_intent_);
+  cut_tick_ = tick_;
   const std::uint64_t pages = meta_.layout().bitmap_pages;
   // Every page that has bits now or had bits before (stale bits must not survive).
   for (std::uint64_t p = 0; p < pages; ++p) {

@@ -51,10 +51,9 @@ class TestImage::Device final : public BlockDevice {
   }
 
   asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) override {
-    co_await img_.lock();
+    auto held = co_await img_.mu_.scoped();
     Status st = co_await img_.overlay_->write(offset, len, buf, fua);
     if (st) img_.in_overlay_.set_range(offset / kBlock, len / kBlock);
-    img_.unlock();
     co_return st;
   }
 
@@ -115,18 +114,8 @@ asio::awaitable<Status> TestImage::sync() { co_return co_await overlay_->flush()
 
 std::unique_ptr<BlockDevice> TestImage::device() { return std::make_unique<Device>(*this); }
 
-asio::awaitable<void> TestImage::lock() {
-  while (locked_) co_await unlocked_.wait();
-  locked_ = true;
-}
-
-void TestImage::unlock() {
-  locked_ = false;
-  unlocked_.notify_one();
-}
-
 asio::awaitable<Status> TestImage::preserve(std::uint64_t first_block, std::uint64_t count) {
-  co_await lock();
+  auto held = co_await mu_.scoped();
   Status st;
   std::uint64_t b = first_block;
   while (st && b < first_block + count) {
@@ -143,7 +132,6 @@ asio::awaitable<Status> TestImage::preserve(std::uint64_t first_block, std::uint
     if (st) in_overlay_.set_range(b, e - b);
     b = e;
   }
-  unlock();
   co_return st;
 }
 

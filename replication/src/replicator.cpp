@@ -46,6 +46,7 @@ void Replicator::on_connected(std::shared_ptr<transport::Connection> c) {
   const std::uint64_t gen = ++gen_;
   spdlog::info("replication link to {} up ({})", opts_.peer_name, c->peer_address());
   for (auto* s : sessions_) s->attach(c);
+  ++loops_;
   asio::co_spawn(ex_, receive_loop(std::move(c), gen), abort_on_exception);
 }
 
@@ -92,12 +93,15 @@ asio::awaitable<void> Replicator::receive_loop(std::shared_ptr<transport::Connec
     for (auto* s : sessions_) s->detach(reason);
     conn_.reset();
   }
+  --loops_;
+  loops_done_.notify_all();
 }
 
 asio::awaitable<void> Replicator::stop() {
   stopping_ = true;
   if (conn_) conn_->close("shutting down");
   if (link_) co_await link_->stop();
+  while (loops_ > 0) co_await loops_done_.wait();
 }
 
 }  // namespace tandem::replication

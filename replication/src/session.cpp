@@ -310,18 +310,19 @@ void Session::attach(std::shared_ptr<transport::Connection> conn) {
   ++conn_gen_;
   peer_ready_ = false;
   plan_ = Plan::wait;
-  asio::co_spawn(
-      ex_,
-      [](Session* self, std::uint64_t gen) -> asio::awaitable<void> {
-        // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
-        const SessionHello hello = self->make_hello();
-        std::vector<std::byte> bytes = encode(hello);
-        auto st = co_await self->send(MsgType::session_hello, std::move(bytes));
-        if (!st && gen == self->conn_gen_) {
-          spdlog::warn("session {}: cannot send hello: {}", self->opts_.id, st.error().message());
-        }
-      }(this, conn_gen_),
-      abort_on_exception);
+  shipping_cycle_.reset();
+  awaiting_commit_.reset();
+  issued_end_ = 0;
+  side_tasks_.spawn([](Session* self, std::uint64_t gen) -> asio::awaitable<Status> {
+    // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
+    const SessionHello hello = self->make_hello();
+    std::vector<std::byte> bytes = encode(hello);
+    auto st = co_await self->send(MsgType::session_hello, std::move(bytes));
+    if (!st && gen == self->conn_gen_) {
+      spdlog::warn("session {}: cannot send hello: {}", self->opts_.id, st.error().message());
+    }
+    co_return Status{};  // logged here; a lost link is the receive loop's news
+  }(this, conn_gen_));
   wake_.notify_all();
   note_state();
 }
@@ -368,9 +369,16 @@ asio::awaitable<void> Session::stop() {
   done_.notify_all();
   progress_.notify_all();
   while (running_ || background_ > 0) co_await done_.wait();
+  // Messages being handled finish (a new one is refused now that stopping_ is set), and with
+  // them the destination's apply; then nothing else uses the staged cycle or the test image.
+  while (handling_ > 0) co_await handled_.wait();
   (void)co_await dwrites_.wait();
   (void)co_await sends_.wait();
-  if (test_running_) co_await close_test_volumes();
+  (void)co_await side_tasks_.wait();
+  {
+    auto held = co_await dest_mu_.scoped();
+    if (test_running_) co_await close_test_volumes();
+  }
   while (reads_in_flight_ > 0) co_await reads_done_.wait();
   for (auto& m : members_) m.m.volume->set_write_hook(nullptr);
 }
@@ -463,22 +471,25 @@ SessionStatus Session::status() const {
 
 asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte> payload) {
   NoteOnExit note{this};
-  // A destination's data messages are counted: an unplanned failover waits for the one being
-  // handled (an apply, say) before it takes the volume over.
-  struct Busy {
+  struct Handling {
     Session* s;
-    explicit Busy(Session* x) : s(x) { ++s->dest_busy_; }
-    ~Busy() {
-      --s->dest_busy_;
-      s->progress_.notify_all();
+    explicit Handling(Session* x) : s(x) { ++s->handling_; }
+    ~Handling() {
+      --s->handling_;
+      s->handled_.notify_all();
     }
-    Busy(const Busy&) = delete;
-    Busy& operator=(const Busy&) = delete;
-  };
-  std::optional<Busy> busy;
+    Handling(const Handling&) = delete;
+    Handling& operator=(const Handling&) = delete;
+  } handling{this};
+  if (stopping_) co_return Error(errc::peer_unreachable, "session " + opts_.id + " is stopping");
+  // A destination's data messages stage and apply cycles: they hold the destination lock, so an
+  // operator's action (stopping a failover test, an unplanned failover, a pause) waits for the
+  // one being handled and never frees what it uses.
+  std::optional<AsyncMutex::Guard> held;
   if (type == MsgType::sync_begin || type == MsgType::extent || type == MsgType::extent_hash ||
       type == MsgType::cycle_end) {
-    busy.emplace(this);
+    held.emplace(co_await dest_mu_.scoped());
+    if (stopping_) co_return Error(errc::peer_unreachable, "session " + opts_.id + " is stopping");
   }
   switch (type) {
     case MsgType::session_hello: {
@@ -525,6 +536,7 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       auto a = decode_ack(payload);
       if (!a) co_return a.error();
       if (state_.role != Role::source) co_return Error(errc::bad_message, "ack sent to a destination");
+      if (std::string why = check_answer(*a); !why.empty()) co_return Error(errc::bad_message, why);
       acked_offset_ = std::max(acked_offset_, a->durable_offset);
       while (!unacked_.empty() && unacked_.front().first <= acked_offset_) {
         unacked_bytes_ -= unacked_.front().second;
@@ -537,7 +549,8 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     case MsgType::hash_result: {
       auto r = decode_hash_result(payload);
       if (!r) co_return r.error();
-      if (pending_hashes_ > 0) --pending_hashes_;
+      if (std::string why = check_answer(*r); !why.empty()) co_return Error(errc::bad_message, why);
+      --pending_hashes_;
       if (!r->match) resend_.emplace_back(r->offset, r->length);
       window_.notify_all();
       co_return Status{};
@@ -545,6 +558,8 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     case MsgType::committed: {
       auto c = decode_committed(payload);
       if (!c) co_return c.error();
+      if (std::string why = check_answer(*c); !why.empty()) co_return Error(errc::bad_message, why);
+      awaiting_commit_.reset();
       committed_seen_ = c->cycle;
       done_.notify_all();
       progress_.notify_all();
@@ -906,6 +921,45 @@ asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::u
   co_return Status{};
 }
 
+// The source's checks of the destination's answers: each names a transfer this side began on
+// this link and a place it has sent. A peer that says otherwise (a bug, or a peer not to be
+// trusted) is refused: the link closes with the reason, and the transfer resumes from its
+// restart address on the next connection.
+std::string Session::check_answer(const Ack& a) const {
+  if (!shipping_cycle_) return "ack for cycle " + std::to_string(a.cycle) + " with no transfer begun on this link";
+  if (a.cycle != *shipping_cycle_) {
+    return "ack for cycle " + std::to_string(a.cycle) + " during the transfer of cycle " +
+           std::to_string(*shipping_cycle_);
+  }
+  if (a.durable_offset > issued_end_) {
+    return "ack up to offset " + std::to_string(a.durable_offset) + " beyond the " + std::to_string(issued_end_) +
+           " sent";
+  }
+  return {};
+}
+
+std::string Session::check_answer(const HashResult& r) const {
+  if (pending_hashes_ == 0) return "hash result at offset " + std::to_string(r.offset) + " with no hash asked";
+  // A mismatch makes this side read and send the extent again: it must be one it could have
+  // asked about (whole blocks within one member, at most one extent, below what was sent).
+  const auto [mi, local] = locate(r.offset);
+  if (r.length == 0 || r.length % kBlock != 0 || r.offset % kBlock != 0 || r.length > opts_.extent_bytes ||
+      r.offset + r.length > issued_end_ || local + r.length > members_[mi].m.volume->size_bytes()) {
+    return "hash result for " + std::to_string(r.length) + " bytes at offset " + std::to_string(r.offset) +
+           " that was never asked";
+  }
+  return {};
+}
+
+std::string Session::check_answer(const Committed& c) const {
+  if (!awaiting_commit_) return "committed cycle " + std::to_string(c.cycle) + " with no cycle end sent";
+  if (c.cycle != *awaiting_commit_) {
+    return "committed cycle " + std::to_string(c.cycle) + " while cycle " + std::to_string(*awaiting_commit_) +
+           " awaits its commit";
+  }
+  return {};
+}
+
 asio::awaitable<Status> Session::wait_window(std::uint64_t gen) {
   // The window counts bytes, not offsets: a sparse frozen set jumps far ahead in offset while
   // only a little data is in flight.
@@ -949,6 +1003,14 @@ std::shared_ptr<Session::AheadRead> Session::start_read(std::size_t mi, std::uin
 }
 
 asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start) {
+  Status st = co_await ship_extents(mode, cycle, start);
+  // A transfer that stopped early (link lost, pause, error) left reads in flight: they finish
+  // before the step ends, so whatever follows may free what they read.
+  while (reads_in_flight_ > 0) co_await reads_done_.wait();
+  co_return st;
+}
+
+asio::awaitable<Status> Session::ship_extents(TransferMode mode, std::uint64_t cycle, std::uint64_t start) {
   const std::uint64_t gen = conn_gen_;
   const auto started = std::chrono::steady_clock::now();
   const bool is_cycle = mode == TransferMode::cycle;
@@ -995,6 +1057,9 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   acked_offset_ = start;
   acked_cycle_ = cycle;
   sent_end_ = start;
+  shipping_cycle_ = cycle;
+  issued_end_ = start;
+  awaiting_commit_.reset();
   unacked_.clear();
   unacked_bytes_ = 0;
   pending_hashes_ = 0;
@@ -1076,6 +1141,8 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
     Member& m = members_[r->mi];
     TANDEM_CO_TRY(co_await wait_window(gen));
     TANDEM_CO_TRY(co_await drain_resends());
+    // Before the frame can reach the peer: its answer may be handled before this resumes.
+    issued_end_ = std::max(issued_end_, m.base + r->off + r->len);
     if (mode == TransferMode::initial_compare) {
       ++pending_hashes_;
       const ExtentHash eh{opts_.id, m.base + r->off, r->len, xxh3_64(r->buf.data(), r->len)};
@@ -1135,6 +1202,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
   log_reship();
   const CycleEnd end_msg{opts_.id, cycle, total_bytes(), generations_};
   std::vector<std::byte> end_bytes = encode(end_msg);
+  awaiting_commit_ = cycle;
   TANDEM_CO_TRY(co_await send(MsgType::cycle_end, std::move(end_bytes)));
   while (committed_seen_ != cycle) {
     if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost before the commit");
@@ -1178,6 +1246,19 @@ asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
   for (auto& log : logs) {
     if (log) TANDEM_CO_TRY(co_await log->remove());
   }
+  if (st) {
+    // Every block written before the cut is at the peer now: regions not written since leave
+    // the write-intent log, so a crash from here on counts only later writes as changed (and a
+    // reprotect after it ships those, not every region the volume ever had hot).
+    for (auto& m : members_) {
+      Status cooled = co_await m.m.volume->dirty().cool_committed();
+      if (!cooled) {
+        spdlog::warn("session {}: volume {}: cannot cool the write-intent regions of cycle {}: {} (they stay "
+                     "counted as changed until the next cycle)",
+                     opts_.id, m.m.volume->id(), cycle, cooled.error().message());
+      }
+    }
+  }
   co_return st;
 }
 
@@ -1194,6 +1275,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   since_checkpoint_ = 0;
   dcycle_ = m.cycle;
   dnext_ = m.start_offset;
+  dtransfer_started_ = std::chrono::steady_clock::now();
   // Acknowledge well within the source's window, or it would wait for us while we wait for it.
   dbatch_ = std::min(opts_.stage_batch_bytes, m.window_bytes / 4);
   dcheckpoint_ = std::min(opts_.initial_checkpoint_bytes, m.window_bytes / 2);
@@ -1440,6 +1522,12 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   state_.transfer_cycle = 0;
   last_sync_ = std::chrono::system_clock::now();
   state_.last_sync_unix_ms = unix_ms(*last_sync_);
+  if (dtransfer_started_) {
+    // As the source counts it: from the transfer's start (or resume) to the cycle in place.
+    const auto took = std::chrono::steady_clock::now() - *dtransfer_started_;
+    last_sync_ms_ = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+    dtransfer_started_.reset();
+  }
   TANDEM_CO_TRY(co_await persist());
   for (auto& mem : members_) {
     if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->remove());
@@ -1507,7 +1595,10 @@ asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
     // The transfer stops at the next extent boundary; wait until it has.
     wake_.notify_all();
     while (busy_) co_await idle_.wait();
-  } else if (dmode_) {
+  } else {
+    // Not in the middle of a data message: what it stages is whole.
+    auto held = co_await dest_mu_.scoped();
+    if (!dmode_) co_return Status{};
     // Everything received becomes durable and acknowledged: it is the restart address.
     if (*dmode_ == TransferMode::cycle) {
       TANDEM_CO_TRY(co_await stage_flush());
@@ -1544,14 +1635,12 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
   }
   // A source asked by its destination: stopping the transfer waits for acknowledgements this
   // receive loop must go on delivering, so the pause runs beside it and answers when done.
-  asio::co_spawn(
-      ex_,
-      [](Session* self, Control req) -> asio::awaitable<void> {
-        ActionResult r = co_await self->do_pause(req.resume_to_sync);
-        std::string message = r.message;
-        (void)co_await self->reply_control(req, r.ok() && !self->state_.local_only_paused, 0, std::move(message));
-      }(this, c),
-      abort_on_exception);
+  side_tasks_.spawn([](Session* self, Control req) -> asio::awaitable<Status> {
+    ActionResult r = co_await self->do_pause(req.resume_to_sync);
+    std::string message = r.message;
+    (void)co_await self->reply_control(req, r.ok() && !self->state_.local_only_paused, 0, std::move(message));
+    co_return Status{};  // the outcome is the reply (and logged by do_pause)
+  }(this, c));
   co_return Status{};
 }
 

@@ -196,7 +196,10 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   state_.phase = Phase::failing_over_for_dr;
   Status st = co_await persist();
   if (st && conn_) conn_->close("unplanned failover");  // no more data from the old source
-  while (dest_busy_ > 0) co_await progress_.wait();    // a message being applied finishes first
+  // A message being handled (an apply, say) finishes first, and so do the initial sync's
+  // writes: none of them may land once the volume is the host's.
+  auto held = co_await dest_mu_.scoped();
+  if (Status w = co_await dwrites_.wait(); st && !w) st = w;
   if (st && state_.applying_cycle != 0) st = co_await apply_committed(state_.applying_cycle);  // it is committed
   if (st && state_.transfer_cycle != 0) {
     spdlog::warn("session {}: unplanned failover: dropping staged, uncommitted cycle {}", opts_.id,
@@ -252,6 +255,9 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       co_return co_await reply_control(c, ok, 0, std::move(why));
     }
     case ControlOp::failover: {
+      // Judged and carried out under the destination lock: a failover test cannot start
+      // between the check and the role change.
+      auto held = co_await dest_mu_.scoped();
       if (state_.role != Role::destination || test_running_) {
         std::string why = state_.role != Role::destination ? "this side is not a destination" : kTestRunningHere;
         co_return co_await reply_control(c, false, 0, std::move(why));
@@ -395,6 +401,11 @@ asio::awaitable<void> Session::run_reprotect() {
 
 asio::awaitable<ActionResult> Session::start_test() {
   if (!opts_.export_test) co_return ActionResult{Verdict::not_allowed, "failover tests are not configured here"};
+  // Not in the middle of a cycle's apply: the image is exactly a committed cycle.
+  auto held = co_await dest_mu_.scoped();
+  if (state_.role != Role::destination) {
+    co_return ActionResult{Verdict::not_allowed, "start_failover_test: this side is no longer a destination"};
+  }
   Status st = co_await open_test(false);
   if (!st) co_return ActionResult{Verdict::failed, "start_failover_test failed: " + st.error().message()};
   spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
@@ -459,6 +470,10 @@ asio::awaitable<void> Session::close_test_volumes() {
 }
 
 asio::awaitable<ActionResult> Session::stop_test() {
+  // A cycle's apply may be preserving blocks into the image: it finishes first (it holds the
+  // lock for the whole apply), then the image goes.
+  auto held = co_await dest_mu_.scoped();
+  if (!test_running_) co_return ActionResult{};  // stopped meanwhile (a restart cleaned it up)
   std::uint64_t written = 0;
   for (auto& m : members_) written += m.test_image ? m.test_image->overlay_blocks() : 0;
   co_await close_test_volumes();

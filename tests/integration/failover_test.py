@@ -20,6 +20,8 @@
   finishes it; the new source killed while Reprotecting comes back Reprotecting and finishes.
 - A consistency group of three volumes keeps one write order across them through an unplanned
   failover; a failover test image stays frozen while cycles commit underneath.
+- Reprotect after a source crash ships the regions written since the last committed cycle, not
+  every region the volume had hot: cycles over the whole volume, a short burst, SIGKILL.
 """
 import os
 import random
@@ -224,6 +226,50 @@ class Failover(unittest.TestCase):
         self.assertLess(bound * 4096, BIG // 4)
         shipped = re.findall(r"cycle \d+ committed: (\d+) blocks", p.b.log())
         self.assertEqual(int(shipped[-1]), union)
+
+    def test_reprotect_after_a_crash_ships_the_burst_not_the_volume(self):
+        # Cycles over the whole volume leave every write-intent region hot until the cycle
+        # holding its blocks commits; then they cool. A source killed right after a short burst
+        # therefore counts only the burst's regions as changed, and reprotect ships those.
+        self.pair = Pair(self.wd.path, BIG)
+        p = self.start()
+        region = 4 * MiB
+        regions = BIG // region
+        rnd = random.Random(7)
+        h = nbd.NBD()
+        h.connect_uri(p.a.uri("vol0"))
+        for round_ in range(3):  # every region written, in several cycles
+            for r in range(regions):
+                h.pwrite(rnd.randbytes(4096), r * region + round_ * 8192)
+            h.flush()
+            code, _ = p.a.api("POST", BASE + "/sync")
+            self.assertIn(code, (204, 422))  # a scheduled cycle may be under way
+            wait_until(lambda: p.a.session()["state"] == "OK" and p.a.session()["lag_bytes"] == 0,
+                       "round %d committed" % round_, timeout_s=120, interval_s=0.1)
+        wait_identical(p)
+        # The burst: two regions, then the source dies before a cycle can carry it.
+        for i in range(16):
+            h.pwrite(rnd.randbytes(4096), 10 * region + i * 4096)
+            h.pwrite(rnd.randbytes(4096), 33 * region + i * 4096)
+        h.flush()
+        p.a.kill()
+        self.post(p.b, "failover", '{"is_planned": false}')
+        p.a.start()
+        wait_until(lambda: p.a.session()["state"] == "Failed_Over", "the old source to step down", timeout_s=60)
+        diverged = p.a.session()["diverged_blocks"]
+        print("old source: %d diverged block(s) after the crash (volume %d blocks)" % (diverged, BIG // 4096),
+              flush=True)
+        self.assertGreaterEqual(diverged, 32)
+        self.assertLessEqual(diverged, 2 * region // 4096)
+        self.post(p.b, "reprotect")
+        wait_until(lambda: self.both("OK"), "reprotect to finish", timeout_s=120, interval_s=0.1)
+        m = re.findall(r"reprotect: (\d+) block\(s\) changed here, (\d+) there, (\d+) to ship", p.b.log())
+        self.assertTrue(m, p.b.log()[-3000:])
+        ours, theirs, union = (int(x) for x in m[-1])
+        self.assertEqual(ours, 0)
+        self.assertEqual(theirs, diverged)
+        self.assertLessEqual(union, 2 * region // 4096)
+        wait_identical(p)
 
     def test_unplanned_failover_with_the_source_alive(self):
         # Disaster recovery declared while the source still runs (and writes): the destination

@@ -95,6 +95,58 @@ class WaitQueue {
   std::deque<MoveFunction<void()>> waiters_;
 };
 
+// A mutual-exclusion lock for coroutines on one executor: what is held across a co_await
+// (a cycle's apply, a failover test's image) is used by one holder at a time. Ownership is
+// handed to the longest waiter on unlock, so a stream of new lockers cannot starve it.
+class AsyncMutex {
+ public:
+  AsyncMutex() = default;
+  AsyncMutex(const AsyncMutex&) = delete;
+  AsyncMutex& operator=(const AsyncMutex&) = delete;
+
+  // Releases the lock when it goes out of scope (a coroutine that returns early, by
+  // TANDEM_CO_TRY, still unlocks).
+  class [[nodiscard]] Guard {
+   public:
+    Guard(Guard&& o) noexcept : m_(std::exchange(o.m_, nullptr)) {}
+    Guard& operator=(Guard&&) = delete;
+    Guard(const Guard&) = delete;
+    Guard& operator=(const Guard&) = delete;
+    ~Guard() {
+      if (m_ != nullptr) m_->unlock();
+    }
+
+   private:
+    friend class AsyncMutex;
+    explicit Guard(AsyncMutex* m) : m_(m) {}
+    AsyncMutex* m_;
+  };
+
+  asio::awaitable<void> lock() {
+    if (!locked_) {
+      locked_ = true;
+      co_return;
+    }
+    co_await waiters_.wait();  // woken only by unlock(), which hands the lock over held
+  }
+  void unlock() {
+    if (waiters_.size() > 0) {
+      waiters_.notify_one();  // stays locked: the waiter owns it now
+    } else {
+      locked_ = false;
+    }
+  }
+  asio::awaitable<Guard> scoped() {
+    co_await lock();
+    co_return Guard(this);
+  }
+  [[nodiscard]] bool locked() const { return locked_; }
+
+ private:
+  bool locked_ = false;
+  WaitQueue waiters_;
+};
+
 // Runs coroutines that return Status concurrently on one executor, and waits for them: a
 // bounded fan-out (wait_below) and a join (wait) that returns the first failure. Every spawned
 // task must be waited for before what it references goes away; the group's own bookkeeping is

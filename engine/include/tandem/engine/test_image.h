@@ -54,16 +54,13 @@ class TestImage {
  private:
   class Device;
   TestImage(DeviceEnv& env, std::string path, Volume& base, std::unique_ptr<BlockDevice> overlay);
-  asio::awaitable<void> lock();
-  void unlock();
 
   DeviceEnv& env_;
   std::string overlay_path_;
   Volume& base_;
   std::unique_ptr<BlockDevice> overlay_;
   BlockBitmap in_overlay_;
-  bool locked_ = false;
-  WaitQueue unlocked_;
+  AsyncMutex mu_;  // preserve() against the image's own writes
 };
 
 // A DeviceEnv that opens `image_path` as the test image's device and everything else (the

@@ -7,7 +7,8 @@
 // a protocol violation) closes the connection with the reason logged; every session then
 // resumes from its restart address when the link comes back.
 //
-// Threading: one io_context thread. Ownership: sessions are the daemon's; they outlive stop().
+// Threading: one io_context thread. Ownership: sessions are the daemon's; they outlive stop(),
+// which returns only when no receive loop runs (none is inside a session any more).
 #pragma once
 
 #include <boost/asio/any_io_executor.hpp>
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "tandem/common/async.h"
 #include "tandem/common/result.h"
 #include "tandem/replication/session.h"
 #include "tandem/transport/link.h"
@@ -58,6 +60,10 @@ class Replicator {
   std::shared_ptr<transport::Connection> conn_;
   std::uint64_t gen_ = 0;
   bool stopping_ = false;
+  // Receive loops still running (a closed connection's loop may be inside a session's handle(),
+  // applying a cycle): stop() waits for them, so no session is stopped under one.
+  std::size_t loops_ = 0;
+  WaitQueue loops_done_;
 };
 
 }  // namespace tandem::replication

@@ -210,7 +210,10 @@ class Session {
   asio::awaitable<Status> on_peer_hello(const SessionHello& h);
   asio::awaitable<Status> cut();
   asio::awaitable<Result<std::vector<engine::BlockBitmap>>> freeze_all();
+  // A transfer; it returns only once none of its read-ahead runs any more (they use the
+  // cycle's preserve logs, which a role change or finish_cycle frees).
   asio::awaitable<Status> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
+  asio::awaitable<Status> ship_extents(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
   asio::awaitable<Status> read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
                                       const engine::IoBuffer& buf, bool frozen_view);
   asio::awaitable<Status> wait_window(std::uint64_t conn_gen);
@@ -268,7 +271,14 @@ class Session {
   WaitQueue progress_;                // a cycle committed, a hello arrived, a phase changed
   std::size_t background_ = 0;        // failover/reprotect tasks running
   bool timer_running_ = false;
-  std::uint64_t dest_busy_ = 0;       // destination: data messages being handled
+  // Destination: the staged cycle, its apply and the failover test's image are used across
+  // co_awaits by the receive loop (data messages), by operators' actions (pause, failover,
+  // start/stop of a test) and by stop(). Each holds this lock while it uses or tears them down,
+  // so a test is never stopped under a cycle's apply nor started in the middle of one.
+  AsyncMutex dest_mu_;
+  // Messages being handled (handle() calls not yet returned); stop() waits for none.
+  std::size_t handling_ = 0;
+  WaitQueue handled_;
   std::uint64_t next_request_ = 1;
   std::map<std::uint64_t, std::shared_ptr<PendingControl>> control_waits_;
   bool busy_ = false;           // source: the run loop is in a transfer step
@@ -323,6 +333,14 @@ class Session {
   std::uint64_t unacked_bytes_ = 0;
   std::uint64_t acked_cycle_ = 0;
   std::uint64_t committed_seen_ = ~0ull;  // last Committed received (~0 = none)
+  // What the peer may answer on this link; anything else it sends is refused (the link closes
+  // with the reason logged). Reset by attach().
+  std::optional<std::uint64_t> shipping_cycle_;   // the transfer begun on this link (0 = initial sync)
+  std::uint64_t issued_end_ = 0;                  // its furthest byte handed to the link
+  std::optional<std::uint64_t> awaiting_commit_;  // cycle_end sent, Committed not yet received
+  [[nodiscard]] std::string check_answer(const Ack& a) const;
+  [[nodiscard]] std::string check_answer(const HashResult& r) const;
+  [[nodiscard]] std::string check_answer(const Committed& c) const;
   std::uint64_t high_water_ = 0;          // furthest offset sent in the current transfer
   std::uint64_t high_water_cycle_ = ~0ull;
   std::uint64_t pending_hashes_ = 0;
@@ -357,11 +375,17 @@ class Session {
   std::uint64_t dbatch_ = 8ull << 20;
   std::uint64_t dcheckpoint_ = 32ull << 20;
   std::uint64_t processed_end_ = 0;
+  // When the transfer being staged began here (its sync_begin): the destination's
+  // last_sync_duration runs from it to the cycle applied.
+  std::optional<std::chrono::steady_clock::time_point> dtransfer_started_;
   std::uint64_t received_high_ = 0;  // furthest initial-sync byte received since this process started
   // Initial-sync writes in flight: the receive loop goes on to the next frame while they run;
   // a checkpoint (and every change of transfer) waits for them first.
   static constexpr std::size_t kDestWritesMax = 16;
   TaskGroup dwrites_{ex_};
+  // Short coroutines started beside the caller (the hello on attach, a pause the peer asked
+  // for); stop() waits for them, as they use the session.
+  TaskGroup side_tasks_{ex_};
   // Source: extent frames queued on the connection and not yet written.
   static constexpr std::size_t kSendsInFlight = 64;
   TaskGroup sends_{ex_};
