@@ -1,13 +1,21 @@
 // Plan: the OpenAPI document the daemon serves is the router's truth. Its paths and methods are
 // exactly Router's routes(), every action it lists is one parse_action() knows (and nothing
 // else is), and each action's request body schema names exactly the fields the parser accepts.
-// The api integration test then calls every documented route on a real daemon.
+// The session and volume objects' fields in the document are exactly those docs/api.md documents
+// (the session object's field table and its JSON example, the volume row of the Resources
+// table). The api integration test then calls every documented route on a real daemon and holds
+// the objects it returns to both documents.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <set>
+#include <sstream>
+#include <string>
 #include <variant>
+#include <vector>
 
 #include "tandem/api/router.h"
 
@@ -20,6 +28,100 @@ json document() {
   json d = json::parse(openapi_document(), nullptr, false);
   EXPECT_FALSE(d.is_discarded()) << "openapi.json is not valid JSON";
   return d;
+}
+
+std::set<std::string> schema_fields(const json& d, const std::string& schema) {
+  std::set<std::string> out;
+  for (const auto& [name, _] : d["components"]["schemas"][schema]["properties"].items()) out.insert(name);
+  return out;
+}
+
+// "missing: a b; extra: c": what `documented` lacks of `actual`, and what it has beyond it.
+std::string difference(const std::set<std::string>& actual, const std::set<std::string>& documented) {
+  std::string missing;
+  std::string extra;
+  for (const auto& f : actual) {
+    if (!documented.contains(f)) missing += " " + f;
+  }
+  for (const auto& f : documented) {
+    if (!actual.contains(f)) extra += " " + f;
+  }
+  return missing.empty() && extra.empty() ? std::string() : "missing:" + missing + "; extra:" + extra;
+}
+
+// The lines of docs/api.md's "## title" section, up to the next "## " heading.
+std::vector<std::string> api_md_section(const std::string& title) {
+  std::ifstream in(TANDEM_API_MD);
+  EXPECT_TRUE(in.good()) << "cannot read " << TANDEM_API_MD;
+  std::vector<std::string> out;
+  bool inside = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("## ", 0) == 0) {
+      if (inside) break;
+      inside = line == "## " + title;
+      continue;
+    }
+    if (inside) out.push_back(line);
+  }
+  EXPECT_FALSE(out.empty()) << "docs/api.md has no section '## " << title << "'";
+  return out;
+}
+
+// The backquoted names that start a line as a table's first column: "| `name` |".
+std::vector<std::string> table_fields(const std::vector<std::string>& lines) {
+  static const std::regex row(R"(^\| `([A-Za-z0-9_]+)` \|)");
+  std::vector<std::string> out;
+  for (const auto& line : lines) {
+    std::smatch m;
+    if (std::regex_search(line, m, row)) out.push_back(m[1]);
+  }
+  return out;
+}
+
+TEST(OpenApi, SessionFieldsAreThoseOfApiMd) {
+  const json d = document();
+  const std::set<std::string> schema = schema_fields(d, "ReplicationSession");
+  ASSERT_FALSE(schema.empty());
+  const auto section = api_md_section("The session object");
+  const std::vector<std::string> rows = table_fields(section);
+  const std::set<std::string> table(rows.begin(), rows.end());
+  EXPECT_EQ(rows.size(), table.size()) << "a field is listed twice in the session object's table";
+  EXPECT_EQ(difference(schema, table), "") << "docs/api.md's session object table vs openapi.json";
+  // The JSON example: from the line "```json" to the next "```".
+  std::string example;
+  bool in_example = false;
+  for (const auto& line : section) {
+    if (in_example && line.rfind("```", 0) == 0) break;
+    if (in_example) example += line + "\n";
+    if (line == "```json") in_example = true;
+  }
+  const json ex = json::parse(example, nullptr, false);
+  ASSERT_TRUE(ex.is_object()) << "docs/api.md: the session object's example is not a JSON object";
+  std::set<std::string> keys;
+  for (const auto& [k, _] : ex.items()) keys.insert(k);
+  EXPECT_EQ(difference(schema, keys), "") << "docs/api.md's session object example vs openapi.json";
+}
+
+TEST(OpenApi, VolumeFieldsAreThoseOfApiMd) {
+  const json d = document();
+  const std::set<std::string> schema = schema_fields(d, "Volume");
+  ASSERT_FALSE(schema.empty());
+  // The notes of the Resources row "| `GET /api/rest/volume`...": its backquoted names, values in
+  // parentheses left out.
+  std::string notes;
+  for (const auto& line : api_md_section("Resources")) {
+    if (line.rfind("| `GET /api/rest/volume`", 0) != 0) continue;
+    std::vector<std::string> cells;  // "| a | b | c |" -> "", " a ", " b ", " c ", ""
+    std::stringstream split(line);
+    for (std::string cell; std::getline(split, cell, '|');) cells.push_back(cell);
+    ASSERT_GE(cells.size(), 4u) << line;
+    notes = std::regex_replace(cells[3], std::regex(R"(\([^)]*\))"), "");
+  }
+  ASSERT_FALSE(notes.empty()) << "docs/api.md: no Resources row for GET /api/rest/volume";
+  std::set<std::string> documented;
+  static const std::regex name(R"(`([A-Za-z0-9_]+)`)");
+  for (std::sregex_iterator it(notes.begin(), notes.end(), name), end; it != end; ++it) documented.insert((*it)[1]);
+  EXPECT_EQ(difference(schema, documented), "") << "docs/api.md's volume fields vs openapi.json";
 }
 
 TEST(OpenApi, PathsAreExactlyTheRoutes) {
