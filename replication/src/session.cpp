@@ -1629,7 +1629,12 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
     state_.local_only_paused = false;
     peer_paused_ = true;
     TANDEM_CO_TRY(co_await persist());
-    const std::uint64_t restart = dmode_ && *dmode_ == TransferMode::cycle ? staged_global_end() : state_.initial_offset;
+    // The initial sync's checkpoint while it runs; else the staged end of the cycle in flight,
+    // or 0: no cycle is staged here, so the next one starts at its beginning (the initial sync's
+    // final checkpoint, the volume's end, is no place to start a cycle).
+    const std::uint64_t restart = state_.initial != InitialState::done ? state_.initial_offset
+                                  : state_.transfer_cycle != 0          ? staged_global_end()
+                                                                        : 0;
     spdlog::info("session {}: paused by the peer; restart address offset {}", opts_.id, restart);
     co_return co_await reply_control(c, true, restart, {});
   }
