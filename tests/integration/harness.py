@@ -258,6 +258,21 @@ class Pair:
         return rcs
 
 
+def write_random(uri, seed, size, count=64):
+    """Writes `count` runs of 1-63 random 4 KiB blocks at random offsets of a `size`-byte volume
+    through NBD, then flushes."""
+    import random
+    import nbd
+    rnd = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for _ in range(count):
+        off = rnd.randrange(0, size // 4096 - 64) * 4096
+        h.pwrite(rnd.randbytes(rnd.randrange(1, 64) * 4096), off)
+    h.flush()
+    h.shutdown()
+
+
 def xxh128(path):
     return run(["xxh128sum", path]).stdout.split()[0]
 

@@ -39,14 +39,7 @@ RECONNECT_BOUND_S = 20
 
 
 def write_random(uri, seed, count=48):
-    rnd = random.Random(seed)
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    for _ in range(count):
-        off = rnd.randrange(0, SIZE // 4096 - 64) * 4096
-        h.pwrite(rnd.randbytes(rnd.randrange(1, 64) * 4096), off)
-    h.flush()
-    h.shutdown()
+    harness.write_random(uri, seed, SIZE, count)
 
 
 def closed_by_server(s):
