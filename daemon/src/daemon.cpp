@@ -23,6 +23,7 @@
 
 #include "tandem/api/router.h"
 #include "tandem/api/server.h"
+#include "tandem/common/probe.h"
 #include "tandem/common/units.h"
 #include "tandem/engine/block_device.h"
 #include "tandem/engine/volume.h"
@@ -143,6 +144,7 @@ class Daemon {
       so.rpo_seconds = sc.rpo_seconds;
       so.window_bytes = sc.window_bytes;
       so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
+      so.corrupt_extent_every = probe::value("corrupt_extent_every");  // TANDEM_PROBES, tests only
       so.export_test = [this, sid = sc.id](std::vector<engine::Volume*> vols) -> asio::awaitable<Status> {
         co_return export_test_images(sid, std::move(vols));
       };

@@ -72,15 +72,10 @@ std::string uuid_to_string(const Uuid& u) {
   return s;
 }
 
-std::uint64_t random_u64() {
-  static std::random_device rd;
-  return (std::uint64_t{rd()} << 32) ^ rd();
-}
-
-Uuid random_uuid() {
+Uuid random_uuid(Clock& clock) {
   Uuid u{};
   for (std::size_t i = 0; i < u.size(); i += 8) {
-    const std::uint64_t r = random_u64();
+    const std::uint64_t r = clock.random_u64();
     for (std::size_t j = 0; j < 8; ++j) u[i + j] = static_cast<std::uint8_t>(r >> (8 * j));
   }
   u[6] = static_cast<std::uint8_t>((u[6] & 0x0f) | 0x40);  // RFC 4122 version 4

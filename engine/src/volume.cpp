@@ -102,11 +102,11 @@ asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, Vo
   auto meta_dev = env.open(OpenSpec{v->opts_.meta_path, layout.total_bytes});
   if (!meta_dev) co_return Error(meta_dev.error().code, who + ": metadata: " + meta_dev.error().message());
   Superblock fresh;
-  fresh.volume_uuid = random_uuid();
+  fresh.volume_uuid = random_uuid(env.clock());
   fresh.size_bytes = v->size_;
   fresh.block_bytes = kBlock;
   fresh.region_bytes = region;
-  fresh.generations = {random_u64()};
+  fresh.generations = {env.clock().random_u64()};
   auto opened = co_await MetaStore::open(std::move(meta_dev).value(), env.buffers(), fresh);
   if (!opened) co_return Error(opened.error().code, who + ": " + opened.error().message());
   v->meta_ = std::move(opened->store);

@@ -2,12 +2,35 @@
 
 #include <spdlog/spdlog.h>
 
+#include <array>
+#include <boost/asio/buffer.hpp>
 #include <boost/asio/co_spawn.hpp>
 
 #include "tandem/replication/errc.h"
 #include "tandem/transport/frame.h"
 
 namespace tandem::replication {
+namespace {
+
+// The production PeerChannel: a replication frame is one transport frame of its message type.
+class ConnectionChannel final : public PeerChannel {
+ public:
+  explicit ConnectionChannel(std::shared_ptr<transport::Connection> c) : c_(std::move(c)) {}
+  asio::awaitable<Status> send(MsgType type, std::span<const std::byte> fields,
+                               std::span<const std::byte> data) override {
+    const std::array<asio::const_buffer, 2> bufs{asio::buffer(fields.data(), fields.size()),
+                                                 asio::buffer(data.data(), data.size())};
+    co_return co_await c_->send(static_cast<std::uint16_t>(type), 0,
+                                std::span<const asio::const_buffer>(bufs.data(), data.empty() ? 1 : 2));
+  }
+  void close(const std::string& reason) override { c_->close(reason); }
+
+ private:
+  std::shared_ptr<transport::Connection> c_;
+};
+
+}  // namespace
+
 Replicator::Replicator(asio::any_io_executor ex, ReplicatorOptions opts) : ex_(std::move(ex)), opts_(std::move(opts)) {}
 
 Replicator::~Replicator() = default;
@@ -45,7 +68,8 @@ void Replicator::on_connected(std::shared_ptr<transport::Connection> c) {
   conn_ = c;
   const std::uint64_t gen = ++gen_;
   spdlog::info("replication link to {} up ({})", opts_.peer_name, c->peer_address());
-  for (auto* s : sessions_) s->attach(c);
+  const auto channel = std::make_shared<ConnectionChannel>(c);
+  for (auto* s : sessions_) s->attach(channel);
   ++loops_;
   asio::co_spawn(ex_, receive_loop(std::move(c), gen), abort_on_exception);
 }

@@ -3,14 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/as_tuple.hpp>
-#include <boost/asio/buffer.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstring>
 #include <filesystem>
 
 #include "tandem/common/hash.h"
-#include "tandem/common/probe.h"
 #include "tandem/engine/errc.h"
 #include "tandem/replication/errc.h"
 
@@ -47,26 +45,25 @@ struct Session::PendingControl {
   std::optional<ControlReply> reply;
   bool lost = false;  // timed out, or the link went down
   WaitQueue wq;
-  std::unique_ptr<asio::steady_timer> timer;
+  std::unique_ptr<engine::Timer> timer;
 };
 
 Session::Session(asio::any_io_executor ex, SessionOptions opts)
-    : ex_(std::move(ex)), opts_(std::move(opts)), corrupt_every_(probe::value("corrupt_extent_every")),
+    : ex_(std::move(ex)), opts_(std::move(opts)), clock_(opts_.members.front().env->clock()),
       limiter_(opts_.rate_limit_bytes_per_s) {}
 
 asio::awaitable<void> Session::pace(std::uint64_t bytes) {
   if (!limiter_.limited()) co_return;
   for (;;) {
-    const auto wait = limiter_.delay(transport::RateLimiter::Clock::now());
+    const auto wait = limiter_.delay(clock_.steady_now());
     if (wait == transport::RateLimiter::Clock::duration::zero()) break;
-    asio::steady_timer t(ex_, wait);
-    pacing_ = &t;  // a new rate (set_rate_limit) cuts the wait short and it is priced again
-    auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+    auto t = clock_.make_timer(ex_);
+    pacing_ = t.get();  // a new rate (set_rate_limit) cuts the wait short and it is priced again
+    (void)co_await t->wait_for(wait);
     pacing_ = nullptr;
-    (void)ec;
     if (stopping_) co_return;
   }
-  limiter_.consume(bytes, transport::RateLimiter::Clock::now());
+  limiter_.consume(bytes, clock_.steady_now());
 }
 
 void Session::set_source_hooks(bool on) {
@@ -171,7 +168,9 @@ asio::awaitable<Status> Session::set_role_offline(SessionOptions opts, Role role
   }
   s.transfer_cycle = 0;
   auto gens = meta0.superblock().generations;
-  if (role == Role::source && s.role != Role::source) push_generation(gens, engine::random_u64(), engine::Superblock::kGenerationsMax);
+  if (role == Role::source && s.role != Role::source) {
+    push_generation(gens, opts.members.front().env->clock().random_u64(), engine::Superblock::kGenerationsMax);
+  }
   s.role = role;
   for (std::size_t i = opts.members.size(); i-- > 0;) {
     auto& meta = opts.members[i].volume->meta();
@@ -298,14 +297,12 @@ std::uint64_t Session::staged_global_end() const {
 }
 
 asio::awaitable<Status> Session::send(MsgType t, std::vector<std::byte> payload, std::span<const std::byte> data) {
-  auto conn = conn_;
+  auto conn = conn_;  // the channel stays alive for this send even if detach() drops it
   if (!conn) co_return Error(errc::peer_unreachable, "not connected");
-  std::array<asio::const_buffer, 2> bufs{asio::buffer(payload), asio::buffer(data.data(), data.size())};
-  co_return co_await conn->send(static_cast<std::uint16_t>(t), 0,
-                                std::span<const asio::const_buffer>(bufs.data(), data.empty() ? 1 : 2));
+  co_return co_await conn->send(t, payload, data);
 }
 
-void Session::attach(std::shared_ptr<transport::Connection> conn) {
+void Session::attach(std::shared_ptr<PeerChannel> conn) {
   conn_ = std::move(conn);
   ++conn_gen_;
   peer_ready_ = false;
@@ -364,11 +361,12 @@ asio::awaitable<void> Session::announce_shutdown() {
 asio::awaitable<void> Session::stop() {
   stopping_ = true;
   if (timer_) timer_->cancel();
+  if (pacing_ != nullptr) pacing_->cancel();
   wake_.notify_all();
   window_.notify_all();
   done_.notify_all();
   progress_.notify_all();
-  while (running_ || background_ > 0) co_await done_.wait();
+  while (running_ || background_ > 0 || timer_running_) co_await done_.wait();
   // Messages being handled finish (a new one is refused now that stopping_ is set), and with
   // them the destination's apply; then nothing else uses the staged cycle or the test image.
   while (handling_ > 0) co_await handled_.wait();
@@ -727,20 +725,20 @@ void Session::set_rpo_seconds(std::uint32_t seconds) {
 
 void Session::set_rate_limit(std::uint64_t bytes_per_s) {
   opts_.rate_limit_bytes_per_s = bytes_per_s;
-  limiter_.set_rate(bytes_per_s, transport::RateLimiter::Clock::now());
+  limiter_.set_rate(bytes_per_s, clock_.steady_now());
   if (pacing_ != nullptr) pacing_->cancel();
 }
 
 asio::awaitable<void> Session::run_timer() {
   while (!stopping_ && state_.role == Role::source) {
     const auto period = std::chrono::milliseconds(std::max<std::uint64_t>(opts_.rpo_seconds * 500ull, 100));
-    timer_->expires_after(period);
-    auto [ec] = co_await timer_->async_wait(asio::as_tuple(asio::use_awaitable));
+    const bool expired = co_await timer_->wait_for(period);
     if (stopping_ || state_.role != Role::source) break;
-    if (ec) continue;  // cancelled by a role change that did not happen after all
+    if (!expired) continue;  // cancelled by a role change that did not happen after all
     request_sync();
   }
   timer_running_ = false;
+  done_.notify_all();  // stop() waits for this loop: it uses the session
 }
 
 asio::awaitable<void> Session::run_source() {
@@ -786,7 +784,7 @@ asio::awaitable<void> Session::run_source() {
       bool dirty = false;
       for (auto& m : members_) dirty = dirty || m.m.volume->dirty().dirty_blocks() > 0;
       if (!dirty && peer_committed_ > 0) {
-        last_sync_ = std::chrono::system_clock::now();
+        last_sync_ = clock_.system_now();
         if (state_.phase == Phase::reprotecting && exchange_done_) {
           // Nothing changed on either side since the failover: reprotected already.
           state_.phase = Phase::none;
@@ -899,7 +897,7 @@ asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::u
     if (need_new_generation_) {
       bumping_ = true;
       auto gens = generations_;
-      push_generation(gens, engine::random_u64(), engine::Superblock::kGenerationsMax);
+      push_generation(gens, clock_.random_u64(), engine::Superblock::kGenerationsMax);
       Status st = co_await persist_generations(gens);
       bumping_ = false;
       bump_done_.notify_all();
@@ -1012,7 +1010,7 @@ asio::awaitable<Status> Session::ship(TransferMode mode, std::uint64_t cycle, st
 
 asio::awaitable<Status> Session::ship_extents(TransferMode mode, std::uint64_t cycle, std::uint64_t start) {
   const std::uint64_t gen = conn_gen_;
-  const auto started = std::chrono::steady_clock::now();
+  const auto started = clock_.steady_now();
   const bool is_cycle = mode == TransferMode::cycle;
   if (!is_cycle && start == 0 && state_.initial != InitialState::running) {
     // The whole volume ships now: what the dirty maps hold is covered. Cut them (the frozen sets
@@ -1033,7 +1031,7 @@ asio::awaitable<Status> Session::ship_extents(TransferMode mode, std::uint64_t c
   for (auto& m : members_) frozen_blocks += m.frozen ? m.frozen->count() : 0;
   transfer_total_ = is_cycle ? frozen_blocks * kBlock : total_bytes();
   transfer_done_ = 0;
-  transfer_started_ = std::chrono::system_clock::now();
+  transfer_started_ = clock_.system_now();
   if (high_water_cycle_ != (is_cycle ? cycle : ~1ull)) {
     high_water_cycle_ = is_cycle ? cycle : ~1ull;
     high_water_ = start;
@@ -1089,7 +1087,8 @@ asio::awaitable<Status> Session::ship_extents(TransferMode mode, std::uint64_t c
     }
     // At most three corruptions: each costs a reconnect and a resume, and a test wants the
     // session to converge afterwards.
-    if (!e.zero && corrupt_every_ != 0 && ++extents_sent_ % corrupt_every_ == 0 && corrupted_ < 3) {
+    const std::uint64_t every = opts_.corrupt_extent_every;
+    if (!e.zero && every != 0 && ++extents_sent_ % every == 0 && corrupted_ < 3) {
       ++corrupted_;
       // Probe: damage the data after hashing, as a bad NIC or memory would; the destination
       // must catch it by the hash.
@@ -1208,11 +1207,11 @@ asio::awaitable<Status> Session::ship_extents(TransferMode mode, std::uint64_t c
     if (gen != conn_gen_ || stopping_) co_return Error(errc::peer_unreachable, "link lost before the commit");
     co_await done_.wait();
   }
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(clock_.steady_now() - started);
   last_sync_ms_ = static_cast<std::uint64_t>(ms.count());
   transfer_total_ = 0;  // no progress to show until the next transfer
   transfer_done_ = 0;
-  last_sync_ = std::chrono::system_clock::now();
+  last_sync_ = clock_.system_now();
   state_.last_sync_unix_ms = unix_ms(*last_sync_);  // persisted with the cycle's end below
   if (is_cycle) {
     TANDEM_CO_TRY(co_await finish_cycle(cycle));
@@ -1275,7 +1274,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   since_checkpoint_ = 0;
   dcycle_ = m.cycle;
   dnext_ = m.start_offset;
-  dtransfer_started_ = std::chrono::steady_clock::now();
+  dtransfer_started_ = clock_.steady_now();
   // Acknowledge well within the source's window, or it would wait for us while we wait for it.
   dbatch_ = std::min(opts_.stage_batch_bytes, m.window_bytes / 4);
   dcheckpoint_ = std::min(opts_.initial_checkpoint_bytes, m.window_bytes / 2);
@@ -1520,11 +1519,11 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   state_.committed_cycle = cycle;
   state_.applying_cycle = 0;
   state_.transfer_cycle = 0;
-  last_sync_ = std::chrono::system_clock::now();
+  last_sync_ = clock_.system_now();
   state_.last_sync_unix_ms = unix_ms(*last_sync_);
   if (dtransfer_started_) {
     // As the source counts it: from the transfer's start (or resume) to the cycle in place.
-    const auto took = std::chrono::steady_clock::now() - *dtransfer_started_;
+    const auto took = clock_.steady_now() - *dtransfer_started_;
     last_sync_ms_ = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
     dtransfer_started_.reset();
   }
@@ -1551,13 +1550,12 @@ asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool
   if (!conn_) co_return std::nullopt;
   const std::uint64_t id = next_request_++;
   auto p = std::make_shared<PendingControl>();
-  p->timer = std::make_unique<asio::steady_timer>(ex_, kControlTimeout);
+  p->timer = clock_.make_timer(ex_);
   control_waits_[id] = p;
   asio::co_spawn(
       ex_,
       [](std::shared_ptr<PendingControl> pc) -> asio::awaitable<void> {
-        auto [ec] = co_await pc->timer->async_wait(asio::as_tuple(asio::use_awaitable));
-        if (ec) co_return;  // cancelled: answered
+        if (!co_await pc->timer->wait_for(kControlTimeout)) co_return;  // cancelled: answered
         pc->lost = true;
         pc->wq.notify_all();
       }(p),

@@ -25,7 +25,6 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include "tandem/engine/metadata.h"
@@ -34,18 +33,12 @@
 
 namespace tandem::replication {
 
-namespace {
-
-constexpr auto kRetryPause = std::chrono::milliseconds(500);
-
 // Before asking the peer again (it could not answer yet, or said not now).
-asio::awaitable<void> retry_pause(asio::any_io_executor ex) {
-  asio::steady_timer t(ex, kRetryPause);
-  auto [ec] = co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
-  (void)ec;
+asio::awaitable<void> Session::retry_pause() {
+  constexpr auto kRetryPause = std::chrono::milliseconds(500);
+  auto t = clock_.make_timer(ex_);
+  (void)co_await t->wait_for(kRetryPause);
 }
-
-}  // namespace
 
 bool Session::replication_held() const {
   switch (state_.phase) {
@@ -84,7 +77,7 @@ void Session::start_source_tasks() {
   }
   if (!timer_running_) {
     timer_running_ = true;
-    if (!timer_) timer_ = std::make_unique<asio::steady_timer>(ex_);
+    if (!timer_) timer_ = clock_.make_timer(ex_);
     asio::co_spawn(ex_, run_timer(), abort_on_exception);
   }
 }
@@ -167,7 +160,7 @@ asio::awaitable<void> Session::run_planned_failover() {
     auto reply = co_await request(ControlOp::failover, false, state_.reverse ? 1 : 0);
     if (!reply || !reply->ok) {
       if (reply) spdlog::warn("session {}: the peer cannot take over yet: {}", opts_.id, reply->message);
-      co_await retry_pause(ex_);
+      co_await retry_pause();
       continue;
     }
     auto gens = generations_;
@@ -213,7 +206,7 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   }
   const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
   auto gens = generations_;
-  push_generation(gens, engine::random_u64(), engine::Superblock::kGenerationsMax);
+  push_generation(gens, clock_.random_u64(), engine::Superblock::kGenerationsMax);
   state_.failover_gen = from;
   st = co_await become_source();  // drops the staged journal
   state_.phase = Phase::failed_over;
@@ -267,7 +260,7 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       }
       const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
       auto gens = generations_;
-      const std::uint64_t g = engine::random_u64();
+      const std::uint64_t g = clock_.random_u64();
       push_generation(gens, g, engine::Superblock::kGenerationsMax);
       state_.failover_gen = from;
       state_.phase = Phase::failed_over;
@@ -369,7 +362,7 @@ asio::awaitable<void> Session::run_reprotect() {
     auto reply = co_await request(ControlOp::reprotect);
     if (!reply || !reply->ok) {
       if (reply) spdlog::warn("session {}: reprotect: the peer refused: {}", opts_.id, reply->message);
-      co_await retry_pause(ex_);
+      co_await retry_pause();
       continue;
     }
     std::uint64_t ours = 0;
@@ -405,6 +398,15 @@ asio::awaitable<ActionResult> Session::start_test() {
   auto held = co_await dest_mu_.scoped();
   if (state_.role != Role::destination) {
     co_return ActionResult{Verdict::not_allowed, "start_failover_test: this side is no longer a destination"};
+  }
+  // The image must be a committed cycle. Before the initial sync and its first cycle are done
+  // the base is not one, and the initial sync writes it in place (no apply to preserve from),
+  // so the image would change under the test. Found by the simulation (seed 27), where the
+  // link was down and the state showed System_Paused, which the table allows.
+  if (state_.initial != InitialState::done || state_.committed_cycle == 0) {
+    co_return ActionResult{Verdict::not_allowed,
+                           "Operation start_failover_test is not allowed: this destination has no consistent image "
+                           "yet (its initial sync and first cycle have not completed)."};
   }
   Status st = co_await open_test(false);
   if (!st) co_return ActionResult{Verdict::failed, "start_failover_test failed: " + st.error().message()};

@@ -61,7 +61,7 @@ std::vector<std::string> tandem::fuzz::seeds() {
   std::vector<std::string> out;
   Superblock sb;
   sb.seq = 3;
-  sb.volume_uuid = random_uuid();
+  sb.volume_uuid = random_uuid(system_clock());
   sb.size_bytes = 1 << 30;
   sb.region_bytes = 4 << 20;
   sb.generations = {1, 2};

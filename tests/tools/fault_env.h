@@ -122,6 +122,10 @@ class FaultEnv final : public engine::DeviceEnv {
     return {};
   }
   BufferArena& buffers() override { return arena_; }
+  // A simulation's clock (time that moves when it says, numbers from its seed); unset: the
+  // system's.
+  engine::Clock* clock_override = nullptr;
+  engine::Clock& clock() override { return clock_override != nullptr ? *clock_override : engine::system_clock(); }
 
   std::shared_ptr<FaultDiskState> disk(const std::string& path) { return disks_.at(path); }
   // Installs a disk image (e.g. a crash image) under a path.

@@ -17,7 +17,7 @@ namespace {
 Superblock sample() {
   Superblock sb;
   sb.seq = 7;
-  sb.volume_uuid = random_uuid();
+  sb.volume_uuid = random_uuid(system_clock());
   sb.size_bytes = 1 << 30;
   sb.region_bytes = 4 << 20;
   sb.generations = {11, 22, 33};
@@ -87,7 +87,7 @@ class MetaStoreTest : public ::testing::Test {
 
   Result<MetaStore::Opened> open_store() {
     Superblock fresh;
-    fresh.volume_uuid = random_uuid();
+    fresh.volume_uuid = random_uuid(system_clock());
     fresh.size_bytes = 64 << 20;
     fresh.region_bytes = 1 << 20;
     fresh.generations = {1};

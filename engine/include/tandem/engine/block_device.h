@@ -20,6 +20,7 @@
 #include <string>
 
 #include "tandem/common/result.h"
+#include "tandem/engine/clock.h"
 #include "tandem/engine/io_buffer.h"
 #include "tandem/engine/ring.h"
 
@@ -61,6 +62,8 @@ class DeviceEnv {
   // Removes a regular file (not open), durably; a missing file is not an error.
   virtual Status remove(const std::string& path) = 0;
   virtual BufferArena& buffers() = 0;
+  // Time, timers and random numbers (clock.h): the system's, unless a test drives them.
+  virtual Clock& clock() { return system_clock(); }
   // Stops background work (the ring's reaper) once nothing is in flight.
   virtual void stop() {}
 };

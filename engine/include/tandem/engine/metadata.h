@@ -32,8 +32,7 @@ struct RestartAddress {
 
 using Uuid = std::array<std::uint8_t, 16>;
 std::string uuid_to_string(const Uuid& u);
-Uuid random_uuid();
-std::uint64_t random_u64();
+Uuid random_uuid(Clock& clock);  // version 4, from the clock's random source
 
 struct Superblock {
   // Generations kept in the history, newest first (DRBD keeps 4; a few more help diagnose).

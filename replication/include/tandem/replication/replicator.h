@@ -21,6 +21,7 @@
 #include "tandem/common/async.h"
 #include "tandem/common/result.h"
 #include "tandem/replication/session.h"
+#include "tandem/transport/connection.h"
 #include "tandem/transport/link.h"
 #include "tandem/transport/tls.h"
 

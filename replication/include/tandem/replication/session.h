@@ -26,7 +26,6 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -48,8 +47,8 @@
 #include "tandem/replication/control.h"
 #include "tandem/replication/generation.h"
 #include "tandem/replication/messages.h"
+#include "tandem/replication/peer_channel.h"
 #include "tandem/replication/session_state.h"
-#include "tandem/transport/connection.h"
 #include "tandem/transport/rate_limiter.h"
 
 namespace tandem::replication {
@@ -84,6 +83,8 @@ struct SessionOptions {
   // Destination: initial-sync bytes between durable checkpoints (each flushes the volume and
   // bounds what a resume after a source crash ships again: 16 MiB is under 1% of a 2 GiB volume).
   std::uint64_t initial_checkpoint_bytes = 16ull << 20;
+  // Fault probe (tests): corrupt every Nth extent sent after hashing it; 0 = never.
+  std::uint64_t corrupt_extent_every = 0;
 };
 
 struct RestartAddress {
@@ -146,7 +147,7 @@ class Session {
   [[nodiscard]] Role role() const { return state_.role; }
 
   // The link came up: send our hello. The session uses this connection until detach().
-  void attach(std::shared_ptr<transport::Connection> conn);
+  void attach(std::shared_ptr<PeerChannel> conn);
   void detach(const std::string& reason);
   // A replication frame for this session, from the link's receive loop.
   asio::awaitable<Status> handle(MsgType type, std::span<const std::byte> payload);
@@ -248,6 +249,7 @@ class Session {
 
   // Failover and reprotect (session_failover.cpp).
   asio::awaitable<ActionResult> unplanned_failover();
+  asio::awaitable<void> retry_pause();  // before asking the peer again
   asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
   asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
   asio::awaitable<Status> become_source();
@@ -305,14 +307,15 @@ class Session {
   std::vector<Member> members_;
   SessionState state_;
   std::vector<std::uint64_t> generations_;
-  std::shared_ptr<transport::Connection> conn_;
+  std::shared_ptr<PeerChannel> conn_;
   std::uint64_t conn_gen_ = 0;
   bool stopping_ = false;
   bool running_ = false;
   WaitQueue wake_;
   WaitQueue window_;
   WaitQueue done_;
-  std::unique_ptr<asio::steady_timer> timer_;
+  engine::Clock& clock_;  // the first member's env's: time, timers and chance
+  std::unique_ptr<engine::Timer> timer_;
   bool sync_requested_ = false;
   std::string error_;
   std::string state_name_;
@@ -346,10 +349,9 @@ class Session {
   std::uint64_t pending_hashes_ = 0;
   std::deque<std::pair<std::uint64_t, std::uint32_t>> resend_;
   std::uint64_t bytes_shipped_ = 0;
-  std::uint64_t corrupt_every_ = 0;  // probe: corrupt every Nth extent sent (tests)
   std::uint64_t extents_sent_ = 0;
   std::uint64_t corrupted_ = 0;
-  asio::steady_timer* pacing_ = nullptr;  // pace()'s wait, while there is one
+  engine::Timer* pacing_ = nullptr;  // pace()'s wait, while there is one
   transport::RateLimiter limiter_;  // SessionOptions::rate_limit_bytes_per_s, on extent data
   asio::awaitable<void> pace(std::uint64_t bytes);
   std::uint64_t bytes_reshipped_ = 0;
