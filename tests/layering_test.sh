@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Plan: the dependency arrows of shared/design.md hold in the source, not only in the link
+# Plan: the modules' dependency arrows (README.md, "Layout") hold in the source, not only in the link
 # lines: each module includes only tandem headers of modules it may depend on. A violation
 # prints the offending line and fails.
 set -euo pipefail

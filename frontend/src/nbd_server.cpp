@@ -61,23 +61,6 @@ constexpr auto kAcceptRetryDelay = std::chrono::milliseconds(100);
 // Error messages in structured replies are for humans; engine contexts can be long.
 constexpr std::size_t kErrorMessageBytesMax = 256;
 
-// Completion handler for every co_spawn: an exception escaping a coroutine is a bug (errors
-// are values here), and continuing would leave a connection half torn down.
-struct AbortOnException {
-  const char* what;
-  void operator()(const std::exception_ptr& e) const {
-    if (!e) return;
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-      spdlog::critical("nbd: exception escaped {}: {}", what, x.what());
-    } catch (...) {
-      spdlog::critical("nbd: unknown exception escaped {}", what);
-    }
-    spdlog::default_logger()->flush();
-    std::abort();
-  }
-};
 
 std::string read_error_reason(const ErrorCode& ec, std::string_view phase) {
   if (ec == asio::error::eof) return "client closed the connection " + std::string(phase);

@@ -87,18 +87,6 @@ bool is_refusal(const std::error_code& c) {
 
 }  // namespace
 
-void AbortOnException::operator()(const std::exception_ptr& e) const {
-  if (!e) return;
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    spdlog::critical("transport: exception escaped {}: {}", what, x.what());
-  } catch (...) {
-    spdlog::critical("transport: unknown exception escaped {}", what);
-  }
-  spdlog::default_logger()->flush();
-  std::abort();
-}
 
 std::shared_ptr<Connection> detail::ConnectionAccess::make(std::unique_ptr<Connection::Impl> impl) {
   return std::shared_ptr<Connection>(new Connection(std::move(impl)));

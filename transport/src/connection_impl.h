@@ -84,12 +84,6 @@ struct ConnectionParams {
   std::uint64_t rate_limit_bytes_per_s = 0;
 };
 
-// Completion handler of every co_spawn in the transport: errors are values here, so an
-// exception escaping a coroutine is a bug, and carrying on would leave a connection half torn.
-struct AbortOnException {
-  const char* what;
-  void operator()(const std::exception_ptr& e) const;
-};
 
 struct Connection::Impl {
   Impl(asio::any_io_executor ex, asio::ssl::context& tls, Tcp::socket socket, bool dialed,

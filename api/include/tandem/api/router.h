@@ -1,8 +1,8 @@
 // The control API's HTTP layer, transport-free: a request (method, target, headers that
 // matter, body) goes in, a response comes out. It parses and validates, calls the session,
 // and renders JSON and error_response bodies; every rule about what an action may do lives in
-// replication/ (control.h). The contract is ../shared/spec/control-api.md; docs/api.md is what
-// ships, with the error codes.
+// replication/ (control.h). docs/api.md describes the API as it ships, with the error codes,
+// and api/share/openapi.json is its machine-readable form.
 #pragma once
 
 #include <boost/asio/awaitable.hpp>

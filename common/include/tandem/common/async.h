@@ -23,9 +23,15 @@ namespace tandem {
 
 namespace asio = boost::asio;
 
-// The completion handler for every co_spawn in tandem: a coroutine that lets an exception
-// escape is a bug; log it and abort rather than lose it (asio::detached would swallow it).
-void abort_on_exception(std::exception_ptr e);
+// The completion handler for every co_spawn in tandem: errors are values here, so a coroutine
+// that lets an exception escape is a bug, and carrying on would leave what it was doing half
+// torn down; log it (naming the coroutine) and abort rather than lose it (asio::detached would
+// swallow it).
+struct AbortOnException {
+  const char* what;  // "an NBD connection", ...
+  void operator()(const std::exception_ptr& e) const;
+};
+void abort_on_exception(std::exception_ptr e);  // AbortOnException{"a coroutine"}
 
 // A move-only, type-erased `void(Args...)` callable (std::move_only_function is C++23).
 template <typename Sig>

@@ -1,7 +1,7 @@
 // The control API's rules for a replication session: its states, the operator's actions, and
-// the transition table of the control-API contract (../shared/spec/control-api.md), in one
+// the transition table that says which action each state allows (docs/api.md prints it), in one
 // place. Pure functions, no I/O: the session asks decide() before acting, the HTTP layer only
-// renders what it says, and the table-driven tests read the same table the spec prints.
+// renders what it says, and the table-driven tests check every cell of the same table.
 #pragma once
 
 #include <cstdint>
