@@ -1610,7 +1610,13 @@ asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
 asio::awaitable<Status> Session::on_control(const Control& c) {
   if (c.op == ControlOp::resume) {
     if (!state_.paused) {
-      co_return co_await reply_control(c, false, 0, "the session is not paused on " + opts_.peer_name);
+      // Already running here: a resume whose answer was lost with the link (this side resumed,
+      // the asker did not hear it) is asked again, and must not leave the asker paused for good.
+      // Found by the simulation (seed 5032).
+      spdlog::info("session {}: resume asked by the peer: not paused here", opts_.id);
+      peer_paused_ = false;
+      wake_.notify_all();
+      co_return co_await reply_control(c, true, 0, {});
     }
     state_.paused = false;
     state_.local_only_paused = false;
