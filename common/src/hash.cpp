@@ -4,8 +4,6 @@
 
 namespace tandem {
 
-std::uint64_t xxh3_64(const void* data, std::size_t len) noexcept {
-  return XXH3_64bits(data, len);
-}
+std::uint64_t xxh3_64(const void* data, std::size_t len) noexcept { return XXH3_64bits(data, len); }
 
 }  // namespace tandem

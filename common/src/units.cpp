@@ -34,12 +34,23 @@ std::optional<std::uint64_t> parse_bytes(std::string_view text) {
     const std::uint64_t base = binary ? 1024 : 1000;
     int power = 0;
     switch (unit) {
-      case 'K': power = 1; break;
-      case 'M': power = 2; break;
-      case 'G': power = 3; break;
-      case 'T': power = 4; break;
-      case 'P': power = 5; break;
-      default: return std::nullopt;
+      case 'K':
+        power = 1;
+        break;
+      case 'M':
+        power = 2;
+        break;
+      case 'G':
+        power = 3;
+        break;
+      case 'T':
+        power = 4;
+        break;
+      case 'P':
+        power = 5;
+        break;
+      default:
+        return std::nullopt;
     }
     for (int p = 0; p < power; ++p) mult *= base;
   }

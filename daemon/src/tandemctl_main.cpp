@@ -122,11 +122,26 @@ void print_sessions(const json& list) {
 
 void print_session(const json& s) {
   std::vector<std::vector<std::string>> rows;
-  for (const char* k : {"id", "resource_type", "role", "state", "local_only_paused", "remote_system",
-                        "data_transfer_state", "data_connection_state", "failover_test_in_progress",
-                        "progress_percentage", "estimated_completion_timestamp", "last_sync_timestamp",
-                        "last_sync_duration", "next_sync_timestamp", "rpo_seconds", "restart_address", "lag_bytes",
-                        "diverged_blocks", "error_code", "error_message"}) {
+  for (const char* k : {"id",
+                        "resource_type",
+                        "role",
+                        "state",
+                        "local_only_paused",
+                        "remote_system",
+                        "data_transfer_state",
+                        "data_connection_state",
+                        "failover_test_in_progress",
+                        "progress_percentage",
+                        "estimated_completion_timestamp",
+                        "last_sync_timestamp",
+                        "last_sync_duration",
+                        "next_sync_timestamp",
+                        "rpo_seconds",
+                        "restart_address",
+                        "lag_bytes",
+                        "diverged_blocks",
+                        "error_code",
+                        "error_message"}) {
     rows.push_back({std::string(k) + ":", str(s, k)});
   }
   std::string pairs;
@@ -140,9 +155,8 @@ void print_session(const json& s) {
 void print_volumes(const json& list) {
   std::vector<std::vector<std::string>> rows = {{"ID", "SIZE", "ACCESS", "SESSION", "BACKING", "EXPORT"}};
   for (const auto& v : list) {
-    rows.push_back({str(v, "id"), human_bytes(v.value("size", 0.0)), str(v, "access"),
-                    str(v, "replication_session_id"), str(v, "backing"),
-                    v["exports"].empty() ? "-" : v["exports"][0].get<std::string>()});
+    rows.push_back({str(v, "id"), human_bytes(v.value("size", 0.0)), str(v, "access"), str(v, "replication_session_id"),
+                    str(v, "backing"), v["exports"].empty() ? "-" : v["exports"][0].get<std::string>()});
   }
   print_table(rows);
 }
@@ -173,7 +187,8 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
       return 0;
     }
     if (s.value("state", "") == "Error") {
-      std::cerr << (tty ? "\n" : "") << "tandemctl: session " << id << " is in Error: " << str(s, "error_message") << "\n";
+      std::cerr << (tty ? "\n" : "") << "tandemctl: session " << id << " is in Error: " << str(s, "error_message")
+                << "\n";
       return kRefused;
     }
     const auto now = std::chrono::steady_clock::now();
@@ -190,8 +205,9 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
       std::string eta = "-";
       if (rate > 0 && total >= done_bytes) {
         const auto left = static_cast<long>((total - done_bytes) / rate + 0.5);
-        eta = left >= 60 ? std::to_string(left / 60) + "m" + (left % 60 < 10 ? "0" : "") + std::to_string(left % 60) + "s"
-                         : std::to_string(left) + "s";
+        eta = left >= 60
+                  ? std::to_string(left / 60) + "m" + (left % 60 < 10 ? "0" : "") + std::to_string(left % 60) + "s"
+                  : std::to_string(left) + "s";
       }
       char buf[160];
       if (tty) {
@@ -248,8 +264,9 @@ int main(int argc, char** argv) {
   action("pause", "pause both sites (this site only if the peer is unreachable)");
   action("resume", "resume a paused session");
   action("sync", "start a synchronization cycle now (source)")->add_flag("--wait", wait, "wait until it is done");
-  auto* fo = action("failover", "planned failover (on the source) or, with --unplanned, disaster recovery (on "
-                                "the destination)");
+  auto* fo = action("failover",
+                    "planned failover (on the source) or, with --unplanned, disaster recovery (on "
+                    "the destination)");
   fo->add_flag("--unplanned", unplanned, "the source is lost: promote this destination from its last committed cycle");
   fo->add_flag("--reverse", reverse, "planned: go on into reprotect (replicate in the new direction)");
   fo->add_flag("--force", force, "unplanned: repeat on a session already Failed_Over, or promote an Initializing one");
@@ -265,9 +282,10 @@ int main(int argc, char** argv) {
   auto* vshow = volume->add_subcommand("show", "one volume");
   vshow->add_option("id", id, "volume id")->required();
   std::string wait_state = "OK";
-  auto* wt = session->add_subcommand(
-      "wait", "wait until the session reaches a state (default OK), drawing the progress of a running "
-              "transfer: the way to follow an initial sync, which cannot be asked for with sync");
+  auto* wt =
+      session->add_subcommand("wait",
+                              "wait until the session reaches a state (default OK), drawing the progress of a running "
+                              "transfer: the way to follow an initial sync, which cannot be asked for with sync");
   wt->add_option("id", id, "session id")->required();
   wt->add_option("--state", wait_state, "the state to wait for")->capture_default_str();
   try {
@@ -316,9 +334,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (verb == "wait") {
-    return wait_for(socket, id, "wait for " + wait_state,
-                    [&](const json& s) { return s.value("state", "") == wait_state && s["progress_percentage"].is_null(); },
-                    timeout_s);
+    return wait_for(
+        socket, id, "wait for " + wait_state,
+        [&](const json& s) { return s.value("state", "") == wait_state && s["progress_percentage"].is_null(); },
+        timeout_s);
   }
   std::string api_verb = verb;
   json body = json::object();
@@ -356,20 +375,23 @@ int main(int argc, char** argv) {
     // Done when a synchronization has completed since (a newer last sync, back to OK).
     const auto t0 = std::chrono::system_clock::now();
     (void)t0;
-    return wait_for(socket, id, "sync",
-                    [&](const json& s) {
-                      return s.value("state", "") == "OK" && str(s, "last_sync_timestamp") != before_sync &&
-                             s["progress_percentage"].is_null();
-                    },
-                    timeout_s);
+    return wait_for(
+        socket, id, "sync",
+        [&](const json& s) {
+          return s.value("state", "") == "OK" && str(s, "last_sync_timestamp") != before_sync &&
+                 s["progress_percentage"].is_null();
+        },
+        timeout_s);
   }
   if (verb == "failover") {
-    return wait_for(socket, id, "failover",
-                    [&](const json& s) {
-                      const std::string st = s.value("state", "");
-                      return reverse ? (st == "OK" && s.value("role", "") == "Destination") : st == "Failed_Over";
-                    },
-                    timeout_s);
+    return wait_for(
+        socket, id, "failover",
+        [&](const json& s) {
+          const std::string st = s.value("state", "");
+          return reverse ? (st == "OK" && s.value("role", "") == "Destination") : st == "Failed_Over";
+        },
+        timeout_s);
   }
-  return wait_for(socket, id, "reprotect", [](const json& s) { return s.value("state", "") == "OK"; }, timeout_s);
+  return wait_for(
+      socket, id, "reprotect", [](const json& s) { return s.value("state", "") == "OK"; }, timeout_s);
 }

@@ -7,8 +7,9 @@
 #include "tandem/daemon/daemon.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"tandemd — replicates Linux block devices between two hosts for disaster recovery.\n"
-               "Exports each configured volume over NBD and tracks every write."};
+  CLI::App app{
+      "tandemd — replicates Linux block devices between two hosts for disaster recovery.\n"
+      "Exports each configured volume over NBD and tracks every write."};
   std::string config_path = "/etc/tandem/tandemd.toml";
   bool check = false;
   bool inspect = false;

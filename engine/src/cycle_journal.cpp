@@ -15,8 +15,7 @@ namespace {
 std::uint64_t header_checksum(unsigned char* p, std::uint32_t count) {
   const std::uint64_t saved = get_le64(p + 32);
   put_le64(p + 32, 0);
-  const std::uint64_t sum =
-      xxh3_64(p, CycleJournal::kFixedBytes + std::size_t{count} * CycleJournal::kDescriptorBytes);
+  const std::uint64_t sum = xxh3_64(p, CycleJournal::kFixedBytes + std::size_t{count} * CycleJournal::kDescriptorBytes);
   put_le64(p + 32, saved);
   return sum;
 }
@@ -28,9 +27,8 @@ constexpr std::size_t kApplyParallel = 128;  // extents written at once
 }  // namespace
 
 asio::awaitable<Result<std::unique_ptr<CycleJournal>>> CycleJournal::open(DeviceEnv& env, std::string path,
-                                                                         std::uint64_t cycle,
-                                                                         std::uint64_t capacity_bytes,
-                                                                         bool recover) {
+                                                                          std::uint64_t cycle,
+                                                                          std::uint64_t capacity_bytes, bool recover) {
   std::unique_ptr<CycleJournal> j(new CycleJournal(env, std::move(path), cycle));
   capacity_bytes = (capacity_bytes + 4095) / 4096 * 4096;
   if (!recover) TANDEM_CO_TRY(env.remove(j->path_));
@@ -65,8 +63,7 @@ asio::awaitable<Status> CycleJournal::scan() {
       if (!e.zero) data_bytes += e.length;
       exts.push_back(e);
     }
-    if (data_bytes != std::uint64_t{data_blocks} * 4096 ||
-        pos_ + kHeaderBytes + data_bytes > dev_->size_bytes()) {
+    if (data_bytes != std::uint64_t{data_blocks} * 4096 || pos_ + kHeaderBytes + data_bytes > dev_->size_bytes()) {
       co_return Status{};
     }
     // Every data hash must match: a record is staged only if all of it is.

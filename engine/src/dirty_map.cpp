@@ -29,9 +29,8 @@ bool DirtyMap::page_nonzero(const std::vector<std::uint64_t>& words, std::uint64
   return false;
 }
 
-asio::awaitable<Status> DirtyMap::write_pages(const std::vector<std::uint64_t>& words,
-                                              std::uint64_t first, std::uint64_t count,
-                                              MetaStore::BitmapArea area) {
+asio::awaitable<Status> DirtyMap::write_pages(const std::vector<std::uint64_t>& words, std::uint64_t first,
+                                              std::uint64_t count, MetaStore::BitmapArea area) {
   TANDEM_CO_TRY(co_await meta_.write_bitmap_pages(words, first, count, area));
   auto& track = area == MetaStore::BitmapArea::dirty ? disk_nonzero_ : cycle_disk_nonzero_;
   for (std::uint64_t p = first; p < first + count; ++p) track[p] = page_nonzero(words, p);
@@ -149,8 +148,8 @@ asio::awaitable<Status> DirtyMap::begin_write(std::uint64_t first_block, std::ui
   // starts one, and it carries every region wanted at that moment.
   Status failure;
   for (;;) {
-    const bool pending = std::any_of(missing.begin(), missing.end(),
-                                     [&](std::uint32_t r) { return wanted_.contains(r); });
+    const bool pending =
+        std::any_of(missing.begin(), missing.end(), [&](std::uint32_t r) { return wanted_.contains(r); });
     if (!pending) co_return Status{};
     if (writing_intent_) {
       co_await intent_waiters_.wait();
@@ -168,8 +167,7 @@ asio::awaitable<Status> DirtyMap::begin_write(std::uint64_t first_block, std::ui
   // The intent log could not be written: undo every pin of ours, so the caller does not
   // write (and does not call end_write).
   for (std::uint32_t r = r0; r <= r1; ++r) {
-    if (auto w = wanted_.find(r); w != wanted_.end() &&
-        std::find(missing.begin(), missing.end(), r) != missing.end()) {
+    if (auto w = wanted_.find(r); w != wanted_.end() && std::find(missing.begin(), missing.end(), r) != missing.end()) {
       if (--w->second == 0) wanted_.erase(w);
     } else if (auto h = hot_.find(r); h != hot_.end()) {
       TANDEM_ASSERT(h->second.pins > 0);

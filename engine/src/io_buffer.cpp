@@ -48,8 +48,7 @@ BufferArena::BufferArena(std::size_t arena_bytes) {
   TANDEM_ASSERT(pages <= (std::size_t{1} << 31));
   pages_ = static_cast<std::uint32_t>(pages);
   max_order_ = static_cast<std::uint8_t>(std::countr_zero(pages_));
-  void* p = ::mmap(nullptr, pages * kPageBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
+  void* p = ::mmap(nullptr, pages * kPageBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TANDEM_ASSERT_MSG(p != MAP_FAILED, "cannot map the I/O buffer arena");
   base_ = static_cast<std::byte*>(p);
   head_.assign(max_order_ + 1u, kNil);

@@ -13,9 +13,7 @@ namespace tandem::engine {
 namespace {
 
 unsigned char* u8(std::span<std::byte> s) { return reinterpret_cast<unsigned char*>(s.data()); }
-const unsigned char* u8(std::span<const std::byte> s) {
-  return reinterpret_cast<const unsigned char*>(s.data());
-}
+const unsigned char* u8(std::span<const std::byte> s) { return reinterpret_cast<const unsigned char*>(s.data()); }
 
 // Writes header fields and the checksum over header (checksum zeroed) + payload.
 void seal(std::span<std::byte> out, std::uint64_t magic, std::uint64_t seq, std::uint32_t payload) {
@@ -104,23 +102,31 @@ void encode_superblock(const Superblock& sb, std::span<std::byte> out) {
   unsigned char* const start = p;
   std::memcpy(p, sb.volume_uuid.data(), 16);
   p += 16;
-  put_le64(p, sb.size_bytes); p += 8;
-  put_le32(p, sb.block_bytes); p += 4;
-  put_le32(p, sb.region_bytes); p += 4;
-  put_le32(p, static_cast<std::uint32_t>(sb.role)); p += 4;
-  put_le32(p, sb.session_state); p += 4;
-  put_le64(p, sb.restart.cycle); p += 8;
-  put_le64(p, sb.restart.offset); p += 8;
-  put_le32(p, static_cast<std::uint32_t>(sb.generations.size())); p += 4;
+  put_le64(p, sb.size_bytes);
+  p += 8;
+  put_le32(p, sb.block_bytes);
+  p += 4;
+  put_le32(p, sb.region_bytes);
+  p += 4;
+  put_le32(p, static_cast<std::uint32_t>(sb.role));
+  p += 4;
+  put_le32(p, sb.session_state);
+  p += 4;
+  put_le64(p, sb.restart.cycle);
+  p += 8;
+  put_le64(p, sb.restart.offset);
+  p += 8;
+  put_le32(p, static_cast<std::uint32_t>(sb.generations.size()));
+  p += 4;
   for (auto g : sb.generations) {
     put_le64(p, g);
     p += 8;
   }
-  put_le32(p, static_cast<std::uint32_t>(sb.session_blob.size())); p += 4;
+  put_le32(p, static_cast<std::uint32_t>(sb.session_blob.size()));
+  p += 4;
   if (!sb.session_blob.empty()) std::memcpy(p, sb.session_blob.data(), sb.session_blob.size());
   p += sb.session_blob.size();
-  seal(out.first(MetaLayout::kSuperblockSlotBytes), kSuperblockMagic, sb.seq,
-       static_cast<std::uint32_t>(p - start));
+  seal(out.first(MetaLayout::kSuperblockSlotBytes), kSuperblockMagic, sb.seq, static_cast<std::uint32_t>(p - start));
 }
 
 Result<Superblock> decode_superblock(std::span<const std::byte> in) {
@@ -134,15 +140,24 @@ Result<Superblock> decode_superblock(std::span<const std::byte> in) {
   sb.seq = h->seq;
   constexpr std::size_t kFixed = 16 + 8 + 4 + 4 + 4 + 4 + 8 + 8 + 4;
   if (!need(kFixed)) return Error(errc::corrupt_metadata, "superblock: payload too short");
-  std::memcpy(sb.volume_uuid.data(), p, 16); p += 16;
-  sb.size_bytes = get_le64(p); p += 8;
-  sb.block_bytes = get_le32(p); p += 4;
-  sb.region_bytes = get_le32(p); p += 4;
-  const std::uint32_t role = get_le32(p); p += 4;
-  sb.session_state = get_le32(p); p += 4;
-  sb.restart.cycle = get_le64(p); p += 8;
-  sb.restart.offset = get_le64(p); p += 8;
-  const std::uint32_t gens = get_le32(p); p += 4;
+  std::memcpy(sb.volume_uuid.data(), p, 16);
+  p += 16;
+  sb.size_bytes = get_le64(p);
+  p += 8;
+  sb.block_bytes = get_le32(p);
+  p += 4;
+  sb.region_bytes = get_le32(p);
+  p += 4;
+  const std::uint32_t role = get_le32(p);
+  p += 4;
+  sb.session_state = get_le32(p);
+  p += 4;
+  sb.restart.cycle = get_le64(p);
+  p += 8;
+  sb.restart.offset = get_le64(p);
+  p += 8;
+  const std::uint32_t gens = get_le32(p);
+  p += 4;
   if (role > 2) return Error(errc::corrupt_metadata, "superblock: unknown role");
   sb.role = static_cast<Role>(role);
   if (sb.block_bytes != 4096) return Error(errc::corrupt_metadata, "superblock: block size is not 4096");
@@ -150,7 +165,8 @@ Result<Superblock> decode_superblock(std::span<const std::byte> in) {
     return Error(errc::corrupt_metadata, "superblock: bad generation count");
   }
   for (std::uint32_t i = 0; i < gens; ++i, p += 8) sb.generations.push_back(get_le64(p));
-  const std::uint32_t blob = get_le32(p); p += 4;
+  const std::uint32_t blob = get_le32(p);
+  p += 4;
   if (blob > Superblock::kSessionBlobBytesMax || !need(blob)) {
     return Error(errc::corrupt_metadata, "superblock: bad session blob length");
   }
@@ -193,15 +209,14 @@ Result<IntentRecord> decode_intent(std::span<const std::byte> in) {
   return r;
 }
 
-asio::awaitable<Result<MetaStore::Opened>> MetaStore::open(std::unique_ptr<BlockDevice> dev,
-                                                          BufferArena& arena, Superblock fresh) {
+asio::awaitable<Result<MetaStore::Opened>> MetaStore::open(std::unique_ptr<BlockDevice> dev, BufferArena& arena,
+                                                           Superblock fresh) {
   TANDEM_ASSERT(fresh.size_bytes > 0 && fresh.block_bytes == 4096);
   const MetaLayout layout = MetaLayout::for_volume(fresh.size_bytes, fresh.block_bytes);
   if (dev->size_bytes() < layout.total_bytes) {
-    co_return Error(errc::metadata_mismatch,
-                    dev->path() + " is " + std::to_string(dev->size_bytes()) +
-                        " bytes; the metadata of this volume needs " +
-                        std::to_string(layout.total_bytes));
+    co_return Error(errc::metadata_mismatch, dev->path() + " is " + std::to_string(dev->size_bytes()) +
+                                                 " bytes; the metadata of this volume needs " +
+                                                 std::to_string(layout.total_bytes));
   }
   std::unique_ptr<MetaStore> ms(new MetaStore(std::move(dev), arena, layout));
   IoBuffer buf = arena.allocate(2 * MetaLayout::kSuperblockSlotBytes);
@@ -237,9 +252,9 @@ asio::awaitable<Result<MetaStore::Opened>> MetaStore::open(std::unique_ptr<Block
     out.created = true;
   } else {
     if (best->size_bytes != fresh.size_bytes) {
-      co_return Error(errc::metadata_mismatch,
-                      ms->dev_->path() + " describes a volume of " + std::to_string(best->size_bytes) +
-                          " bytes but the device has " + std::to_string(fresh.size_bytes));
+      co_return Error(errc::metadata_mismatch, ms->dev_->path() + " describes a volume of " +
+                                                   std::to_string(best->size_bytes) + " bytes but the device has " +
+                                                   std::to_string(fresh.size_bytes));
     }
     ms->sb_ = std::move(*best);
   }
@@ -255,8 +270,8 @@ asio::awaitable<Status> MetaStore::write_superblock(Superblock sb) {
   auto check = decode_superblock(buf.span(MetaLayout::kSuperblockSlotBytes));
   TANDEM_ASSERT(check.ok() && check->seq == sb.seq);
   const std::uint64_t slot = sb.seq % 2;
-  TANDEM_CO_TRY(co_await dev_->write(slot * MetaLayout::kSuperblockSlotBytes,
-                                     MetaLayout::kSuperblockSlotBytes, buf, false));
+  TANDEM_CO_TRY(
+      co_await dev_->write(slot * MetaLayout::kSuperblockSlotBytes, MetaLayout::kSuperblockSlotBytes, buf, false));
   TANDEM_CO_TRY(co_await dev_->flush());
   sb_ = std::move(sb);
   co_return Status{};
@@ -267,8 +282,8 @@ asio::awaitable<Result<IntentRecord>> MetaStore::read_intent() {
   TANDEM_CO_TRY(co_await dev_->read(layout_.intent_offset, 2 * MetaLayout::kIntentSlotBytes, buf));
   IntentRecord best;
   for (std::uint64_t slot = 0; slot < 2; ++slot) {
-    auto r = decode_intent(std::span<const std::byte>(
-        buf.data() + slot * MetaLayout::kIntentSlotBytes, MetaLayout::kIntentSlotBytes));
+    auto r = decode_intent(
+        std::span<const std::byte>(buf.data() + slot * MetaLayout::kIntentSlotBytes, MetaLayout::kIntentSlotBytes));
     if (r && r->seq > best.seq) best = std::move(r).value();
   }
   intent_seq_ = std::max(intent_seq_, best.seq);
@@ -310,9 +325,8 @@ asio::awaitable<Status> MetaStore::read_bitmap(std::vector<std::uint64_t>& words
   co_return Status{};
 }
 
-asio::awaitable<Status> MetaStore::write_bitmap_pages(const std::vector<std::uint64_t>& words,
-                                                      std::uint64_t first_page, std::uint64_t count,
-                                                      BitmapArea area) {
+asio::awaitable<Status> MetaStore::write_bitmap_pages(const std::vector<std::uint64_t>& words, std::uint64_t first_page,
+                                                      std::uint64_t count, BitmapArea area) {
   const std::uint64_t base = area == BitmapArea::dirty ? layout_.bitmap_offset : layout_.cycle_bitmap_offset;
   const std::uint64_t words_per_page = MetaLayout::kBitmapPageBytes / 8;
   TANDEM_ASSERT(first_page + count <= layout_.bitmap_pages);
@@ -325,8 +339,8 @@ asio::awaitable<Status> MetaStore::write_bitmap_pages(const std::vector<std::uin
     for (std::uint64_t w = 0; w < n * words_per_page; ++w) {
       put_le64(p + 8 * w, words[page * words_per_page + w]);
     }
-    TANDEM_CO_TRY(co_await dev_->write(base + page * MetaLayout::kBitmapPageBytes,
-                                       n * MetaLayout::kBitmapPageBytes, buf, false));
+    TANDEM_CO_TRY(
+        co_await dev_->write(base + page * MetaLayout::kBitmapPageBytes, n * MetaLayout::kBitmapPageBytes, buf, false));
   }
   co_return Status{};
 }

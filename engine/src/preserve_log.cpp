@@ -30,9 +30,8 @@ bool valid_slot(const unsigned char* p, std::uint64_t cycle, std::uint64_t block
 }  // namespace
 
 asio::awaitable<Result<std::unique_ptr<PreserveLog>>> PreserveLog::open(DeviceEnv& env, std::string path,
-                                                                       std::uint64_t cycle,
-                                                                       const BlockBitmap& frozen,
-                                                                       bool recover) {
+                                                                        std::uint64_t cycle, const BlockBitmap& frozen,
+                                                                        bool recover) {
   std::unique_ptr<PreserveLog> log(new PreserveLog(env, std::move(path), cycle, frozen));
   const std::uint64_t bytes = std::max<std::uint64_t>(frozen.count(), 1) * kSlotBytes;
   if (!recover) TANDEM_CO_TRY(env.remove(log->path_));

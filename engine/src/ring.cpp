@@ -113,14 +113,13 @@ void Ring::do_submit() {
 void Ring::arm_reaper() {
   if (impl_->waiting || stopping_) return;
   impl_->waiting = true;
-  impl_->efd.async_wait(asio::posix::stream_descriptor::wait_read,
-                        [this](const boost::system::error_code& ec) {
-                          // On abort the ring may already be gone: touch nothing.
-                          if (ec == asio::error::operation_aborted) return;
-                          impl_->waiting = false;
-                          reap();
-                          if (!stopping_ || in_flight_ > 0 || unsubmitted_ > 0) arm_reaper();
-                        });
+  impl_->efd.async_wait(asio::posix::stream_descriptor::wait_read, [this](const boost::system::error_code& ec) {
+    // On abort the ring may already be gone: touch nothing.
+    if (ec == asio::error::operation_aborted) return;
+    impl_->waiting = false;
+    reap();
+    if (!stopping_ || in_flight_ > 0 || unsubmitted_ > 0) arm_reaper();
+  });
 }
 
 void Ring::reap() {

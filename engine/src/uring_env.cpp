@@ -37,23 +37,21 @@ class UringDevice final : public BlockDevice {
     co_return co_await rw(false, offset, len, buf, false);
   }
 
-  asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf,
-                                bool fua) override {
+  asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) override {
     co_return co_await rw(true, offset, len, buf, fua);
   }
 
   asio::awaitable<Status> flush() override {
     const int fd = fd_;
-    int res = co_await ring_.submit(
-        [fd](io_uring_sqe* sqe) { io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC); });
+    int res = co_await ring_.submit([fd](io_uring_sqe* sqe) { io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC); });
     if (res < 0) co_return errno_error(-res, "fdatasync " + path_);
     co_return Status{};
   }
 
   asio::awaitable<Status> zero(std::uint64_t offset, std::uint64_t len, bool may_unmap) override {
     check_range(offset, len);
-    const int mode = may_unmap ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-                               : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
+    const int mode =
+        may_unmap ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) : (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE);
     const int fd = fd_;
     int res = co_await ring_.submit([=](io_uring_sqe* sqe) {
       io_uring_prep_fallocate(sqe, fd, mode, static_cast<off_t>(offset), static_cast<off_t>(len));
@@ -69,8 +67,7 @@ class UringDevice final : public BlockDevice {
     TANDEM_ASSERT(offset <= size_ && len <= size_ - offset);
   }
 
-  asio::awaitable<Status> rw(bool is_write, std::uint64_t offset, std::size_t len,
-                             const IoBuffer& buf, bool fua) {
+  asio::awaitable<Status> rw(bool is_write, std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) {
     check_range(offset, len);
     TANDEM_ASSERT(len <= buf.capacity());
     std::size_t done = 0;
@@ -107,8 +104,7 @@ class UringDevice final : public BlockDevice {
       }
       if (res == 0) {
         // A zero-length transfer inside the device is an unexpected end of file.
-        co_return Error(errc::io_error, "short " + std::string(is_write ? "write" : "read") +
-                                            " at end of " + path_);
+        co_return Error(errc::io_error, "short " + std::string(is_write ? "write" : "read") + " at end of " + path_);
       }
       done += static_cast<std::size_t>(res);  // short I/O: requeue the remainder
     }
@@ -124,8 +120,7 @@ class UringDevice final : public BlockDevice {
 
 class UringEnv final : public DeviceEnv {
  public:
-  UringEnv(std::unique_ptr<Ring> ring, std::size_t arena_bytes)
-      : arena_(arena_bytes), ring_(std::move(ring)) {}
+  UringEnv(std::unique_ptr<Ring> ring, std::size_t arena_bytes) : arena_(arena_bytes), ring_(std::move(ring)) {}
   ~UringEnv() override = default;
 
   Status init() {
@@ -162,7 +157,8 @@ class UringEnv final : public DeviceEnv {
     // process is gone. Retry for a bounded time before calling the volume busy.
     int lock_rc = ::flock(fd, LOCK_EX | LOCK_NB);
     for (int tries = 0; lock_rc != 0 && errno == EWOULDBLOCK && tries < kLockRetries; ++tries) {
-      if (tries == 0) spdlog::info("{}: locked by another process; waiting up to {} s for it to go", spec.path, kLockRetries / 10);
+      if (tries == 0)
+        spdlog::info("{}: locked by another process; waiting up to {} s for it to go", spec.path, kLockRetries / 10);
       ::usleep(100'000);
       lock_rc = ::flock(fd, LOCK_EX | LOCK_NB);
     }

@@ -89,9 +89,8 @@ asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, Vo
   v->data_ = std::move(data).value();
   v->size_ = v->data_->size_bytes();
   if (v->opts_.create_bytes && v->size_ != *v->opts_.create_bytes) {
-    co_return Error(errc::bad_config, who + ": " + v->opts_.path + " exists with " +
-                                          std::to_string(v->size_) + " bytes but size = " +
-                                          std::to_string(*v->opts_.create_bytes) +
+    co_return Error(errc::bad_config, who + ": " + v->opts_.path + " exists with " + std::to_string(v->size_) +
+                                          " bytes but size = " + std::to_string(*v->opts_.create_bytes) +
                                           " is configured; fix or remove `size`");
   }
   if (v->size_ == 0 || v->size_ % kBlock != 0) {
@@ -120,15 +119,12 @@ asio::awaitable<Result<std::unique_ptr<Volume>>> Volume::open(DeviceEnv& env, Vo
   co_return v;
 }
 
-Volume::~Volume() {
-  TANDEM_ASSERT_MSG(ops_in_flight_ == 0, "volume destroyed with requests in flight");
-}
+Volume::~Volume() { TANDEM_ASSERT_MSG(ops_in_flight_ == 0, "volume destroyed with requests in flight"); }
 
 Status Volume::fail(const Error& e) {
   if (failure_.empty()) {
     failure_ = e.message();
-    spdlog::error("volume {}: flush failed, volume is now read-only until restart: {}", opts_.id,
-                  failure_);
+    spdlog::error("volume {}: flush failed, volume is now read-only until restart: {}", opts_.id, failure_);
   }
   return Error(errc::volume_failed, failure_);
 }
@@ -166,8 +162,7 @@ asio::awaitable<Status> Volume::read(std::uint64_t offset, std::size_t len, cons
   co_return st;
 }
 
-asio::awaitable<Status> Volume::write(std::uint64_t offset, std::size_t len, const IoBuffer& src,
-                                      bool fua) {
+asio::awaitable<Status> Volume::write(std::uint64_t offset, std::size_t len, const IoBuffer& src, bool fua) {
   TANDEM_CO_TRY(check_write(offset, len));
   TANDEM_ASSERT(len <= src.capacity());
   if (len == 0) co_return Status{};
@@ -185,8 +180,7 @@ asio::awaitable<Status> Volume::write(std::uint64_t offset, std::size_t len, con
   co_return st;
 }
 
-asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t len,
-                                             const IoBuffer* src, bool fua) {
+asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t len, const IoBuffer* src, bool fua) {
   const std::uint64_t a0 = align_down(offset);
   const std::uint64_t a1 = align_up(offset + len);
   const std::uint64_t first = a0 / kBlock;
@@ -221,8 +215,8 @@ asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t l
   co_return st;
 }
 
-asio::awaitable<Status> Volume::write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap,
-                                             bool fua, bool fast_only) {
+asio::awaitable<Status> Volume::write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap, bool fua,
+                                             bool fast_only) {
   TANDEM_CO_TRY(check_write(offset, len));
   if (len == 0) co_return Status{};
   OpGuard g(*this);
@@ -250,8 +244,8 @@ asio::awaitable<Status> Volume::trim(std::uint64_t offset, std::uint64_t len, bo
   co_return st;
 }
 
-asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap,
-                                            bool fast_only, bool trim_only) {
+asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap, bool fast_only,
+                                            bool trim_only) {
   const std::uint64_t a0 = align_down(offset);
   const std::uint64_t a1 = align_up(offset + len);
   const std::uint64_t i0 = align_up(offset);
@@ -312,8 +306,7 @@ asio::awaitable<Status> Volume::zero_by_writing(std::uint64_t offset, std::uint6
   co_return Status{};
 }
 
-asio::awaitable<Status> Volume::write_replicated(std::uint64_t offset, std::size_t len,
-                                                 const IoBuffer& src) {
+asio::awaitable<Status> Volume::write_replicated(std::uint64_t offset, std::size_t len, const IoBuffer& src) {
   if (closing_) co_return errc::shutting_down;
   TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0 && len <= src.capacity());
   if (offset > size_ || len > size_ - offset) co_return errc::no_space;

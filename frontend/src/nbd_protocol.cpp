@@ -30,9 +30,7 @@ void append_be64(std::vector<std::uint8_t>& v, std::uint64_t x) {
   put_be64(b, x);
   v.insert(v.end(), b, b + 8);
 }
-void append_str(std::vector<std::uint8_t>& v, std::string_view s) {
-  v.insert(v.end(), s.begin(), s.end());
-}
+void append_str(std::vector<std::uint8_t>& v, std::string_view s) { v.insert(v.end(), s.begin(), s.end()); }
 
 // Printable, bounded rendering of a client-chosen name for reasons and messages.
 std::string quoted(std::string_view s) {
@@ -49,38 +47,57 @@ std::string quoted(std::string_view s) {
 }  // namespace
 
 std::uint16_t transmission_flags(bool writable) {
-  std::uint16_t f = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendTrim | kTxSendWriteZeroes |
-                    kTxSendFastZero | kTxSendCache | kTxCanMultiConn;
+  std::uint16_t f = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendTrim | kTxSendWriteZeroes | kTxSendFastZero |
+                    kTxSendCache | kTxCanMultiConn;
   if (!writable) f |= kTxReadOnly;
   return f;
 }
 
 std::string option_name(std::uint32_t option) {
   switch (option) {
-    case kOptExportName: return "NBD_OPT_EXPORT_NAME";
-    case kOptAbort: return "NBD_OPT_ABORT";
-    case kOptList: return "NBD_OPT_LIST";
-    case kOptStartTls: return "NBD_OPT_STARTTLS";
-    case kOptInfo: return "NBD_OPT_INFO";
-    case kOptGo: return "NBD_OPT_GO";
-    case kOptStructuredReply: return "NBD_OPT_STRUCTURED_REPLY";
-    case kOptListMetaContext: return "NBD_OPT_LIST_META_CONTEXT";
-    case kOptSetMetaContext: return "NBD_OPT_SET_META_CONTEXT";
-    default: return "option " + std::to_string(option);
+    case kOptExportName:
+      return "NBD_OPT_EXPORT_NAME";
+    case kOptAbort:
+      return "NBD_OPT_ABORT";
+    case kOptList:
+      return "NBD_OPT_LIST";
+    case kOptStartTls:
+      return "NBD_OPT_STARTTLS";
+    case kOptInfo:
+      return "NBD_OPT_INFO";
+    case kOptGo:
+      return "NBD_OPT_GO";
+    case kOptStructuredReply:
+      return "NBD_OPT_STRUCTURED_REPLY";
+    case kOptListMetaContext:
+      return "NBD_OPT_LIST_META_CONTEXT";
+    case kOptSetMetaContext:
+      return "NBD_OPT_SET_META_CONTEXT";
+    default:
+      return "option " + std::to_string(option);
   }
 }
 
 std::string command_name(std::uint16_t type) {
   switch (type) {
-    case kCmdRead: return "NBD_CMD_READ";
-    case kCmdWrite: return "NBD_CMD_WRITE";
-    case kCmdDisc: return "NBD_CMD_DISC";
-    case kCmdFlush: return "NBD_CMD_FLUSH";
-    case kCmdTrim: return "NBD_CMD_TRIM";
-    case kCmdCache: return "NBD_CMD_CACHE";
-    case kCmdWriteZeroes: return "NBD_CMD_WRITE_ZEROES";
-    case kCmdBlockStatus: return "NBD_CMD_BLOCK_STATUS";
-    default: return "command " + std::to_string(type);
+    case kCmdRead:
+      return "NBD_CMD_READ";
+    case kCmdWrite:
+      return "NBD_CMD_WRITE";
+    case kCmdDisc:
+      return "NBD_CMD_DISC";
+    case kCmdFlush:
+      return "NBD_CMD_FLUSH";
+    case kCmdTrim:
+      return "NBD_CMD_TRIM";
+    case kCmdCache:
+      return "NBD_CMD_CACHE";
+    case kCmdWriteZeroes:
+      return "NBD_CMD_WRITE_ZEROES";
+    case kCmdBlockStatus:
+      return "NBD_CMD_BLOCK_STATUS";
+    default:
+      return "command " + std::to_string(type);
   }
 }
 
@@ -110,11 +127,16 @@ const NbdExport& Handshake::chosen() const {
 
 std::size_t Handshake::bytes_wanted() const {
   switch (phase_) {
-    case Phase::client_flags: return 4 - field_have_;
-    case Phase::option_header: return kOptionHeaderBytes - field_have_;
-    case Phase::option_data: return option_len_ - data_.size();
-    case Phase::option_skip: return static_cast<std::size_t>(skip_left_);
-    case Phase::done: return 0;
+    case Phase::client_flags:
+      return 4 - field_have_;
+    case Phase::option_header:
+      return kOptionHeaderBytes - field_have_;
+    case Phase::option_data:
+      return option_len_ - data_.size();
+    case Phase::option_skip:
+      return static_cast<std::size_t>(skip_left_);
+    case Phase::done:
+      return 0;
   }
   return 0;
 }
@@ -155,12 +177,12 @@ std::size_t Handshake::feed(std::span<const std::uint8_t> in) {
         used += n;
         if (skip_left_ == 0) {
           phase_ = Phase::option_header;
-          reply_error(kRepErrTooBig, "option data longer than " +
-                                         std::to_string(limits_.option_bytes_max) + " bytes");
+          reply_error(kRepErrTooBig, "option data longer than " + std::to_string(limits_.option_bytes_max) + " bytes");
         }
         break;
       }
-      case Phase::done: TANDEM_ASSERT(false);
+      case Phase::done:
+        TANDEM_ASSERT(false);
     }
   }
   return used;
@@ -219,15 +241,13 @@ void Handshake::on_option_header() {
   option_ = get_be32(field_.data() + 8);
   option_len_ = get_be32(field_.data() + 12);
   if (++options_seen_ > limits_.options_max) {
-    decide(HandshakeOutcome::close,
-           "more than " + std::to_string(limits_.options_max) + " options");
+    decide(HandshakeOutcome::close, "more than " + std::to_string(limits_.options_max) + " options");
     return;
   }
   if (!fixed_ && option_ != kOptExportName) {
     // A client that did not ask for fixed newstyle cannot parse option replies; in plain
     // newstyle the only valid option is EXPORT_NAME and anything else ends the session.
-    decide(HandshakeOutcome::close,
-           option_name(option_) + " from a client without fixed newstyle");
+    decide(HandshakeOutcome::close, option_name(option_) + " from a client without fixed newstyle");
     return;
   }
   if (option_len_ > limits_.option_bytes_max) {
@@ -253,7 +273,9 @@ void Handshake::on_option() {
   TANDEM_ASSERT(data_.size() == option_len_);
   phase_ = Phase::option_header;
   switch (option_) {
-    case kOptExportName: on_export_name(); return;
+    case kOptExportName:
+      on_export_name();
+      return;
     case kOptAbort:
       reply(kRepAck);
       decide(HandshakeOutcome::abort, "client aborted the handshake");
@@ -273,11 +295,14 @@ void Handshake::on_option() {
       return;
     }
     case kOptStartTls:
-      reply_error(kRepErrPolicy, "TLS is not offered on this export; use a Unix socket or a "
-                                 "trusted network");
+      reply_error(kRepErrPolicy,
+                  "TLS is not offered on this export; use a Unix socket or a "
+                  "trusted network");
       return;
     case kOptInfo:
-    case kOptGo: on_info_or_go(); return;
+    case kOptGo:
+      on_info_or_go();
+      return;
     case kOptStructuredReply:
       if (option_len_ != 0) {
         reply_error(kRepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data");
@@ -422,8 +447,11 @@ RequestCheck check_request(const Request& r, const ExportState& s) {
       // written).
       allowed = kCmdFlagFua;
       break;
-    case kCmdWriteZeroes: allowed = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero; break;
-    default: return refuse(kEinval, "unknown command");
+    case kCmdWriteZeroes:
+      allowed = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
+      break;
+    default:
+      return refuse(kEinval, "unknown command");
   }
   if ((r.flags & ~allowed) != 0) return refuse(kEinval, "flag not valid for this command");
 
@@ -450,20 +478,20 @@ RequestCheck check_request(const Request& r, const ExportState& s) {
       if (!s.writable) return refuse(kEperm, "export is read-only");
       if (!in_bounds) return refuse(kEnospc, "write beyond the end of the export");
       break;
-    default: TANDEM_ASSERT(false);
+    default:
+      TANDEM_ASSERT(false);
   }
   return {Verdict::execute, 0, payload, {}};
 }
 
-void encode_simple_reply(std::span<std::uint8_t, kSimpleReplyBytes> out, std::uint32_t error,
-                         std::uint64_t handle) {
+void encode_simple_reply(std::span<std::uint8_t, kSimpleReplyBytes> out, std::uint32_t error, std::uint64_t handle) {
   put_be32(out.data(), kSimpleReplyMagic);
   put_be32(out.data() + 4, error);
   put_be64(out.data() + 8, handle);
 }
 
-void encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes> out, std::uint16_t flags,
-                         std::uint16_t type, std::uint64_t handle, std::uint32_t length) {
+void encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes> out, std::uint16_t flags, std::uint16_t type,
+                         std::uint64_t handle, std::uint32_t length) {
   put_be32(out.data(), kStructuredReplyMagic);
   put_be16(out.data() + 4, flags);
   put_be16(out.data() + 6, type);
@@ -471,23 +499,19 @@ void encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes> out, std::ui
   put_be32(out.data() + 16, length);
 }
 
-void encode_offset_data_prefix(std::span<std::uint8_t, kOffsetDataPrefixBytes> out,
-                               std::uint64_t handle, std::uint64_t offset,
-                               std::uint32_t data_bytes) {
+void encode_offset_data_prefix(std::span<std::uint8_t, kOffsetDataPrefixBytes> out, std::uint64_t handle,
+                               std::uint64_t offset, std::uint32_t data_bytes) {
   TANDEM_ASSERT(data_bytes >= 1 && data_bytes <= UINT32_MAX - 8);
-  encode_chunk_header(out.first<kChunkHeaderBytes>(), kReplyFlagDone, kReplyTypeOffsetData, handle,
-                      data_bytes + 8);
+  encode_chunk_header(out.first<kChunkHeaderBytes>(), kReplyFlagDone, kReplyTypeOffsetData, handle, data_bytes + 8);
   put_be64(out.data() + kChunkHeaderBytes, offset);
 }
 
-std::vector<std::uint8_t> encode_error_chunk(std::uint64_t handle, std::uint32_t error,
-                                             std::string_view message) {
+std::vector<std::uint8_t> encode_error_chunk(std::uint64_t handle, std::uint32_t error, std::string_view message) {
   TANDEM_ASSERT(error != 0);
   message = message.substr(0, kStringBytesMax);
   std::vector<std::uint8_t> v(kChunkHeaderBytes);
-  encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes>(v.data(), kChunkHeaderBytes),
-                      kReplyFlagDone, kReplyTypeError, handle,
-                      static_cast<std::uint32_t>(6 + message.size()));
+  encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes>(v.data(), kChunkHeaderBytes), kReplyFlagDone,
+                      kReplyTypeError, handle, static_cast<std::uint32_t>(6 + message.size()));
   append_be32(v, error);
   append_be16(v, static_cast<std::uint16_t>(message.size()));
   append_str(v, message);
@@ -498,13 +522,19 @@ std::uint32_t nbd_error_from(std::error_code ec) {
   if (!ec) return 0;
   if (ec.category() == engine::engine_category()) {
     switch (static_cast<engine::errc>(ec.value())) {
-      case engine::errc::out_of_range: return kEinval;
-      case engine::errc::no_space: return kEnospc;
+      case engine::errc::out_of_range:
+        return kEinval;
+      case engine::errc::no_space:
+        return kEnospc;
       case engine::errc::read_only:
-      case engine::errc::volume_failed: return kEperm;
-      case engine::errc::shutting_down: return kEshutdown;
-      case engine::errc::not_supported: return kEnotsup;
-      default: return kEio;
+      case engine::errc::volume_failed:
+        return kEperm;
+      case engine::errc::shutting_down:
+        return kEshutdown;
+      case engine::errc::not_supported:
+        return kEnotsup;
+      default:
+        return kEio;
     }
   }
   if (ec.category() == std::generic_category() || ec.category() == std::system_category()) {

@@ -7,8 +7,8 @@ namespace tandem::replication {
 namespace {
 
 constexpr std::array<std::string_view, kStateCount> kStateNames = {
-    "Initializing", "OK",       "Synchronizing",       "System_Paused", "Paused", "Paused_For_NDU",
-    "Failing_Over", "Failing_Over_For_DR", "Failed_Over", "Reprotecting", "Error",
+    "Initializing",        "OK",          "Synchronizing", "System_Paused", "Paused", "Paused_For_NDU", "Failing_Over",
+    "Failing_Over_For_DR", "Failed_Over", "Reprotecting",  "Error",
 };
 
 Decision accept(State next) { return Decision{Verdict::accept, next, {}}; }
@@ -63,14 +63,21 @@ std::optional<State> state_from_name(std::string_view name) {
 
 std::string_view action_name(Action a) {
   switch (a) {
-    case Action::pause: return "pause";
-    case Action::resume: return "resume";
-    case Action::sync: return "sync";
+    case Action::pause:
+      return "pause";
+    case Action::resume:
+      return "resume";
+    case Action::sync:
+      return "sync";
     case Action::failover_planned:
-    case Action::failover_unplanned: return "failover";
-    case Action::reprotect: return "reprotect";
-    case Action::start_test: return "start_failover_test";
-    case Action::stop_test: return "stop_failover_test";
+    case Action::failover_unplanned:
+      return "failover";
+    case Action::reprotect:
+      return "reprotect";
+    case Action::start_test:
+      return "start_failover_test";
+    case Action::stop_test:
+      return "stop_failover_test";
   }
   return "?";
 }
@@ -151,8 +158,9 @@ Decision decide(Action a, const Situation& s) {
       }
       if (!s.peer_reachable && !s.force) {
         Decision d = not_allowed(a, s.state);
-        d.message = "Operation stop_failover_test is not allowed while the peer is unreachable; use force to stop "
-                    "the test anyway.";
+        d.message =
+            "Operation stop_failover_test is not allowed while the peer is unreachable; use force to stop "
+            "the test anyway.";
         return d;
       }
       return accept(s.state);

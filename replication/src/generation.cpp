@@ -7,12 +7,18 @@ namespace tandem::replication {
 
 const char* to_string(SyncDecision d) {
   switch (d) {
-    case SyncDecision::in_sync: return "in sync";
-    case SyncDecision::source_ahead: return "source ahead";
-    case SyncDecision::destination_ahead: return "destination ahead (it was promoted)";
-    case SyncDecision::split_brain: return "split brain";
-    case SyncDecision::unrelated: return "unrelated volumes";
-    case SyncDecision::initial_sync: return "initial sync";
+    case SyncDecision::in_sync:
+      return "in sync";
+    case SyncDecision::source_ahead:
+      return "source ahead";
+    case SyncDecision::destination_ahead:
+      return "destination ahead (it was promoted)";
+    case SyncDecision::split_brain:
+      return "split brain";
+    case SyncDecision::unrelated:
+      return "unrelated volumes";
+    case SyncDecision::initial_sync:
+      return "initial sync";
   }
   return "unknown";
 }

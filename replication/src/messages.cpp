@@ -127,9 +127,9 @@ Result<SessionHello> decode_session_hello(std::span<const std::byte> p) {
     }
   }
   if (!r.gens(m.generations) || !r.boolean(m.paired) || !r.boolean(m.blank) || !r.u64(m.committed_cycle) ||
-      !r.u64(m.staged_cycle) || !r.u64(m.staged_offset) || !r.u8(initial) || initial > 2 ||
-      !r.u64(m.initial_offset) || !r.boolean(m.paused) || !r.u8(m.phase) || m.phase > 4 ||
-      !r.u64(m.failover_gen) || !r.boolean(m.initial_compare) || !r.done()) {
+      !r.u64(m.staged_cycle) || !r.u64(m.staged_offset) || !r.u8(initial) || initial > 2 || !r.u64(m.initial_offset) ||
+      !r.boolean(m.paused) || !r.u8(m.phase) || m.phase > 4 || !r.u64(m.failover_gen) ||
+      !r.boolean(m.initial_compare) || !r.done()) {
     return bad("session hello");
   }
   m.initial = static_cast<InitialState>(initial);
@@ -152,9 +152,9 @@ Result<SyncBegin> decode_sync_begin(std::span<const std::byte> p) {
   Reader r(p);
   SyncBegin m;
   std::uint8_t mode = 0;
-  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u8(mode) || mode > 2 ||
-      !r.u64(m.cycle) || !r.u64(m.frozen_blocks) || !r.u64(m.start_offset) || m.start_offset % 4096 != 0 ||
-      !r.u64(m.window_bytes) || m.window_bytes < (1u << 20) || !r.gens(m.generations) || !r.done()) {
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u8(mode) || mode > 2 || !r.u64(m.cycle) ||
+      !r.u64(m.frozen_blocks) || !r.u64(m.start_offset) || m.start_offset % 4096 != 0 || !r.u64(m.window_bytes) ||
+      m.window_bytes < (1u << 20) || !r.gens(m.generations) || !r.done()) {
     return bad("sync begin");
   }
   m.mode = static_cast<TransferMode>(mode);
@@ -237,8 +237,8 @@ std::vector<std::byte> encode(const Ack& m) {
 Result<Ack> decode_ack(std::span<const std::byte> p) {
   Reader r(p);
   Ack m;
-  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.cycle) ||
-      !r.u64(m.durable_offset) || !r.done()) {
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.cycle) || !r.u64(m.durable_offset) ||
+      !r.done()) {
     return bad("ack");
   }
   return m;
@@ -311,8 +311,8 @@ Result<Control> decode_control(std::span<const std::byte> p) {
   Reader r(p);
   Control m;
   std::uint8_t op = 0;
-  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.u8(op) ||
-      op == 0 || op > kControlOpMax || !r.boolean(m.resume_to_sync) || !r.u64(m.value) || !r.done()) {
+  if (!r.str(m.session_id, kIdBytesMax) || !valid_id(m.session_id) || !r.u64(m.request_id) || !r.u8(op) || op == 0 ||
+      op > kControlOpMax || !r.boolean(m.resume_to_sync) || !r.u64(m.value) || !r.done()) {
     return bad("control");
   }
   m.op = static_cast<ControlOp>(op);

@@ -43,12 +43,14 @@ Status Replicator::start() {
   lo.connect_address = dials() ? opts_.peer_address : std::string{};
   lo.listen_address = opts_.listen_address;
   const std::string& n = opts_.node_name;
-  lo.hello.assign(reinterpret_cast<const std::byte*>(n.data()), reinterpret_cast<const std::byte*>(n.data()) + n.size());
+  lo.hello.assign(reinterpret_cast<const std::byte*>(n.data()),
+                  reinterpret_cast<const std::byte*>(n.data()) + n.size());
   lo.keepalive_interval_ms = opts_.keepalive_interval_ms;
   lo.peer_timeout_ms = opts_.peer_timeout_ms;
   lo.rate_limit_bytes_per_s = opts_.rate_limit_bytes_per_s;
-  link_ = std::make_unique<transport::Link>(ex_, std::move(tls).value(), std::move(lo),
-                                            [this](std::shared_ptr<transport::Connection> c) { on_connected(std::move(c)); });
+  link_ = std::make_unique<transport::Link>(
+      ex_, std::move(tls).value(), std::move(lo),
+      [this](std::shared_ptr<transport::Connection> c) { on_connected(std::move(c)); });
   return link_->start();
 }
 
@@ -94,7 +96,8 @@ asio::awaitable<void> Replicator::receive_loop(std::shared_ptr<transport::Connec
       reason = f.error().message();
       break;
     }
-    if (f->type < static_cast<std::uint16_t>(MsgType::session_hello) || f->type > static_cast<std::uint16_t>(MsgType::changed_blocks)) {
+    if (f->type < static_cast<std::uint16_t>(MsgType::session_hello) ||
+        f->type > static_cast<std::uint16_t>(MsgType::changed_blocks)) {
       reason = "unknown frame type " + std::to_string(f->type);
       c->close(reason);
       break;

@@ -44,8 +44,8 @@ tandem::api::Router& router() {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view bytes(reinterpret_cast<const char*>(data), size);
-  for (std::string_view verb : {"pause", "resume", "sync", "failover", "reprotect", "start_failover_test",
-                                "stop_failover_test", "bogus"}) {
+  for (std::string_view verb :
+       {"pause", "resume", "sync", "failover", "reprotect", "start_failover_test", "stop_failover_test", "bogus"}) {
     auto r = tandem::api::parse_action(verb, "application/json", bytes);
     if (auto* resp = std::get_if<HttpResponse>(&r)) check_response(*resp);
   }

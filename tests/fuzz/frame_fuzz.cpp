@@ -93,12 +93,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         check_hello(payload);
         break;
       case tt::kFrameTypePing:
-      case tt::kFrameTypePong: TANDEM_ASSERT(h->payload_bytes == tt::kPingPayloadBytes); break;
+      case tt::kFrameTypePong:
+        TANDEM_ASSERT(h->payload_bytes == tt::kPingPayloadBytes);
+        break;
       case tt::kFrameTypeGoodbye:
         TANDEM_ASSERT(h->payload_bytes <= tt::kGoodbyeReasonBytesMax);
         check_printable(payload);
         break;
-      default: TANDEM_ASSERT(h->type >= tt::kFrameTypeApplicationMin); break;
+      default:
+        TANDEM_ASSERT(h->type >= tt::kFrameTypeApplicationMin);
+        break;
     }
     if (first) check_printable(payload);
     first = false;

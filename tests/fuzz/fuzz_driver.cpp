@@ -134,9 +134,22 @@ class Mutator {
         if (!in.empty()) in[pick(in.size())] = byte();
         break;
       case 2: {  // a boundary integer, big-endian (the byte order of tandem's wire formats)
-        static constexpr std::uint64_t kInteresting[] = {
-            0, 1, 0x7f, 0x80, 0xff, 0x100, 0x7fff, 0x8000, 0xffff, 0x10000, 0x7fffffff,
-            0x80000000, 0xffffffff, 0x100000000ull, 0x7fffffffffffffffull, 0xffffffffffffffffull};
+        static constexpr std::uint64_t kInteresting[] = {0,
+                                                         1,
+                                                         0x7f,
+                                                         0x80,
+                                                         0xff,
+                                                         0x100,
+                                                         0x7fff,
+                                                         0x8000,
+                                                         0xffff,
+                                                         0x10000,
+                                                         0x7fffffff,
+                                                         0x80000000,
+                                                         0xffffffff,
+                                                         0x100000000ull,
+                                                         0x7fffffffffffffffull,
+                                                         0xffffffffffffffffull};
         const std::uint64_t v = kInteresting[pick(std::size(kInteresting))];
         const std::size_t width = std::size_t{1} << pick(4);  // 1, 2, 4 or 8 bytes
         for (std::size_t i = 0; i < width && at + i < in.size(); ++i) {
@@ -151,8 +164,7 @@ class Mutator {
       }
       case 4: {  // delete a range
         const std::size_t n = pick(std::min<std::size_t>(64, in.size() - at) + 1);
-        in.erase(in.begin() + static_cast<std::ptrdiff_t>(at),
-                 in.begin() + static_cast<std::ptrdiff_t>(at + n));
+        in.erase(in.begin() + static_cast<std::ptrdiff_t>(at), in.begin() + static_cast<std::ptrdiff_t>(at + n));
         break;
       }
       case 5: {  // duplicate a range (repeats a message)
@@ -198,8 +210,7 @@ void run(const Input& in, std::uint64_t iteration, bool replayable) {
 }
 
 [[noreturn]] void usage(const char* argv0) {
-  std::fprintf(stderr, "usage: %s [--iterations N] [--seed S] [--start K] [--max-len L] [FILE...]\n",
-               argv0);
+  std::fprintf(stderr, "usage: %s [--iterations N] [--seed S] [--start K] [--max-len L] [FILE...]\n", argv0);
   std::exit(2);
 }
 

@@ -79,10 +79,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   while (pos < n && hs.outcome() == nbd::HandshakeOutcome::negotiating) {
     std::size_t chunk = 0;
     switch (mode & 3) {
-      case 0: chunk = hs.bytes_wanted(); break;  // what the server does
-      case 1: chunk = 1; break;
-      case 2: chunk = 1 + (pos * 7919) % 61; break;
-      default: chunk = n - pos; break;
+      case 0:
+        chunk = hs.bytes_wanted();
+        break;  // what the server does
+      case 1:
+        chunk = 1;
+        break;
+      case 2:
+        chunk = 1 + (pos * 7919) % 61;
+        break;
+      default:
+        chunk = n - pos;
+        break;
     }
     TANDEM_ASSERT(hs.bytes_wanted() > 0);
     chunk = std::min(chunk, n - pos);
@@ -108,8 +116,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   // The transmission phase: requests, each followed by its WRITE payload.
   while (n - pos >= nbd::kRequestHeaderBytes) {
-    const std::span<const std::uint8_t, nbd::kRequestHeaderBytes> hdr(in + pos,
-                                                                      nbd::kRequestHeaderBytes);
+    const std::span<const std::uint8_t, nbd::kRequestHeaderBytes> hdr(in + pos, nbd::kRequestHeaderBytes);
     pos += nbd::kRequestHeaderBytes;
     const auto req = nbd::decode_request(hdr);
     if (!req) break;  // the server closes the connection
@@ -127,8 +134,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     } else {
       TANDEM_ASSERT(!state.shutting_down);
       TANDEM_ASSERT(req->type <= nbd::kCmdWriteZeroes && req->type != nbd::kCmdDisc);
-      TANDEM_ASSERT((req->flags & ~(nbd::kCmdFlagFua | nbd::kCmdFlagNoHole |
-                                    nbd::kCmdFlagFastZero)) == 0);
+      TANDEM_ASSERT((req->flags & ~(nbd::kCmdFlagFua | nbd::kCmdFlagNoHole | nbd::kCmdFlagFastZero)) == 0);
       if (req->type != nbd::kCmdFlush) {
         TANDEM_ASSERT(req->length > 0);
         TANDEM_ASSERT(req->offset <= state.size_bytes);
@@ -137,8 +143,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (req->type == nbd::kCmdRead || req->type == nbd::kCmdWrite) {
         TANDEM_ASSERT(req->length <= kPayloadMax);
       }
-      if (req->type == nbd::kCmdWrite || req->type == nbd::kCmdTrim ||
-          req->type == nbd::kCmdWriteZeroes) {
+      if (req->type == nbd::kCmdWrite || req->type == nbd::kCmdTrim || req->type == nbd::kCmdWriteZeroes) {
         TANDEM_ASSERT(state.writable);
       }
     }

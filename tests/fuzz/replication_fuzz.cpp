@@ -47,9 +47,14 @@ std::vector<std::string> tandem::fuzz::seeds() {
   h.paired = true;
   auto ext = encode_extent_header(Extent{"s", 1, 4096, 4096, false, 5, {}});
   ext.resize(ext.size() + 4096, std::byte{7});
-  return {s(encode(h)), s(encode(SyncBegin{"s", TransferMode::cycle, 3, 10, 0, 1 << 20, {1}})), s(ext),
-          s(encode(Ack{"s", 3, 8192})), s(encode(CycleEnd{"s", 3, 8192, {1}})),
-          s(encode(Refuse{"s", 1, "no"})), s(encode(ExtentHash{"s", 0, 4096, 9})),
-          s(encode(Control{"s", 7, ControlOp::pause, true})), s(encode(ControlReply{"s", 7, true, 65536, "", 9})),
+  return {s(encode(h)),
+          s(encode(SyncBegin{"s", TransferMode::cycle, 3, 10, 0, 1 << 20, {1}})),
+          s(ext),
+          s(encode(Ack{"s", 3, 8192})),
+          s(encode(CycleEnd{"s", 3, 8192, {1}})),
+          s(encode(Refuse{"s", 1, "no"})),
+          s(encode(ExtentHash{"s", 0, 4096, 9})),
+          s(encode(Control{"s", 7, ControlOp::pause, true})),
+          s(encode(ControlReply{"s", 7, true, 65536, "", 9})),
           s(encode(ChangedBlocks{"s", 0, {{0, 3}, {10, 1}}}))};
 }

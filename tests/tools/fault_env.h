@@ -74,8 +74,7 @@ class FaultDisk final : public BlockDevice {
   bool is_block_device() const override { return false; }
 
   asio::awaitable<Status> read(std::uint64_t offset, std::size_t len, const IoBuffer& buf) override;
-  asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf,
-                                bool fua) override;
+  asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) override;
   asio::awaitable<Status> flush() override;
   asio::awaitable<Status> zero(std::uint64_t offset, std::uint64_t len, bool may_unmap) override;
 
@@ -155,8 +154,7 @@ inline asio::awaitable<void> yield_once() {
   co_await asio::post(co_await asio::this_coro::executor, asio::use_awaitable);
 }
 
-inline asio::awaitable<Status> FaultDisk::read(std::uint64_t offset, std::size_t len,
-                                               const IoBuffer& buf) {
+inline asio::awaitable<Status> FaultDisk::read(std::uint64_t offset, std::size_t len, const IoBuffer& buf) {
   co_await yield_once();
   env_.tick();
   check(offset, len);
@@ -164,8 +162,7 @@ inline asio::awaitable<Status> FaultDisk::read(std::uint64_t offset, std::size_t
   co_return Status{};
 }
 
-inline asio::awaitable<Status> FaultDisk::write(std::uint64_t offset, std::size_t len,
-                                                const IoBuffer& buf, bool fua) {
+inline asio::awaitable<Status> FaultDisk::write(std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) {
   // The data is captured at submission, as the kernel does; completion comes later.
   check(offset, len);
   std::vector<std::byte> copy(buf.data(), buf.data() + len);

@@ -81,12 +81,11 @@ struct VerifyRecorder {
 
 // Refusals (our decision about the peer) and failures (the peer or the network gave up).
 bool is_refusal(const std::error_code& c) {
-  return c == errc::not_tls || c == errc::peer_name_mismatch || c == errc::protocol_version ||
-         c == errc::bad_frame || c == errc::frame_too_large || c == errc::tls_handshake_failed;
+  return c == errc::not_tls || c == errc::peer_name_mismatch || c == errc::protocol_version || c == errc::bad_frame ||
+         c == errc::frame_too_large || c == errc::tls_handshake_failed;
 }
 
 }  // namespace
-
 
 std::shared_ptr<Connection> detail::ConnectionAccess::make(std::unique_ptr<Connection::Impl> impl) {
   return std::shared_ptr<Connection>(new Connection(std::move(impl)));
@@ -163,8 +162,8 @@ void Connection::Impl::abort_handshake(Error why) {
 
 Error Connection::Impl::handshake_failure(const ErrorCode& ec, const char* doing) const {
   if (handshake_timed_out_) {
-    return Error(errc::timeout, fmt::format("handshake not completed within {} ms ({})",
-                                            params_.handshake_timeout.count(), doing));
+    return Error(errc::timeout,
+                 fmt::format("handshake not completed within {} ms ({})", params_.handshake_timeout.count(), doing));
   }
   if (abort_error_) return *abort_error_;
   if (ec.category() == asio::error::get_ssl_category()) {
@@ -195,15 +194,13 @@ asio::awaitable<Status> Connection::Impl::handshake_steps(Tcp::resolver::results
     // A plaintext client would otherwise get a TLS alert it cannot read and we would log an
     // OpenSSL record error; look at the first byte and say what it is.
     std::array<unsigned char, 1> first{};
-    auto [ec, n] =
-        co_await stream_.next_layer().async_receive(asio::buffer(first), Tcp::socket::message_peek, kTuple);
+    auto [ec, n] = co_await stream_.next_layer().async_receive(asio::buffer(first), Tcp::socket::message_peek, kTuple);
     connected_ = true;
     if (ec) co_return handshake_failure(ec, "waiting for the TLS client hello");
     if (n == 1 && first[0] != kTlsHandshakeRecord) {
-      co_return Error(errc::not_tls,
-                      fmt::format("plaintext (non-TLS) client: first byte 0x{:02x} is not a TLS "
-                                  "handshake record",
-                                  first[0]));
+      co_return Error(errc::not_tls, fmt::format("plaintext (non-TLS) client: first byte 0x{:02x} is not a TLS "
+                                                 "handshake record",
+                                                 first[0]));
     }
   }
   connected_ = true;
@@ -395,7 +392,8 @@ asio::awaitable<void> Connection::Impl::drain_after_close() {
 
 Status Connection::Impl::dispatch(const FrameHeader& h, std::vector<std::byte> payload) {
   switch (h.type) {
-    case kFrameTypeHello: return Error(errc::bad_frame, "a second hello frame");
+    case kFrameTypeHello:
+      return Error(errc::bad_frame, "a second hello frame");
     case kFrameTypePing:
       // Only the latest ping is answered: a peer cannot pile up pongs in our memory.
       pong_pending_ = get_le64(reinterpret_cast<const unsigned char*>(payload.data()));
@@ -408,10 +406,10 @@ Status Connection::Impl::dispatch(const FrameHeader& h, std::vector<std::byte> p
       return {};
     }
     case kFrameTypeGoodbye:
-      close_with(Error(errc::connection_closed, "the peer closed the connection: " + printable(payload)),
-                 false, false);
+      close_with(Error(errc::connection_closed, "the peer closed the connection: " + printable(payload)), false, false);
       return {};
-    default: break;
+    default:
+      break;
   }
   TANDEM_ASSERT(h.type >= kFrameTypeApplicationMin);  // check_frame_type let nothing else by
   inbound_bytes_ += payload.size();
@@ -547,9 +545,8 @@ asio::awaitable<void> Connection::Impl::keepalive_loop(std::shared_ptr<Connectio
   while (!closing_) {
     const Clock::time_point now = Clock::now();
     if (!reader_paused_ && now - last_rx_ >= params_.peer_timeout) {
-      close_with(Error(errc::timeout,
-                       fmt::format("nothing received from the peer for {} ms (keep-alive timeout {} ms)",
-                                   ms(now - last_rx_), params_.peer_timeout.count())),
+      close_with(Error(errc::timeout, fmt::format("nothing received from the peer for {} ms (keep-alive timeout {} ms)",
+                                                  ms(now - last_rx_), params_.peer_timeout.count())),
                  false, false);
       break;
     }

@@ -19,13 +19,13 @@
 //      socket is closed and wait_closed() returns.
 #pragma once
 
+#include <array>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <array>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -84,10 +84,9 @@ struct ConnectionParams {
   std::uint64_t rate_limit_bytes_per_s = 0;
 };
 
-
 struct Connection::Impl {
-  Impl(asio::any_io_executor ex, asio::ssl::context& tls, Tcp::socket socket, bool dialed,
-       std::string address, ConnectionParams params);
+  Impl(asio::any_io_executor ex, asio::ssl::context& tls, Tcp::socket socket, bool dialed, std::string address,
+       ConnectionParams params);
 
   // Step 1. `endpoints` empty: the socket is already accepted; otherwise dial them. Logs the
   // reason of a refusal or a failure, except for a failed connect (connected() is false), which

@@ -12,9 +12,7 @@
 namespace tandem::transport {
 namespace {
 
-const unsigned char* bytes_of(std::span<const std::byte> s) {
-  return reinterpret_cast<const unsigned char*>(s.data());
-}
+const unsigned char* bytes_of(std::span<const std::byte> s) { return reinterpret_cast<const unsigned char*>(s.data()); }
 
 }  // namespace
 
@@ -58,14 +56,13 @@ Result<FrameHeader> decode_frame_header(std::span<const std::byte, kFrameHeaderB
 Status check_frame_type(const FrameHeader& h) {
   if (h.type >= kFrameTypeApplicationMin) return {};
   if (h.flags != 0) {
-    return Error(errc::bad_frame,
-                 fmt::format("transport frame type {} with flags 0x{:04x}", h.type, h.flags));
+    return Error(errc::bad_frame, fmt::format("transport frame type {} with flags 0x{:04x}", h.type, h.flags));
   }
   switch (h.type) {
     case kFrameTypeHello:
       if (h.payload_bytes < kHelloFixedBytes || h.payload_bytes > kHelloBytesMax) {
-        return Error(errc::frame_too_large, fmt::format("hello of {} bytes (expected {}..{})",
-                                                        h.payload_bytes, kHelloFixedBytes, kHelloBytesMax));
+        return Error(errc::frame_too_large, fmt::format("hello of {} bytes (expected {}..{})", h.payload_bytes,
+                                                        kHelloFixedBytes, kHelloBytesMax));
       }
       return {};
     case kFrameTypePing:
@@ -78,11 +75,12 @@ Status check_frame_type(const FrameHeader& h) {
       return {};
     case kFrameTypeGoodbye:
       if (h.payload_bytes > kGoodbyeReasonBytesMax) {
-        return Error(errc::frame_too_large, fmt::format("goodbye of {} bytes (at most {})", h.payload_bytes,
-                                                        kGoodbyeReasonBytesMax));
+        return Error(errc::frame_too_large,
+                     fmt::format("goodbye of {} bytes (at most {})", h.payload_bytes, kGoodbyeReasonBytesMax));
       }
       return {};
-    default: return Error(errc::bad_frame, fmt::format("unknown transport frame type {}", h.type));
+    default:
+      return Error(errc::bad_frame, fmt::format("unknown transport frame type {}", h.type));
   }
 }
 
@@ -103,8 +101,7 @@ std::vector<std::byte> encode_hello(const Hello& h) {
 
 Result<Hello> decode_hello(std::span<const std::byte> payload) {
   if (payload.size() < kHelloFixedBytes) {
-    return Error(errc::bad_frame,
-                 fmt::format("hello of {} bytes (at least {})", payload.size(), kHelloFixedBytes));
+    return Error(errc::bad_frame, fmt::format("hello of {} bytes (at least {})", payload.size(), kHelloFixedBytes));
   }
   const unsigned char* p = bytes_of(payload);
   Hello h;
@@ -115,17 +112,15 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
   h.instance_id = get_le64(p + 16);
   const std::uint32_t app_bytes = get_le32(p + 24);
   if (h.version_min == 0 || h.version_min > h.version_max) {
-    return Error(errc::bad_frame,
-                 fmt::format("hello with protocol versions {}..{}", h.version_min, h.version_max));
+    return Error(errc::bad_frame, fmt::format("hello with protocol versions {}..{}", h.version_min, h.version_max));
   }
   if (app_bytes > kHelloAppBytesMax) {
-    return Error(errc::frame_too_large, fmt::format("hello application part of {} bytes (at most {})",
-                                                    app_bytes, kHelloAppBytesMax));
+    return Error(errc::frame_too_large,
+                 fmt::format("hello application part of {} bytes (at most {})", app_bytes, kHelloAppBytesMax));
   }
   if (app_bytes > payload.size() - kHelloFixedBytes) {
-    return Error(errc::bad_frame,
-                 fmt::format("hello application part of {} bytes overruns the {}-byte payload", app_bytes,
-                             payload.size()));
+    return Error(errc::bad_frame, fmt::format("hello application part of {} bytes overruns the {}-byte payload",
+                                              app_bytes, payload.size()));
   }
   const auto app = payload.subspan(kHelloFixedBytes, app_bytes);
   h.app.assign(app.begin(), app.end());
@@ -137,8 +132,8 @@ Result<Agreement> negotiate(const Hello& ours, const Hello& theirs) {
   const std::uint16_t version = std::min(ours.version_max, theirs.version_max);
   if (version < ours.version_min || version < theirs.version_min) {
     return Error(errc::protocol_version,
-                 fmt::format("no common protocol version: we speak {}..{}, the peer speaks {}..{}",
-                             ours.version_min, ours.version_max, theirs.version_min, theirs.version_max));
+                 fmt::format("no common protocol version: we speak {}..{}, the peer speaks {}..{}", ours.version_min,
+                             ours.version_max, theirs.version_min, theirs.version_max));
   }
   return Agreement{version, ours.capabilities & theirs.capabilities};
 }

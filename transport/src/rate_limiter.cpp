@@ -15,8 +15,8 @@ RateLimiter::Clock::duration RateLimiter::cost(std::uint64_t bytes) const {
   TANDEM_ASSERT(rate_ != 0);
   // Rounded up, so the rate is never exceeded; 128 bits so a big count at a low rate cannot
   // overflow before the division.
-  const auto per_s = static_cast<unsigned __int128>(
-      std::chrono::duration_cast<Clock::duration>(std::chrono::seconds(1)).count());
+  const auto per_s =
+      static_cast<unsigned __int128>(std::chrono::duration_cast<Clock::duration>(std::chrono::seconds(1)).count());
   const unsigned __int128 ticks = (static_cast<unsigned __int128>(bytes) * per_s + rate_ - 1) / rate_;
   // A cost beyond ~290 years (int64 nanoseconds) is clamped; no sender waits that long anyway.
   const auto max = static_cast<unsigned __int128>(Clock::duration::max().count() / 4);
@@ -28,8 +28,8 @@ void RateLimiter::set_rate(std::uint64_t bytes_per_s, Clock::time_point now) {
   std::uint64_t owed_bytes = 0;
   if (rate_ != 0 && paid_until_ > now) {
     const auto ahead = static_cast<unsigned __int128>((paid_until_ - now).count());
-    const auto per_s = static_cast<unsigned __int128>(
-        std::chrono::duration_cast<Clock::duration>(std::chrono::seconds(1)).count());
+    const auto per_s =
+        static_cast<unsigned __int128>(std::chrono::duration_cast<Clock::duration>(std::chrono::seconds(1)).count());
     owed_bytes = static_cast<std::uint64_t>(ahead * rate_ / per_s);
   }
   const Clock::time_point old_paid_until = std::max(paid_until_, now);

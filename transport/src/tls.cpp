@@ -33,8 +33,8 @@ Result<std::string> read_pem(const std::string& path, const char* what) {
   if (path.empty()) return Error(errc::tls_config, fmt::format("no {} file configured", what));
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    return Error(errc::tls_config, fmt::format("cannot read {} file '{}': {}", what, path,
-                                               std::strerror(errno ? errno : ENOENT)));
+    return Error(errc::tls_config,
+                 fmt::format("cannot read {} file '{}': {}", what, path, std::strerror(errno ? errno : ENOENT)));
   }
   std::string data;
   data.resize(static_cast<std::size_t>(kPemFileBytesMax) + 1);
@@ -45,8 +45,8 @@ Result<std::string> read_pem(const std::string& path, const char* what) {
   }
   data.resize(static_cast<std::size_t>(in.gcount()));
   if (data.size() > static_cast<std::size_t>(kPemFileBytesMax)) {
-    return Error(errc::tls_config, fmt::format("{} file '{}' is larger than {} bytes; not a PEM file", what,
-                                               path, kPemFileBytesMax));
+    return Error(errc::tls_config,
+                 fmt::format("{} file '{}' is larger than {} bytes; not a PEM file", what, path, kPemFileBytesMax));
   }
   if (data.find("-----BEGIN ") == std::string::npos) {
     return Error(errc::tls_config, fmt::format("{} file '{}' is not PEM (no -----BEGIN line)", what, path));
@@ -63,8 +63,7 @@ void check_own_certificate(SSL_CTX* ctx, const TlsFiles& files) {
   SSL_CTX_get0_chain_certs(ctx, &chain);
   X509_STORE_CTX* sctx = X509_STORE_CTX_new();
   if (sctx == nullptr) return;
-  if (X509_STORE_CTX_init(sctx, SSL_CTX_get_cert_store(ctx), cert, chain) == 1 &&
-      X509_verify_cert(sctx) != 1) {
+  if (X509_STORE_CTX_init(sctx, SSL_CTX_get_cert_store(ctx), cert, chain) == 1 && X509_verify_cert(sctx) != 1) {
     spdlog::warn(
         "transport: our certificate '{}' does not verify against CA '{}': {}; the peer will "
         "refuse it",
@@ -93,9 +92,8 @@ Result<std::shared_ptr<asio::ssl::context>> make_tls_context(const TlsFiles& fil
                              files.key, st.st_mode & 07777));
   }
   if ((st.st_mode & S_IRWXG) != 0) {
-    spdlog::warn(
-        "transport: private key '{}' is readable by its group (mode {:04o}); it should be 0600",
-        files.key, st.st_mode & 07777);
+    spdlog::warn("transport: private key '{}' is readable by its group (mode {:04o}); it should be 0600", files.key,
+                 st.st_mode & 07777);
   }
 
   auto ctx = std::make_shared<asio::ssl::context>(asio::ssl::context::tls);
@@ -219,14 +217,18 @@ std::string describe_tls_error(const boost::system::error_code& ec) {
       switch (ERR_GET_REASON(e)) {
         case SSL_R_UNSUPPORTED_PROTOCOL:
         case SSL_R_NO_PROTOCOLS_AVAILABLE:
-        case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION: return "the peer does not offer TLS 1.3 (" + r + ")";
+        case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+          return "the peer does not offer TLS 1.3 (" + r + ")";
         case SSL_R_WRONG_VERSION_NUMBER:
         case SSL_R_HTTP_REQUEST:
         case SSL_R_HTTPS_PROXY_REQUEST:
         case SSL_R_PACKET_LENGTH_TOO_LONG:
-        case SSL_R_RECORD_LENGTH_MISMATCH: return "the peer does not speak TLS (" + r + ")";
-        case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE: return "the peer presented no certificate";
-        default: break;
+        case SSL_R_RECORD_LENGTH_MISMATCH:
+          return "the peer does not speak TLS (" + r + ")";
+        case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE:
+          return "the peer presented no certificate";
+        default:
+          break;
       }
     }
     if (r.find("alert") != std::string::npos) return "TLS alert from the peer: " + r;

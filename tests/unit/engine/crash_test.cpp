@@ -145,8 +145,7 @@ Outcome run_workload(std::uint64_t seed, std::uint64_t crash_at) {
         asio::co_spawn(ctx, v->write(s0 * kSector, ns * kSector, *buf, fua),
                        [buf, on_done](std::exception_ptr e, Status st) { on_done(e, st); });
       } else if (kind == 8) {
-        asio::co_spawn(ctx, v->write_zeroes(s0 * kSector, ns * kSector, rng() % 2 == 0, false, false),
-                       on_done);
+        asio::co_spawn(ctx, v->write_zeroes(s0 * kSector, ns * kSector, rng() % 2 == 0, false, false), on_done);
       } else {
         asio::co_spawn(ctx, v->trim(s0 * kSector, ns * kSector, false), on_done);
       }
@@ -187,10 +186,9 @@ void check_recovery(std::uint64_t seed, const Outcome& o) {
   for (std::uint64_t s = 0; s < kSectors; ++s) {
     const std::uint64_t id = identify(all.data() + s * kSector, s);
     ASSERT_NE(id, ~0ull) << "seed " << seed << ": sector " << s << " holds a mix of writes";
-    const bool ok = id == m.durable[s] ||
-                    std::find(m.later[s].begin(), m.later[s].end(), id) != m.later[s].end();
-    ASSERT_TRUE(ok) << "seed " << seed << ": sector " << s << " holds write " << id
-                    << " but the durable write is " << m.durable[s] << " (flushed data lost)";
+    const bool ok = id == m.durable[s] || std::find(m.later[s].begin(), m.later[s].end(), id) != m.later[s].end();
+    ASSERT_TRUE(ok) << "seed " << seed << ": sector " << s << " holds write " << id << " but the durable write is "
+                    << m.durable[s] << " (flushed data lost)";
   }
   for (std::uint64_t b = 0; b < kBlocks; ++b) {
     bool nonzero = false;

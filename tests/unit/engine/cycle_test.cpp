@@ -136,8 +136,8 @@ TEST(Cycle, PowerLossDuringACutNeverLosesABlock) {
     }
     for (auto b : written) {
       ASSERT_TRUE(v->dirty().is_dirty(b) || frozen.test(b))
-          << "seed " << seed << " crash at op " << crash_at << ": block " << b << " lost (cut recorded: "
-          << cut_recorded << ")";
+          << "seed " << seed << " crash at op " << crash_at << ": block " << b
+          << " lost (cut recorded: " << cut_recorded << ")";
     }
     ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
   }
@@ -237,8 +237,8 @@ TEST(Cycle, PowerLossWhileCoolingNeverLosesAWrite) {
     env.put("meta", meta_img);
     auto v = open_roomy(ctx, env);
     for (auto b : after_cut) {
-      ASSERT_TRUE(v->dirty().is_dirty(b)) << "seed " << seed << " crash at op " << crash_at << ": block " << b
-                                          << " written after the cut is not dirty";
+      ASSERT_TRUE(v->dirty().is_dirty(b))
+          << "seed " << seed << " crash at op " << crash_at << ": block " << b << " written after the cut is not dirty";
     }
     ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
   }

@@ -67,18 +67,16 @@ TEST_F(VolumeTest, RandomConcurrentUnalignedOverlappingRequestsMatchModel) {
       if (kind < 7) {
         auto buf = std::make_shared<IoBuffer>(filled(len, static_cast<std::uint8_t>(rng())));
         std::memcpy(model.data() + off, buf->data(), len);
-        asio::co_spawn(ctx, v->write(off, len, *buf, kind == 0),
-                       [&, buf](std::exception_ptr, Status st) {
-                         EXPECT_TRUE(st.ok()) << st.error().message();
-                         --pending;
-                       });
+        asio::co_spawn(ctx, v->write(off, len, *buf, kind == 0), [&, buf](std::exception_ptr, Status st) {
+          EXPECT_TRUE(st.ok()) << st.error().message();
+          --pending;
+        });
       } else {
         std::memset(model.data() + off, 0, len);
-        asio::co_spawn(ctx, v->write_zeroes(off, len, kind == 8, kind == 9, false),
-                       [&](std::exception_ptr, Status st) {
-                         EXPECT_TRUE(st.ok()) << st.error().message();
-                         --pending;
-                       });
+        asio::co_spawn(ctx, v->write_zeroes(off, len, kind == 8, kind == 9, false), [&](std::exception_ptr, Status st) {
+          EXPECT_TRUE(st.ok()) << st.error().message();
+          --pending;
+        });
       }
     }
     ctx.restart();

@@ -86,17 +86,15 @@ std::vector<OptReply> parse_replies(const Bytes& b) {
     p += kOptionReplyHeaderBytes;
     EXPECT_LE(len, b.size() - p);
     if (len > b.size() - p) break;
-    r.data.assign(b.begin() + static_cast<std::ptrdiff_t>(p),
-                  b.begin() + static_cast<std::ptrdiff_t>(p + len));
+    r.data.assign(b.begin() + static_cast<std::ptrdiff_t>(p), b.begin() + static_cast<std::ptrdiff_t>(p + len));
     p += len;
     out.push_back(std::move(r));
   }
   return out;
 }
 
-constexpr std::uint16_t kRwFlags = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendTrim |
-                                   kTxSendWriteZeroes | kTxSendFastZero | kTxSendCache |
-                                   kTxCanMultiConn;
+constexpr std::uint16_t kRwFlags = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendTrim | kTxSendWriteZeroes |
+                                   kTxSendFastZero | kTxSendCache | kTxCanMultiConn;
 
 class HandshakeTest : public ::testing::Test {
  protected:
@@ -137,8 +135,7 @@ TEST_F(HandshakeTest, GoWithEveryInfoTypeAndStructuredReplies) {
   EXPECT_EQ(sr[0].option, kOptStructuredReply);
   EXPECT_EQ(sr[0].type, kRepAck);
 
-  auto r = parse_replies(
-      send(option(kOptGo, go_data("vol0", {kInfoName, kInfoDescription, kInfoBlockSize, 77}))));
+  auto r = parse_replies(send(option(kOptGo, go_data("vol0", {kInfoName, kInfoDescription, kInfoBlockSize, 77}))));
   ASSERT_EQ(r.size(), 5u);
   for (const auto& x : r) EXPECT_EQ(x.option, kOptGo);
   ASSERT_EQ(r[0].type, kRepInfo);
@@ -457,8 +454,8 @@ class RequestCheckTest : public ::testing::Test {
  protected:
   ExportState rw{1 << 20, true, false, 65536};
   ExportState ro{1 << 20, false, false, 65536};
-  static RequestCheck check(std::uint16_t type, std::uint16_t flags, std::uint64_t off,
-                            std::uint32_t len, const ExportState& s) {
+  static RequestCheck check(std::uint16_t type, std::uint16_t flags, std::uint64_t off, std::uint32_t len,
+                            const ExportState& s) {
     return check_request(Request{flags, type, 7, off, len}, s);
   }
   static void expect_error(const RequestCheck& c, std::uint32_t err, std::uint32_t payload = 0) {
@@ -478,22 +475,21 @@ TEST_F(RequestCheckTest, GoodRequestsExecute) {
   EXPECT_EQ(check(kCmdFlush, 0, 0, 0, rw).verdict, Verdict::execute);
   EXPECT_EQ(check(kCmdFlush, 0, 0, 0, ro).verdict, Verdict::execute);
   EXPECT_EQ(check(kCmdTrim, kCmdFlagFua, 0, 1 << 20, rw).verdict, Verdict::execute);
-  EXPECT_EQ(check(kCmdWriteZeroes, kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero, 0, 1 << 20, rw)
-                .verdict,
+  EXPECT_EQ(check(kCmdWriteZeroes, kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero, 0, 1 << 20, rw).verdict,
             Verdict::execute);
   EXPECT_EQ(check(kCmdCache, 0, 4096, 4096, rw).verdict, Verdict::execute);
   EXPECT_EQ(check(kCmdDisc, 0, 0, 0, rw).verdict, Verdict::disconnect);
 }
 
 TEST_F(RequestCheckTest, ReadErrorsAreEinval) {
-  expect_error(check(kCmdRead, 0, 1 << 20, 1, rw), kEinval);                 // past the end
-  expect_error(check(kCmdRead, 0, (1 << 20) - 4095, 4096, rw), kEinval);     // straddles it
-  expect_error(check(kCmdRead, 0, UINT64_MAX - 10, 4096, rw), kEinval);      // wraps around
-  expect_error(check(kCmdRead, 0, 0, 65537, rw), kEinval);                   // over the maximum
-  expect_error(check(kCmdRead, kCmdFlagNoHole, 0, 512, rw), kEinval);        // flag not for READ
-  expect_error(check(kCmdRead, kCmdFlagDf, 0, 512, rw), kEinval);            // DF not advertised
-  expect_error(check(kCmdRead, 1u << 9, 0, 512, rw), kEinval);               // unknown flag
-  expect_error(check(kCmdRead, 0, 0, 0, rw), kEinval);                       // zero length
+  expect_error(check(kCmdRead, 0, 1 << 20, 1, rw), kEinval);              // past the end
+  expect_error(check(kCmdRead, 0, (1 << 20) - 4095, 4096, rw), kEinval);  // straddles it
+  expect_error(check(kCmdRead, 0, UINT64_MAX - 10, 4096, rw), kEinval);   // wraps around
+  expect_error(check(kCmdRead, 0, 0, 65537, rw), kEinval);                // over the maximum
+  expect_error(check(kCmdRead, kCmdFlagNoHole, 0, 512, rw), kEinval);     // flag not for READ
+  expect_error(check(kCmdRead, kCmdFlagDf, 0, 512, rw), kEinval);         // DF not advertised
+  expect_error(check(kCmdRead, 1u << 9, 0, 512, rw), kEinval);            // unknown flag
+  expect_error(check(kCmdRead, 0, 0, 0, rw), kEinval);                    // zero length
   expect_error(check(kCmdCache, 0, 1 << 20, 4096, rw), kEinval);
 }
 

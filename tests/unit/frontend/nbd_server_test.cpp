@@ -12,12 +12,12 @@
 // (ESHUTDOWN) what is in flight, closes connections, removes the socket file, and finishes
 // within its grace period even when a client stops reading. Every wait is bounded by socket
 // timeouts or future deadlines.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <netinet/in.h>
-#include <arpa/inet.h>
 #include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
@@ -170,14 +170,13 @@ class Client {
   }
 
   // Sends one request (and its payload for WRITE) and remembers it for read_reply().
-  bool send(std::uint16_t type, std::uint64_t offset, std::uint32_t length,
-            std::uint16_t flags = 0, const Bytes* payload = nullptr) {
+  bool send(std::uint16_t type, std::uint64_t offset, std::uint32_t length, std::uint16_t flags = 0,
+            const Bytes* payload = nullptr) {
     const std::uint64_t handle = next_handle_++;
     return send_with_handle(handle, type, offset, length, flags, payload);
   }
-  bool send_with_handle(std::uint64_t handle, std::uint16_t type, std::uint64_t offset,
-                        std::uint32_t length, std::uint16_t flags = 0,
-                        const Bytes* payload = nullptr) {
+  bool send_with_handle(std::uint64_t handle, std::uint16_t type, std::uint64_t offset, std::uint32_t length,
+                        std::uint16_t flags = 0, const Bytes* payload = nullptr) {
     std::array<std::uint8_t, nbd::kRequestHeaderBytes> h{};
     nbd::encode_request(nbd::Request{flags, type, handle, offset, length}, h);
     pending_[handle] = nbd::Request{flags, type, handle, offset, length};
@@ -255,8 +254,8 @@ class Client {
   }
 
   // One request, one reply (nothing else in flight).
-  std::optional<Reply> call(std::uint16_t type, std::uint64_t offset, std::uint32_t length,
-                            std::uint16_t flags = 0, const Bytes* payload = nullptr) {
+  std::optional<Reply> call(std::uint16_t type, std::uint64_t offset, std::uint32_t length, std::uint16_t flags = 0,
+                            const Bytes* payload = nullptr) {
     if (!send(type, offset, length, flags, payload)) return std::nullopt;
     auto r = read_reply();
     if (r) {
@@ -273,8 +272,7 @@ class Client {
     if (!r || r->error != 0) return std::nullopt;
     return r->data;
   }
-  std::uint32_t error_of(std::uint16_t type, std::uint64_t offset, std::uint32_t length,
-                         std::uint16_t flags = 0) {
+  std::uint32_t error_of(std::uint16_t type, std::uint64_t offset, std::uint32_t length, std::uint16_t flags = 0) {
     auto r = call(type, offset, length, flags);
     return r ? r->error : 0xffffffffu;
   }
@@ -327,8 +325,7 @@ class NbdServerTest : public ::testing::Test {
     on_io([&] { e.emplace(engine::make_uring_env(ctx_)); });
     ASSERT_TRUE(e->ok()) << e->error().message();
     env_ = std::move(*e).value();
-    engine::VolumeOptions vo{"vol0", (dir_ / "data.img").string(), kVolumeBytes,
-                             (dir_ / "vol0.meta").string(), {}};
+    engine::VolumeOptions vo{"vol0", (dir_ / "data.img").string(), kVolumeBytes, (dir_ / "vol0.meta").string(), {}};
     std::optional<Result<std::unique_ptr<engine::Volume>>> v;
     run_on_io(store_into(engine::Volume::open(*env_, std::move(vo)), &v));
     ASSERT_TRUE(v.has_value() && v->ok()) << (v ? v->error().message() : "no result");
@@ -439,9 +436,8 @@ TEST_P(NbdDataTest, ReadAfterWriteAndFlags) {
   Client c;
   connect(c, GetParam());
   EXPECT_EQ(c.structured(), GetParam());
-  const std::uint16_t want = nbd::kTxHasFlags | nbd::kTxSendFlush | nbd::kTxSendFua |
-                             nbd::kTxSendTrim | nbd::kTxSendWriteZeroes | nbd::kTxSendFastZero |
-                             nbd::kTxSendCache | nbd::kTxCanMultiConn;
+  const std::uint16_t want = nbd::kTxHasFlags | nbd::kTxSendFlush | nbd::kTxSendFua | nbd::kTxSendTrim |
+                             nbd::kTxSendWriteZeroes | nbd::kTxSendFastZero | nbd::kTxSendCache | nbd::kTxCanMultiConn;
   EXPECT_EQ(c.flags(), want);
 
   const Bytes a = pattern(8192, 1);
@@ -497,8 +493,8 @@ TEST_P(NbdDataTest, TrimAndWriteZeroesReadBackZeros) {
   std::fill(want.begin() + 1000, want.begin() + 11000, 0);
   EXPECT_EQ(*got, want);
   // Fast zero on a file that can punch holes.
-  const std::uint32_t fz = c.error_of(nbd::kCmdWriteZeroes, 2 * kMiB + 131072, 131072,
-                                      nbd::kCmdFlagFastZero | nbd::kCmdFlagFua);
+  const std::uint32_t fz =
+      c.error_of(nbd::kCmdWriteZeroes, 2 * kMiB + 131072, 131072, nbd::kCmdFlagFastZero | nbd::kCmdFlagFua);
   EXPECT_TRUE(fz == 0 || fz == nbd::kEnotsup) << fz;
   if (fz == 0) {
     EXPECT_EQ(c.read(2 * kMiB + 131072, 131072), Bytes(131072, 0));
@@ -515,8 +511,7 @@ TEST_P(NbdDataTest, PipelinedRequestsAreAllAnsweredByHandle) {
   std::map<std::uint64_t, int> write_handles;
   for (int i = 0; i < kN; ++i) {
     data.push_back(pattern(16384, 100 + static_cast<std::uint32_t>(i)));
-    ASSERT_TRUE(c.send(nbd::kCmdWrite, 4 * kMiB + static_cast<std::uint64_t>(i) * 16384, 16384,
-                       0, &data.back()));
+    ASSERT_TRUE(c.send(nbd::kCmdWrite, 4 * kMiB + static_cast<std::uint64_t>(i) * 16384, 16384, 0, &data.back()));
     write_handles[c.last_handle()] = i;
   }
   for (int i = 0; i < kN; ++i) {
@@ -774,8 +769,7 @@ TEST_F(NbdServerTest, StopWithRequestsInFlightAnswersThemOrRefusesThenCloses) {
   std::vector<Bytes> data;
   for (std::uint32_t i = 0; i < 8; ++i) {
     data.push_back(pattern(kPayloadMax, 50 + i));
-    ASSERT_TRUE(c.send(nbd::kCmdWrite, i * std::uint64_t{kPayloadMax}, kPayloadMax,
-                       nbd::kCmdFlagFua, &data.back()));
+    ASSERT_TRUE(c.send(nbd::kCmdWrite, i * std::uint64_t{kPayloadMax}, kPayloadMax, nbd::kCmdFlagFua, &data.back()));
   }
   auto stopped = start_on_io(server_->stop());
   // Requests after the stop began: answered with ESHUTDOWN, or the connection is gone.

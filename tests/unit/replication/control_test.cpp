@@ -29,17 +29,19 @@ constexpr const char* kTable = R"(
 | Error | 422 | 422 | 422 | 422 | 422 | 422 | 422 | 422 |
 )";
 
-constexpr Action kColumns[] = {Action::pause,     Action::resume,     Action::sync,
-                               Action::failover_planned, Action::failover_unplanned,
-                               Action::reprotect, Action::start_test, Action::stop_test};
+constexpr Action kColumns[] = {
+    Action::pause,     Action::resume,     Action::sync,     Action::failover_planned, Action::failover_unplanned,
+    Action::reprotect, Action::start_test, Action::stop_test};
 
 // The role a column's action is issued on (the spec's column headings), for the cell's check.
 Role column_role(Action a) {
   switch (a) {
     case Action::failover_unplanned:
     case Action::start_test:
-    case Action::stop_test: return Role::destination;
-    default: return Role::source;
+    case Action::stop_test:
+      return Role::destination;
+    default:
+      return Role::source;
   }
 }
 

@@ -46,8 +46,7 @@ TEST(FrameHeader, RoundTripsAndHasTheDocumentedLayout) {
   h.payload_bytes = 0x0a0b0c0d;
   h.payload_bytes = 0x00010203;
   const Header b = encode(h);
-  const unsigned char want[16] = {'T',  'N',  'D', 'M', 1,    0,    0x34, 0x12,
-                                  0x78, 0x56, 0,   0,   0x03, 0x02, 0x01, 0x00};
+  const unsigned char want[16] = {'T', 'N', 'D', 'M', 1, 0, 0x34, 0x12, 0x78, 0x56, 0, 0, 0x03, 0x02, 0x01, 0x00};
   EXPECT_EQ(std::memcmp(b.data(), want, 16), 0);
 }
 
@@ -180,8 +179,7 @@ TEST(Hello, NegotiatesHighestCommonVersionAndSharedCapabilities) {
 }
 
 TEST(Printable, KeepsPrintableAsciiOnlyAndBoundsLength) {
-  const std::vector<std::byte> in = {std::byte{'o'}, std::byte{'k'}, std::byte{'\n'}, std::byte{0xff},
-                                     std::byte{'!'}};
+  const std::vector<std::byte> in = {std::byte{'o'}, std::byte{'k'}, std::byte{'\n'}, std::byte{0xff}, std::byte{'!'}};
   EXPECT_EQ(printable(in),
             "ok?"
             "?!");

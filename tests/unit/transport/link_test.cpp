@@ -15,8 +15,8 @@
 // old one; two Links dialing each other settle on one connection; stop() says goodbye; bad
 // options are refused by start().
 #include <gtest/gtest.h>
-#include <sys/socket.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
@@ -163,8 +163,7 @@ TEST_F(TransportTest, FramesRoundTripAtBoundarySizes) {
   }(*this));
 }
 
-asio::awaitable<void> sender(std::shared_ptr<Connection> c, std::uint32_t id, int frames, int* failures,
-                             int* done) {
+asio::awaitable<void> sender(std::shared_ptr<Connection> c, std::uint32_t id, int frames, int* failures, int* done) {
   std::mt19937_64 rng(id);
   for (std::uint32_t seq = 0; seq < static_cast<std::uint32_t>(frames); ++seq) {
     const std::uint64_t r = rng() % 100;
@@ -192,10 +191,9 @@ TEST_F(TransportTest, ConcurrentSendersArriveIntactInEachSendersOrder) {
     int failures = 0;
     int done = 0;
     for (std::uint32_t id = 0; id < kSenders; ++id) {
-      asio::co_spawn(t.io_, sender(b->last(), id, kFrames, &failures, &done),
-                     [](const std::exception_ptr& e) {
-                       if (e) std::rethrow_exception(e);
-                     });
+      asio::co_spawn(t.io_, sender(b->last(), id, kFrames, &failures, &done), [](const std::exception_ptr& e) {
+        if (e) std::rethrow_exception(e);
+      });
     }
     std::array<std::uint32_t, kSenders> next{};
     for (std::uint32_t i = 0; i < kSenders * kFrames; ++i) {
@@ -211,8 +209,7 @@ TEST_F(TransportTest, ConcurrentSendersArriveIntactInEachSendersOrder) {
       EXPECT_EQ(seq, next[id]) << "sender " << id;
       next[id] = seq + 1;
       const std::vector<std::byte> want = pattern(f->payload.size() - 8, id * 100'000 + seq);
-      EXPECT_EQ(xxh3_64(std::span(f->payload).subspan(8)), xxh3_64(want))
-          << "sender " << id << " seq " << seq;
+      EXPECT_EQ(xxh3_64(std::span(f->payload).subspan(8)), xxh3_64(want)) << "sender " << id << " seq " << seq;
     }
     CO_ASSERT(co_await eventually([&done] { return done == static_cast<int>(kSenders); }, 10s));
     EXPECT_EQ(failures, 0);
@@ -353,8 +350,8 @@ TEST_F(TransportTest, PeerCloseReconnectsAndDeliversFramesSentBeforeTheGoodbye) 
     EXPECT_EQ(end.code(), errc::connection_closed);
     EXPECT_NE(end.error().context.find("bye now"), std::string::npos) << end.error().context;
     // b dials again (it is the dialer), with back-off; both sides see a new connection.
-    CO_ASSERT(co_await eventually(
-        [a, b] { return a->connections.size() == 2 && a->connected() && b->connected(); }, 10s));
+    CO_ASSERT(
+        co_await eventually([a, b] { return a->connections.size() == 2 && a->connected() && b->connected(); }, 10s));
     EXPECT_EQ(b->connections.size(), 2u);
     EXPECT_TRUE(t.logs_.contains({"the peer closed the connection: bye now"})) << t.logs_.dump();
     const std::vector<std::byte> p = bytes_of("over the new connection");
@@ -389,8 +386,8 @@ TEST_F(TransportTest, StalledNetworkIsDetectedOnBothSidesThenReconnects) {
     EXPECT_EQ(ca->close_error().code, errc::timeout);
     EXPECT_EQ(cb->close_error().code, errc::timeout);
     // Dials during the stall time out in their handshake; after it, b gets through.
-    CO_ASSERT(co_await eventually(
-        [&a, &b] { return a.connections.size() >= 2 && a.connected() && b.connected(); }, 20s));
+    CO_ASSERT(
+        co_await eventually([&a, &b] { return a.connections.size() >= 2 && a.connected() && b.connected(); }, 20s));
     EXPECT_GE(b.connections.size(), 2u);
     const std::vector<std::byte> p = bytes_of("after the stall");
     Status st = co_await send_bytes(b.last(), 16, 0, p);
@@ -410,13 +407,13 @@ TEST_F(TransportTest, DroppedTcpConnectionReconnects) {
     CO_ASSERT(b.link->start().ok());
     CO_ASSERT(co_await eventually([&a, &b] { return a.connected() && b.connected(); }, 10s));
     CO_ASSERT(proxy.command("drop") == "ok");
-    CO_ASSERT(co_await eventually(
-        [&a, &b] { return a.connections.size() == 2 && a.connected() && b.connected(); }, 10s));
+    CO_ASSERT(
+        co_await eventually([&a, &b] { return a.connections.size() == 2 && a.connected() && b.connected(); }, 10s));
     EXPECT_NE(b.connections.front()->close_error().context.find("without a goodbye"), std::string::npos)
         << b.connections.front()->close_error().context;
     CO_ASSERT(proxy.command("reset") == "ok");
-    CO_ASSERT(co_await eventually(
-        [&a, &b] { return a.connections.size() == 3 && a.connected() && b.connected(); }, 10s));
+    CO_ASSERT(
+        co_await eventually([&a, &b] { return a.connections.size() == 3 && a.connected() && b.connected(); }, 10s));
   }(*this));
 }
 
@@ -435,11 +432,10 @@ TEST_F(TransportTest, NewerConnectionFromARestartedPeerReplacesTheOld) {
     // The restarted peer dials in with another instance id.
     Peer& b = t.add_peer("site-b", dialer("site-a", a.link->listen_port()));
     CO_ASSERT(b.link->start().ok());
-    CO_ASSERT(co_await eventually(
-        [&a, &b] { return a.connections.size() == 2 && a.connected() && b.connected(); }, 10s));
+    CO_ASSERT(
+        co_await eventually([&a, &b] { return a.connections.size() == 2 && a.connected() && b.connected(); }, 10s));
     EXPECT_FALSE(a.connections.front()->is_open());
-    EXPECT_NE(a.connections.front()->close_error().context.find("replaced by a newer connection"),
-              std::string::npos);
+    EXPECT_NE(a.connections.front()->close_error().context.find("replaced by a newer connection"), std::string::npos);
     const std::string goodbye = co_await old.read_until_closed();
     EXPECT_EQ(goodbye, "replaced by a newer connection");
   }(*this));
@@ -490,8 +486,7 @@ TEST_F(TransportTest, StopSaysGoodbyeAndIsIdempotent) {
     co_await a->link->stop();
     EXPECT_FALSE(a->last()->is_open());
     CO_ASSERT(co_await eventually([&cb] { return !cb->is_open(); }, 5s));
-    EXPECT_NE(cb->close_error().context.find("link stopping"), std::string::npos)
-        << cb->close_error().context;
+    EXPECT_NE(cb->close_error().context.find("link stopping"), std::string::npos) << cb->close_error().context;
     // b keeps dialing a port nobody listens on any more, and says so once.
     CO_ASSERT(co_await eventually([&t] { return t.logs_.contains({"dialing site-a", "failed"}); }, 5s));
   }(*this));

@@ -45,16 +45,15 @@ asio::awaitable<bool> good_peer_connects(TransportTest& t, Peer& a) {
   const std::size_t before = a.connections.size();
   Peer& b = t.add_peer("site-b", dialer("site-a", a.link->listen_port()));
   if (!b.link->start()) co_return false;
-  const bool ok =
-      co_await eventually([&a, &b, before] { return a.connections.size() > before && b.connected(); }, 10s);
+  const bool ok = co_await eventually([&a, &b, before] { return a.connections.size() > before && b.connected(); }, 10s);
   co_await b.link->stop();
   co_return ok;
 }
 
 // A raw client with `cert` (signed by `ca`) completes what it can of the handshake and reads
 // until the server closes; returns the server's goodbye reason, if any.
-asio::awaitable<std::string> raw_attempt(TransportTest& t, std::uint16_t port, std::string cert,
-                                         std::string ca, RawClient::Mode mode = RawClient::Mode::tls13) {
+asio::awaitable<std::string> raw_attempt(TransportTest& t, std::uint16_t port, std::string cert, std::string ca,
+                                         RawClient::Mode mode = RawClient::Mode::tls13) {
   RawClient raw(t.io_, cert, ca, mode);
   if (co_await raw.connect(port)) co_return "connect failed";
   if (co_await raw.handshake()) co_return "";
@@ -93,9 +92,7 @@ bool still_open(Tcp::socket& s) {
 }
 
 // How the server names the connection `s` in its log lines.
-std::string address_of(const Tcp::socket& s) {
-  return "127.0.0.1:" + std::to_string(s.local_endpoint().port());
-}
+std::string address_of(const Tcp::socket& s) { return "127.0.0.1:" + std::to_string(s.local_endpoint().port()); }
 
 struct RefusalCase {
   const char* name;
@@ -148,8 +145,7 @@ INSTANTIATE_TEST_SUITE_P(
                     "ca",
                     RawClient::Mode::tls13,
                     {"certificate name 'site-c' does not match expected peer 'site-b'"}},
-        RefusalCase{
-            "no_certificate", "", "ca", RawClient::Mode::tls13, {"the peer presented no certificate"}},
+        RefusalCase{"no_certificate", "", "ca", RawClient::Mode::tls13, {"the peer presented no certificate"}},
         RefusalCase{"tls12_only", "site-b", "ca", RawClient::Mode::tls12_only, {"does not offer TLS 1.3"}}),
     [](const ::testing::TestParamInfo<RefusalCase>& i) { return std::string(i.param.name); });
 
@@ -167,8 +163,8 @@ TEST_F(TransportTest, PlaintextClientIsRefused) {
     Peer& a = t.add_peer("site-a", options("site-b"));
     CO_ASSERT(a.link->start().ok());
     Tcp::socket s(t.io_);
-    auto [cec] = co_await s.async_connect(
-        Tcp::endpoint(asio::ip::make_address("127.0.0.1"), a.link->listen_port()), kTuple);
+    auto [cec] =
+        co_await s.async_connect(Tcp::endpoint(asio::ip::make_address("127.0.0.1"), a.link->listen_port()), kTuple);
     CO_ASSERT(!cec);
     const std::string junk = "hello, this is not TLS\r\n\r\n";
     auto [wec, wn] = co_await asio::async_write(s, asio::buffer(junk), kTuple);
@@ -177,8 +173,7 @@ TEST_F(TransportTest, PlaintextClientIsRefused) {
     std::array<char, 64> buf{};
     auto [rec, rn] = co_await asio::async_read(s, asio::buffer(buf), kTuple);
     EXPECT_TRUE(rec) << "the server answered plaintext with " << rn << " bytes";
-    EXPECT_TRUE(t.logs_.contains({"refused", "plaintext (non-TLS) client: first byte 0x68"}))
-        << t.logs_.dump();
+    EXPECT_TRUE(t.logs_.contains({"refused", "plaintext (non-TLS) client: first byte 0x68"})) << t.logs_.dump();
     CO_ASSERT(co_await good_peer_connects(t, a));
   }(*this));
 }
@@ -192,8 +187,8 @@ TEST_F(TransportTest, SilentClientTimesOutInTheHandshake) {
     std::unique_ptr<Tcp::socket> s = co_await silent_connection(t, a.link->listen_port());
     // Generous: the bound is 300 ms; only a server that never drops the connection fails this.
     EXPECT_TRUE(co_await closed_within(*s, 10s));
-    EXPECT_TRUE(t.logs_.contains({"handshake with 127.0.0.1:", "handshake not completed within 300 ms",
-                                  "waiting for the TLS client hello"}))
+    EXPECT_TRUE(t.logs_.contains(
+        {"handshake with 127.0.0.1:", "handshake not completed within 300 ms", "waiting for the TLS client hello"}))
         << t.logs_.dump();
     CO_ASSERT(co_await good_peer_connects(t, a));
   }(*this));
@@ -212,8 +207,8 @@ TEST_F(TransportTest, ClientThatNeverSendsItsHelloTimesOutInTheHandshake) {
     CO_ASSERT(!(co_await raw.handshake()));
     auto r = co_await (raw.read_until_closed() || sleep_for(10s));
     EXPECT_EQ(r.index(), 0u) << "the server still holds a connection that never sent its hello";
-    EXPECT_TRUE(t.logs_.contains({"handshake with 127.0.0.1:", "handshake not completed within 300 ms",
-                                  "waiting for the peer's hello"}))
+    EXPECT_TRUE(t.logs_.contains(
+        {"handshake with 127.0.0.1:", "handshake not completed within 300 ms", "waiting for the peer's hello"}))
         << t.logs_.dump();
     EXPECT_TRUE(a.connections.empty());
     CO_ASSERT(co_await good_peer_connects(t, a));
@@ -269,8 +264,7 @@ TEST_F(TransportTest, FloodNeverDropsAPeerFurtherAlong) {
     std::vector<std::unique_ptr<Tcp::socket>> silent;
     for (std::size_t i = 0; i < kHandshakesMax; ++i) silent.push_back(co_await silent_connection(t, port));
     CO_ASSERT(co_await closed_within(*silent[0], 10s));
-    EXPECT_TRUE(
-        t.logs_.contains({"dropping the connection from " + address_of(*silent[0]) + " (nothing received"}))
+    EXPECT_TRUE(t.logs_.contains({"dropping the connection from " + address_of(*silent[0]) + " (nothing received"}))
         << t.logs_.dump();
     for (std::size_t i = 1; i < silent.size(); ++i) EXPECT_TRUE(still_open(*silent[i])) << i;
     CO_ASSERT(!(co_await raw.send_hello(42)));
@@ -330,59 +324,57 @@ TEST_P(BadFrame, ClosesThatConnectionWithAReason) {
     const std::string goodbye = co_await raw.read_until_closed();
     EXPECT_NE(goodbye.find(c.reason), std::string::npos) << goodbye;
     EXPECT_FALSE(a.last()->is_open());
-    EXPECT_NE(a.last()->close_error().context.find(c.reason), std::string::npos)
-        << a.last()->close_error().context;
+    EXPECT_NE(a.last()->close_error().context.find(c.reason), std::string::npos) << a.last()->close_error().context;
     EXPECT_TRUE(t.logs_.contains({"closed: bad frame from the peer", c.reason})) << t.logs_.dump();
     CO_ASSERT(co_await good_peer_connects(t, a));
   }(*this));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Transport, BadFrame,
-    ::testing::Values(BadFrameCase{"bad_magic",
-                                   [] {
-                                     auto b = header_bytes(16, 0, 0);
-                                     b[0] = std::byte{'X'};
-                                     return b;
-                                   },
-                                   "bad magic"},
-                      BadFrameCase{"unknown_version",
-                                   [] {
-                                     auto b = header_bytes(16, 0, 0);
-                                     b[4] = std::byte{9};
-                                     return b;
-                                   },
-                                   "frame version 9"},
-                      BadFrameCase{"reserved_bits",
-                                   [] {
-                                     auto b = header_bytes(16, 0, 0);
-                                     b[10] = std::byte{1};
-                                     return b;
-                                   },
-                                   "reserved header field"},
-                      BadFrameCase{"oversize_length",
-                                   [] { return header_bytes(16, 0, kFramePayloadBytesMax + 1); },
-                                   "payload length 8454145 bytes"},
-                      BadFrameCase{"reserved_transport_type", [] { return header_bytes(7, 0, 0); },
-                                   "unknown transport frame type 7"},
-                      BadFrameCase{"short_ping",
-                                   [] {
-                                     auto b = header_bytes(kFrameTypePing, 0, 4);
-                                     b.resize(b.size() + 4);
-                                     return b;
-                                   },
-                                   "ping of 4 bytes"},
-                      BadFrameCase{"second_hello",
-                                   [] {
-                                     Hello h;
-                                     const std::vector<std::byte> p = encode_hello(h);
-                                     auto b = header_bytes(kFrameTypeHello, 0,
-                                                           static_cast<std::uint32_t>(p.size()));
-                                     b.insert(b.end(), p.begin(), p.end());
-                                     return b;
-                                   },
-                                   "a second hello frame"}),
-    [](const ::testing::TestParamInfo<BadFrameCase>& i) { return std::string(i.param.name); });
+INSTANTIATE_TEST_SUITE_P(Transport, BadFrame,
+                         ::testing::Values(BadFrameCase{"bad_magic",
+                                                        [] {
+                                                          auto b = header_bytes(16, 0, 0);
+                                                          b[0] = std::byte{'X'};
+                                                          return b;
+                                                        },
+                                                        "bad magic"},
+                                           BadFrameCase{"unknown_version",
+                                                        [] {
+                                                          auto b = header_bytes(16, 0, 0);
+                                                          b[4] = std::byte{9};
+                                                          return b;
+                                                        },
+                                                        "frame version 9"},
+                                           BadFrameCase{"reserved_bits",
+                                                        [] {
+                                                          auto b = header_bytes(16, 0, 0);
+                                                          b[10] = std::byte{1};
+                                                          return b;
+                                                        },
+                                                        "reserved header field"},
+                                           BadFrameCase{"oversize_length",
+                                                        [] { return header_bytes(16, 0, kFramePayloadBytesMax + 1); },
+                                                        "payload length 8454145 bytes"},
+                                           BadFrameCase{"reserved_transport_type", [] { return header_bytes(7, 0, 0); },
+                                                        "unknown transport frame type 7"},
+                                           BadFrameCase{"short_ping",
+                                                        [] {
+                                                          auto b = header_bytes(kFrameTypePing, 0, 4);
+                                                          b.resize(b.size() + 4);
+                                                          return b;
+                                                        },
+                                                        "ping of 4 bytes"},
+                                           BadFrameCase{"second_hello",
+                                                        [] {
+                                                          Hello h;
+                                                          const std::vector<std::byte> p = encode_hello(h);
+                                                          auto b = header_bytes(kFrameTypeHello, 0,
+                                                                                static_cast<std::uint32_t>(p.size()));
+                                                          b.insert(b.end(), p.begin(), p.end());
+                                                          return b;
+                                                        },
+                                                        "a second hello frame"}),
+                         [](const ::testing::TestParamInfo<BadFrameCase>& i) { return std::string(i.param.name); });
 
 TEST_F(TransportTest, FirstFrameMustBeAHello) {
   run(io_, [](TransportTest& t) -> asio::awaitable<void> {

@@ -2,8 +2,8 @@
 // A good CA/cert/key loads; each broken input fails with errc::tls_config and a context that
 // names the file and the problem (missing, not PEM, no certificate, key not matching the
 // certificate); our own expired or foreign-CA certificate loads but logs a warning saying the
-// peer will refuse it; a group-readable key loads with a warning, a world-readable one is refused. The context only allows TLS
-// 1.3 and requires a peer certificate.
+// peer will refuse it; a group-readable key loads with a warning, a world-readable one is refused. The context only
+// allows TLS 1.3 and requires a peer certificate.
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
 #include <sys/stat.h>
@@ -108,8 +108,7 @@ TEST_F(TlsContextTest, OwnCertificateThePeerWillRefuseIsAWarning) {
 
 TEST_F(TlsContextTest, GroupReadableKeyIsAWarning) {
   TlsFiles f = tls_files("site-a");
-  f.key =
-      write("open.key", read(f.key), fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
+  f.key = write("open.key", read(f.key), fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read);
   ASSERT_TRUE(make_tls_context(f).ok());
   EXPECT_TRUE(logs_.contains({"readable by its group", "0640"})) << logs_.dump();
 }

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <spdlog/sinks/stdout_sinks.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/read.hpp>
@@ -19,7 +20,6 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
-#include <spdlog/sinks/stdout_sinks.h>
 #include <thread>
 
 #include "tandem/common/units.h"
@@ -172,9 +172,8 @@ std::unique_ptr<Peer> make_peer(asio::io_context& io, const std::string& cert, L
                                 const std::string& ca) {
   auto p = std::make_unique<Peer>();
   Peer* raw = p.get();
-  p->link = std::make_unique<Link>(
-      io.get_executor(), tls_context(cert, ca), std::move(opts),
-      [raw](std::shared_ptr<Connection> c) { raw->connections.push_back(std::move(c)); });
+  p->link = std::make_unique<Link>(io.get_executor(), tls_context(cert, ca), std::move(opts),
+                                   [raw](std::shared_ptr<Connection> c) { raw->connections.push_back(std::move(c)); });
   return p;
 }
 
@@ -301,12 +300,9 @@ FaultProxy::FaultProxy(std::uint16_t target_port, std::uint64_t seed) {
   const std::string target = "127.0.0.1:" + std::to_string(target_port);
   const std::string seed_s = std::to_string(seed);
   const std::string control = dir_ + "/control.sock";
-  std::vector<std::string> args = {"/usr/bin/python3", TANDEM_FAULT_PROXY,
-                                   "--listen",         "127.0.0.1:0",
-                                   "--target",         target,
-                                   "--seed",           seed_s,
-                                   "--port-file",      port_file,
-                                   "--control",        control};
+  std::vector<std::string> args = {
+      "/usr/bin/python3", TANDEM_FAULT_PROXY, "--listen",  "127.0.0.1:0", "--target", target, "--seed", seed_s,
+      "--port-file",      port_file,          "--control", control};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

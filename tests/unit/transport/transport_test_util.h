@@ -75,9 +75,7 @@ asio::awaitable<void> sleep_for(std::chrono::milliseconds d);
 struct Peer {
   std::unique_ptr<Link> link;
   std::vector<std::shared_ptr<Connection>> connections;
-  [[nodiscard]] std::shared_ptr<Connection> last() const {
-    return connections.empty() ? nullptr : connections.back();
-  }
+  [[nodiscard]] std::shared_ptr<Connection> last() const { return connections.empty() ? nullptr : connections.back(); }
   [[nodiscard]] bool connected() const { return !connections.empty() && connections.back()->is_open(); }
 };
 
@@ -96,14 +94,12 @@ class RawClient {
   enum class Mode { tls13, tls12_only };
   // `cert` empty: present no certificate. The client never verifies the server (the tests
   // are about the server's verdict on the client).
-  RawClient(asio::io_context& io, const std::string& cert, const std::string& ca = "ca",
-            Mode mode = Mode::tls13);
+  RawClient(asio::io_context& io, const std::string& cert, const std::string& ca = "ca", Mode mode = Mode::tls13);
 
   asio::awaitable<ErrorCode> connect(std::uint16_t port);
   asio::awaitable<ErrorCode> handshake();
   asio::awaitable<ErrorCode> write(std::vector<std::byte> bytes);
-  asio::awaitable<ErrorCode> send_frame(std::uint16_t type, std::uint16_t flags,
-                                        std::vector<std::byte> payload);
+  asio::awaitable<ErrorCode> send_frame(std::uint16_t type, std::uint16_t flags, std::vector<std::byte> payload);
   // A well-formed hello with `instance_id`, and read the server's; returns its type (hello or
   // goodbye) or an error.
   asio::awaitable<ErrorCode> send_hello(std::uint64_t instance_id, std::vector<std::byte> app = {});

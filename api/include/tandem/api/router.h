@@ -25,7 +25,7 @@ namespace asio = boost::asio;
 struct VolumeView {
   std::string id;
   std::uint64_t size_bytes = 0;
-  std::string access;  // "read-write" | "read-only" | "none"
+  std::string access;                // "read-write" | "read-only" | "none"
   std::vector<std::string> exports;  // "nbd+unix:///vol0?socket=/run/tandem/vol0.nbd", "nbd://127.0.0.1:10809/vol0"
   std::string backing;               // device or file path
   std::string session_id;            // the session it belongs to, or empty
@@ -53,20 +53,20 @@ struct HttpResponse {
 
 // Stable codes per error kind (docs/api.md lists them).
 enum class ErrorKind {
-  bad_json,        // 400
-  unknown_field,   // 400
-  wrong_type,      // 400
-  wrong_role,      // 400
-  bad_request,     // 400: anything else wrong with the request
-  unauthorized,    // 401
-  not_found,       // 404: unknown path
-  unknown_session, // 404
-  unknown_volume,  // 404
-  bad_method,      // 405
-  body_too_large,  // 413
-  not_allowed,     // 422: not in this state
-  failed,          // 422: accepted, then failed
-  internal,        // 500
+  bad_json,         // 400
+  unknown_field,    // 400
+  wrong_type,       // 400
+  wrong_role,       // 400
+  bad_request,      // 400: anything else wrong with the request
+  unauthorized,     // 401
+  not_found,        // 404: unknown path
+  unknown_session,  // 404
+  unknown_volume,   // 404
+  bad_method,       // 405
+  body_too_large,   // 413
+  not_allowed,      // 422: not in this state
+  failed,           // 422: accepted, then failed
+  internal,         // 500
 };
 std::string_view error_code(ErrorKind k);
 unsigned error_status(ErrorKind k);

@@ -16,9 +16,9 @@
 namespace tandem::api {
 
 struct ApiServerOptions {
-  std::string socket_path;    // created (a stale socket file is replaced), removed on stop
+  std::string socket_path;  // created (a stale socket file is replaced), removed on stop
   unsigned socket_mode = 0660;
-  std::string socket_group;   // chgrp the socket to this group, if set
+  std::string socket_group;  // chgrp the socket to this group, if set
   // Optional TCP listener ("host:port"), TLS only, every request with
   // "Authorization: Bearer <token>" (401 otherwise).
   std::string tcp_listen;

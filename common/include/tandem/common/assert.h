@@ -10,14 +10,14 @@ namespace tandem::detail {
 [[noreturn]] void assert_fail(const char* expr, const char* file, int line, const char* msg) noexcept;
 }  // namespace tandem::detail
 
-#define TANDEM_ASSERT(cond)                                                        \
-  do {                                                                             \
-    if (!(cond)) [[unlikely]]                                                      \
-      ::tandem::detail::assert_fail(#cond, __FILE__, __LINE__, nullptr);           \
+#define TANDEM_ASSERT(cond)                                              \
+  do {                                                                   \
+    if (!(cond)) [[unlikely]]                                            \
+      ::tandem::detail::assert_fail(#cond, __FILE__, __LINE__, nullptr); \
   } while (0)
 
-#define TANDEM_ASSERT_MSG(cond, msg)                                               \
-  do {                                                                             \
-    if (!(cond)) [[unlikely]]                                                      \
-      ::tandem::detail::assert_fail(#cond, __FILE__, __LINE__, (msg));             \
+#define TANDEM_ASSERT_MSG(cond, msg)                                   \
+  do {                                                                 \
+    if (!(cond)) [[unlikely]]                                          \
+      ::tandem::detail::assert_fail(#cond, __FILE__, __LINE__, (msg)); \
   } while (0)

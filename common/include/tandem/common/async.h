@@ -75,9 +75,7 @@ class WaitQueue {
     return asio::async_initiate<const asio::use_awaitable_t<>&, void()>(
         [this](auto handler) {
           auto ex = asio::get_associated_executor(handler);
-          waiters_.emplace_back([h = std::move(handler), ex]() mutable {
-            asio::post(ex, std::move(h));
-          });
+          waiters_.emplace_back([h = std::move(handler), ex]() mutable { asio::post(ex, std::move(h)); });
         },
         asio::use_awaitable);
   }

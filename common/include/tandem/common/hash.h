@@ -9,8 +9,6 @@
 namespace tandem {
 
 std::uint64_t xxh3_64(const void* data, std::size_t len) noexcept;
-inline std::uint64_t xxh3_64(std::span<const std::byte> s) noexcept {
-  return xxh3_64(s.data(), s.size());
-}
+inline std::uint64_t xxh3_64(std::span<const std::byte> s) noexcept { return xxh3_64(s.data(), s.size()); }
 
 }  // namespace tandem

@@ -46,11 +46,9 @@ class [[nodiscard]] Result {
  public:
   // A default Result is a failure ("no result"): Asio's co_spawn hands one to the completion
   // handler when the coroutine threw. It is never mistaken for success.
-  Result()
-      : v_(std::in_place_index<1>,
-           Error(std::make_error_code(std::errc::operation_canceled), "no result")) {}
+  Result() : v_(std::in_place_index<1>, Error(std::make_error_code(std::errc::operation_canceled), "no result")) {}
   Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}  // NOLINT
-  Result(Error e) : v_(std::in_place_index<1>, std::move(e)) {        // NOLINT
+  Result(Error e) : v_(std::in_place_index<1>, std::move(e)) {       // NOLINT
     TANDEM_ASSERT(std::get<1>(v_).code);
   }
   template <typename E, typename = std::enable_if_t<std::is_error_code_enum_v<E>>>
@@ -83,9 +81,7 @@ class [[nodiscard]] Result {
   [[nodiscard]] std::error_code code() const { return ok() ? std::error_code{} : error().code; }
 
  private:
-  const char* error_message_cstr() const {
-    return ok() ? "" : std::get<1>(v_).context.c_str();
-  }
+  const char* error_message_cstr() const { return ok() ? "" : std::get<1>(v_).context.c_str(); }
   std::variant<T, Error> v_;
 };
 
@@ -114,9 +110,9 @@ using Status = Result<void>;
 }  // namespace tandem
 
 // Propagate a failed Result from the enclosing function (plain functions only).
-#define TANDEM_TRY(expr)                                  \
-  do {                                                    \
-    auto&& tandem_try_r_ = (expr);                        \
+#define TANDEM_TRY(expr)                                   \
+  do {                                                     \
+    auto&& tandem_try_r_ = (expr);                         \
     if (!tandem_try_r_.ok()) return tandem_try_r_.error(); \
   } while (0)
 // Same, inside a coroutine returning awaitable<Result<...>>.

@@ -31,9 +31,7 @@ inline void put_le32(unsigned char* p, std::uint32_t v) {
 inline void put_le64(unsigned char* p, std::uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
 }
-inline std::uint16_t get_le16(const unsigned char* p) {
-  return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
-}
+inline std::uint16_t get_le16(const unsigned char* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
 inline std::uint32_t get_le32(const unsigned char* p) {
   std::uint32_t v = 0;
   for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
@@ -55,9 +53,7 @@ inline void put_be32(unsigned char* p, std::uint32_t v) {
 inline void put_be64(unsigned char* p, std::uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (56 - 8 * i));
 }
-inline std::uint16_t get_be16(const unsigned char* p) {
-  return static_cast<std::uint16_t>((p[0] << 8) | p[1]);
-}
+inline std::uint16_t get_be16(const unsigned char* p) { return static_cast<std::uint16_t>((p[0] << 8) | p[1]); }
 inline std::uint32_t get_be32(const unsigned char* p) {
   std::uint32_t v = 0;
   for (int i = 0; i < 4; ++i) v = (v << 8) | p[i];

@@ -48,9 +48,9 @@ struct TlsConfig {
 };
 
 struct PeerConfig {
-  std::string name;     // must match the peer certificate's name
-  std::string address;  // host:port where the peer listens
-  std::string listen;   // host:port where this node listens for the peer
+  std::string name;                          // must match the peer certificate's name
+  std::string address;                       // host:port where the peer listens
+  std::string listen;                        // host:port where this node listens for the peer
   std::uint64_t rate_limit_bytes_per_s = 0;  // 0 = unlimited
   std::uint32_t keepalive_interval_ms = 1000;
   std::uint32_t peer_timeout_ms = 5000;

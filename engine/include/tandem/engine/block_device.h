@@ -38,8 +38,7 @@ class BlockDevice {
   // Reads [offset, offset+len) into buf[0, len).
   virtual asio::awaitable<Status> read(std::uint64_t offset, std::size_t len, const IoBuffer& buf) = 0;
   // Writes buf[0, len) at offset; durable on completion when fua.
-  virtual asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf,
-                                        bool fua) = 0;
+  virtual asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& buf, bool fua) = 0;
   // Makes every completed write durable (fdatasync).
   virtual asio::awaitable<Status> flush() = 0;
   // Makes [offset, offset+len) read as zeros. `may_unmap` lets the device deallocate (punch a

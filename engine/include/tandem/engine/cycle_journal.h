@@ -57,9 +57,8 @@ class CycleJournal {
   // recover = false: a fresh journal for `cycle` (any old file is replaced). recover = true:
   // reopen the journal of the cycle in progress and find its valid prefix.
   static asio::awaitable<Result<std::unique_ptr<CycleJournal>>> open(DeviceEnv& env, std::string path,
-                                                                    std::uint64_t cycle,
-                                                                    std::uint64_t capacity_bytes,
-                                                                    bool recover);
+                                                                     std::uint64_t cycle, std::uint64_t capacity_bytes,
+                                                                     bool recover);
 
   [[nodiscard]] std::uint64_t cycle() const { return cycle_; }
   [[nodiscard]] const std::vector<JournalExtent>& extents() const { return extents_; }
@@ -82,8 +81,8 @@ class CycleJournal {
   asio::awaitable<Status> scan();
 
   struct RecordPos {
-    std::uint64_t pos;          // byte offset of the header
-    std::size_t first_extent;   // index into extents_
+    std::uint64_t pos;         // byte offset of the header
+    std::size_t first_extent;  // index into extents_
     std::size_t count;
   };
   DeviceEnv& env_;

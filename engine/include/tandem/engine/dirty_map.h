@@ -107,8 +107,8 @@ class DirtyMap {
   // The bitmap pages covering `regions`, written and flushed where the disk may differ, before
   // an intent record that drops the regions.
   asio::awaitable<Status> write_region_pages(const std::vector<std::uint32_t>& regions);
-  asio::awaitable<Status> write_pages(const std::vector<std::uint64_t>& words, std::uint64_t first,
-                                      std::uint64_t count, MetaStore::BitmapArea area);
+  asio::awaitable<Status> write_pages(const std::vector<std::uint64_t>& words, std::uint64_t first, std::uint64_t count,
+                                      MetaStore::BitmapArea area);
   [[nodiscard]] bool page_nonzero(const std::vector<std::uint64_t>& words, std::uint64_t page) const;
 
   MetaStore& meta_;
@@ -120,7 +120,7 @@ class DirtyMap {
   // Which on-disk pages may hold set bits, per area: a cut zeroes exactly those.
   std::vector<bool> disk_nonzero_;
   std::vector<bool> cycle_disk_nonzero_;
-  std::unordered_map<std::uint32_t, Hot> hot_;       // durable in the intent log
+  std::unordered_map<std::uint32_t, Hot> hot_;               // durable in the intent log
   std::unordered_map<std::uint32_t, std::uint32_t> wanted_;  // region -> pins waiting for it
   std::uint64_t tick_ = 0;
   std::uint64_t cut_tick_ = 0;  // tick_ at the last freeze(): older uses were all cut

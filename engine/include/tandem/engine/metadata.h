@@ -107,8 +107,7 @@ class MetaStore {
   };
   // Opens the metadata device, or initializes it when it has never been completed (no valid
   // superblock and no valid intent record). `fresh` supplies the identity for a new volume.
-  static asio::awaitable<Result<Opened>> open(std::unique_ptr<BlockDevice> dev, BufferArena& arena,
-                                             Superblock fresh);
+  static asio::awaitable<Result<Opened>> open(std::unique_ptr<BlockDevice> dev, BufferArena& arena, Superblock fresh);
 
   [[nodiscard]] const Superblock& superblock() const { return sb_; }
   [[nodiscard]] const MetaLayout& layout() const { return layout_; }
@@ -121,12 +120,10 @@ class MetaStore {
   asio::awaitable<Status> write_intent(const std::vector<std::uint32_t>& regions);
   enum class BitmapArea { dirty, cycle };
   // Reads a whole on-disk bitmap into words (one bit per block, LSB first).
-  asio::awaitable<Status> read_bitmap(std::vector<std::uint64_t>& words,
-                                      BitmapArea area = BitmapArea::dirty);
+  asio::awaitable<Status> read_bitmap(std::vector<std::uint64_t>& words, BitmapArea area = BitmapArea::dirty);
   // Writes bitmap pages [first, first+count) from words. Not flushed: call flush().
-  asio::awaitable<Status> write_bitmap_pages(const std::vector<std::uint64_t>& words,
-                                             std::uint64_t first_page, std::uint64_t count,
-                                             BitmapArea area = BitmapArea::dirty);
+  asio::awaitable<Status> write_bitmap_pages(const std::vector<std::uint64_t>& words, std::uint64_t first_page,
+                                             std::uint64_t count, BitmapArea area = BitmapArea::dirty);
   asio::awaitable<Status> flush() { return dev_->flush(); }
 
   [[nodiscard]] std::uint64_t intent_writes() const { return intent_writes_; }

@@ -33,9 +33,8 @@ class PreserveLog {
   // the log of the cycle in progress after a restart (recover = true: valid slots of this
   // cycle are kept, everything else is ignored).
   static asio::awaitable<Result<std::unique_ptr<PreserveLog>>> open(DeviceEnv& env, std::string path,
-                                                                   std::uint64_t cycle,
-                                                                   const BlockBitmap& frozen,
-                                                                   bool recover);
+                                                                    std::uint64_t cycle, const BlockBitmap& frozen,
+                                                                    bool recover);
 
   [[nodiscard]] bool contains(std::uint64_t block) const { return preserved_.test(block); }
   [[nodiscard]] std::uint64_t preserved() const { return preserved_.count(); }

@@ -32,9 +32,9 @@ namespace tandem::engine {
 
 struct VolumeOptions {
   std::string id;
-  std::string path;                          // block device or regular file
+  std::string path;                           // block device or regular file
   std::optional<std::uint64_t> create_bytes;  // create a file of this size if missing
-  std::string meta_path;                     // metadata file (created if missing)
+  std::string meta_path;                      // metadata file (created if missing)
   DirtyMapOptions dirty;
 };
 
@@ -90,8 +90,8 @@ class Volume {
   asio::awaitable<Status> write(std::uint64_t offset, std::size_t len, const IoBuffer& src, bool fua);
   // Makes the range read as zeros. may_unmap lets the device deallocate; fast_only refuses
   // (not_supported) instead of writing zeros when the device cannot zero cheaply.
-  asio::awaitable<Status> write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap,
-                                       bool fua, bool fast_only);
+  asio::awaitable<Status> write_zeroes(std::uint64_t offset, std::uint64_t len, bool may_unmap, bool fua,
+                                       bool fast_only);
   // Discards whole blocks inside the range (advisory; partial blocks are left alone). Trimmed
   // blocks read back as zeros on files and on devices that zero on discard.
   asio::awaitable<Status> trim(std::uint64_t offset, std::uint64_t len, bool fua);
@@ -116,10 +116,9 @@ class Volume {
   class WriteGuard;
   asio::awaitable<void> admit_write();
   Status check_write(std::uint64_t offset, std::uint64_t len) const;
-  asio::awaitable<Status> write_locked(std::uint64_t offset, std::size_t len, const IoBuffer* src,
-                                       bool fua);
-  asio::awaitable<Status> zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap,
-                                      bool fast_only, bool trim_only);
+  asio::awaitable<Status> write_locked(std::uint64_t offset, std::size_t len, const IoBuffer* src, bool fua);
+  asio::awaitable<Status> zero_locked(std::uint64_t offset, std::uint64_t len, bool may_unmap, bool fast_only,
+                                      bool trim_only);
   asio::awaitable<Status> zero_by_writing(std::uint64_t offset, std::uint64_t len);
   Status fail(const Error& e);
 

@@ -18,9 +18,7 @@ enum class errc {
 
 const std::error_category& frontend_category() noexcept;
 
-inline std::error_code make_error_code(errc e) noexcept {
-  return {static_cast<int>(e), frontend_category()};
-}
+inline std::error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), frontend_category()}; }
 
 }  // namespace tandem::frontend
 

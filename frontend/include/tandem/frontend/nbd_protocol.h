@@ -26,8 +26,8 @@
 namespace tandem::frontend::nbd {
 
 // --- Magic numbers ---------------------------------------------------------------------------
-inline constexpr std::uint64_t kNbdMagic = 0x4e42444d41474943;      // "NBDMAGIC"
-inline constexpr std::uint64_t kOptMagic = 0x49484156454F5054;      // "IHAVEOPT"
+inline constexpr std::uint64_t kNbdMagic = 0x4e42444d41474943;  // "NBDMAGIC"
+inline constexpr std::uint64_t kOptMagic = 0x49484156454F5054;  // "IHAVEOPT"
 inline constexpr std::uint64_t kOptReplyMagic = 0x0003e889045565a9;
 inline constexpr std::uint32_t kRequestMagic = 0x25609513;
 inline constexpr std::uint32_t kSimpleReplyMagic = 0x67446698;
@@ -117,10 +117,10 @@ inline constexpr std::uint32_t kEnotsup = 95;
 inline constexpr std::uint32_t kEshutdown = 108;
 
 // --- Sizes ------------------------------------------------------------------------------------
-inline constexpr std::size_t kGreetingBytes = 18;          // NBDMAGIC, IHAVEOPT, flags
-inline constexpr std::size_t kOptionHeaderBytes = 16;      // IHAVEOPT, option, length
-inline constexpr std::size_t kOptionReplyHeaderBytes = 20; // magic, option, type, length
-inline constexpr std::size_t kExportNameReplyBytes = 134;  // size, flags, 124 zero bytes
+inline constexpr std::size_t kGreetingBytes = 18;           // NBDMAGIC, IHAVEOPT, flags
+inline constexpr std::size_t kOptionHeaderBytes = 16;       // IHAVEOPT, option, length
+inline constexpr std::size_t kOptionReplyHeaderBytes = 20;  // magic, option, type, length
+inline constexpr std::size_t kExportNameReplyBytes = 134;   // size, flags, 124 zero bytes
 inline constexpr std::size_t kRequestHeaderBytes = 28;
 inline constexpr std::size_t kSimpleReplyBytes = 16;
 inline constexpr std::size_t kChunkHeaderBytes = 20;
@@ -273,18 +273,15 @@ struct RequestCheck {
 RequestCheck check_request(const Request& r, const ExportState& s);
 
 // --- Reply encoders ---------------------------------------------------------------------------
-void encode_simple_reply(std::span<std::uint8_t, kSimpleReplyBytes> out, std::uint32_t error,
-                         std::uint64_t handle);
-void encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes> out, std::uint16_t flags,
-                         std::uint16_t type, std::uint64_t handle, std::uint32_t length);
+void encode_simple_reply(std::span<std::uint8_t, kSimpleReplyBytes> out, std::uint32_t error, std::uint64_t handle);
+void encode_chunk_header(std::span<std::uint8_t, kChunkHeaderBytes> out, std::uint16_t flags, std::uint16_t type,
+                         std::uint64_t handle, std::uint32_t length);
 // Chunk header plus the 8-byte offset of an NBD_REPLY_TYPE_OFFSET_DATA chunk (DONE set) that
 // carries `data_bytes` of data after it.
-void encode_offset_data_prefix(std::span<std::uint8_t, kOffsetDataPrefixBytes> out,
-                               std::uint64_t handle, std::uint64_t offset,
-                               std::uint32_t data_bytes);
+void encode_offset_data_prefix(std::span<std::uint8_t, kOffsetDataPrefixBytes> out, std::uint64_t handle,
+                               std::uint64_t offset, std::uint32_t data_bytes);
 // A complete NBD_REPLY_TYPE_ERROR chunk with DONE set; the message is cut to kStringBytesMax.
-std::vector<std::uint8_t> encode_error_chunk(std::uint64_t handle, std::uint32_t error,
-                                             std::string_view message);
+std::vector<std::uint8_t> encode_error_chunk(std::uint64_t handle, std::uint32_t error, std::string_view message);
 
 // Maps an engine (or OS) error to the protocol errno a client sees: out_of_range → EINVAL,
 // no_space → ENOSPC, read_only / volume_failed → EPERM, shutting_down → ESHUTDOWN,

@@ -35,7 +35,7 @@ const char* to_string(SyncDecision d);
 
 struct GenerationView {
   std::vector<std::uint64_t> history;  // newest first; never empty for a paired volume
-  bool paired = false;                  // has ever been part of this replication pair
+  bool paired = false;                 // has ever been part of this replication pair
 };
 
 SyncDecision decide(const GenerationView& source, const GenerationView& destination);

@@ -16,18 +16,18 @@
 namespace tandem::replication {
 
 enum class MsgType : std::uint16_t {
-  session_hello = 16,  // both ways, once per session after the link is up
-  sync_begin = 17,     // source → destination: a transfer (initial sync or cycle) starts
-  extent = 18,         // source → destination: data (or a zero run) at an offset
-  extent_hash = 19,    // source → destination: compare mode, "do you have this?"
-  hash_result = 20,    // destination → source: compare mode answer
-  ack = 21,            // destination → source: durable up to this offset
-  cycle_end = 22,      // source → destination: everything of the transfer was sent
-  committed = 23,      // destination → source: the transfer is committed
-  refuse = 24,         // either way: the session cannot proceed (split brain, unrelated…)
-  control = 25,        // either way: an operator's action that needs both sites (pause, resume)
-  control_reply = 26,  // the answer to a control request
-  changed_blocks = 27, // destination → source, reprotect: runs of blocks this side changed
+  session_hello = 16,   // both ways, once per session after the link is up
+  sync_begin = 17,      // source → destination: a transfer (initial sync or cycle) starts
+  extent = 18,          // source → destination: data (or a zero run) at an offset
+  extent_hash = 19,     // source → destination: compare mode, "do you have this?"
+  hash_result = 20,     // destination → source: compare mode answer
+  ack = 21,             // destination → source: durable up to this offset
+  cycle_end = 22,       // source → destination: everything of the transfer was sent
+  committed = 23,       // destination → source: the transfer is committed
+  refuse = 24,          // either way: the session cannot proceed (split brain, unrelated…)
+  control = 25,         // either way: an operator's action that needs both sites (pause, resume)
+  control_reply = 26,   // the answer to a control request
+  changed_blocks = 27,  // destination → source, reprotect: runs of blocks this side changed
 };
 
 inline constexpr std::size_t kIdBytesMax = 64;
@@ -52,16 +52,16 @@ struct SessionHello {
   std::vector<MemberInfo> members;
   std::vector<std::uint64_t> generations;
   bool paired = false;
-  bool blank = false;               // destination: holds nothing worth comparing
+  bool blank = false;  // destination: holds nothing worth comparing
   std::uint64_t committed_cycle = 0;
   std::uint64_t staged_cycle = 0;   // destination: the cycle its journal holds (0 = none)
   std::uint64_t staged_offset = 0;  // destination: restart address within it
   InitialState initial = InitialState::none;
-  std::uint64_t initial_offset = 0; // destination: restart address of the initial sync
-  bool paused = false;              // an operator paused the session on this site
-  std::uint8_t phase = 0;           // SessionState::phase (failover progress)
-  std::uint64_t failover_gen = 0;   // the shared generation at the failover, when phase != 0
-  bool initial_compare = false;     // destination: its running initial sync compares hashes
+  std::uint64_t initial_offset = 0;  // destination: restart address of the initial sync
+  bool paused = false;               // an operator paused the session on this site
+  std::uint8_t phase = 0;            // SessionState::phase (failover progress)
+  std::uint64_t failover_gen = 0;    // the shared generation at the failover, when phase != 0
+  bool initial_compare = false;      // destination: its running initial sync compares hashes
   bool operator==(const SessionHello&) const = default;
 };
 
@@ -71,7 +71,7 @@ struct SyncBegin {
   std::uint64_t cycle = 0;
   std::uint64_t frozen_blocks = 0;  // sizes the destination's journal
   std::uint64_t start_offset = 0;
-  std::uint64_t window_bytes = 0;   // the source's window: the destination acknowledges well within it
+  std::uint64_t window_bytes = 0;  // the source's window: the destination acknowledges well within it
   std::vector<std::uint64_t> generations;
   bool operator==(const SyncBegin&) const = default;
 };
@@ -82,8 +82,8 @@ struct Extent {
   std::uint64_t offset = 0;
   std::uint32_t length = 0;
   bool zero = false;
-  std::uint64_t hash = 0;          // xxh3 of the data (zero extents: 0)
-  std::span<const std::byte> data; // decode: points into the frame payload
+  std::uint64_t hash = 0;           // xxh3 of the data (zero extents: 0)
+  std::span<const std::byte> data;  // decode: points into the frame payload
 };
 
 struct ExtentHash {
@@ -112,7 +112,7 @@ struct Ack {
 struct CycleEnd {
   std::string session_id;
   std::uint64_t cycle = 0;
-  std::uint64_t end_offset = 0;       // the transfer covered [start, end)
+  std::uint64_t end_offset = 0;  // the transfer covered [start, end)
   std::vector<std::uint64_t> generations;
   bool operator==(const CycleEnd&) const = default;
 };

@@ -28,9 +28,7 @@ enum class errc {
 
 const std::error_category& transport_category() noexcept;
 
-inline std::error_code make_error_code(errc e) noexcept {
-  return {static_cast<int>(e), transport_category()};
-}
+inline std::error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), transport_category()}; }
 
 }  // namespace tandem::transport
 

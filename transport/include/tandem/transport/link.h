@@ -56,10 +56,10 @@ namespace tandem::transport {
 inline constexpr std::size_t kHandshakesMax = 8;
 
 struct LinkOptions {
-  std::string peer_name;         // the name the peer's certificate must carry (SAN DNS or CN)
-  std::string connect_address;   // "host:port" to dial ("" = never dial)
-  std::string listen_address;    // "host:port" to accept on ("" = never listen); port 0 = ephemeral
-  std::vector<std::byte> hello;  // our hello payload, at most kHelloAppBytesMax bytes
+  std::string peer_name;                       // the name the peer's certificate must carry (SAN DNS or CN)
+  std::string connect_address;                 // "host:port" to dial ("" = never dial)
+  std::string listen_address;                  // "host:port" to accept on ("" = never listen); port 0 = ephemeral
+  std::vector<std::byte> hello;                // our hello payload, at most kHelloAppBytesMax bytes
   std::uint32_t keepalive_interval_ms = 1000;  // a ping this often; must be < peer_timeout_ms
   std::uint32_t peer_timeout_ms = 5000;        // silence after which the peer is dead
   std::uint32_t backoff_min_ms = 100, backoff_max_ms = 5000;
