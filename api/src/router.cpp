@@ -30,20 +30,34 @@ struct KindInfo {
 
 KindInfo info(ErrorKind k) {
   switch (k) {
-    case ErrorKind::bad_json: return {"0xE04000010001", 400};
-    case ErrorKind::unknown_field: return {"0xE04000010002", 400};
-    case ErrorKind::wrong_type: return {"0xE04000010003", 400};
-    case ErrorKind::wrong_role: return {"0xE0101001000D", 400};
-    case ErrorKind::bad_request: return {"0xE04000010004", 400};
-    case ErrorKind::unauthorized: return {"0xE04010010001", 401};
-    case ErrorKind::not_found: return {"0xE04040010001", 404};
-    case ErrorKind::unknown_session: return {"0xE04040020001", 404};
-    case ErrorKind::unknown_volume: return {"0xE04040030001", 404};
-    case ErrorKind::bad_method: return {"0xE04050010001", 405};
-    case ErrorKind::body_too_large: return {"0xE04130010001", 413};
-    case ErrorKind::not_allowed: return {"0xE0101001000C", 422};
-    case ErrorKind::failed: return {"0xE0101001000E", 422};
-    case ErrorKind::internal: return {"0xE05000010001", 500};
+    case ErrorKind::bad_json:
+      return {"0xE04000010001", 400};
+    case ErrorKind::unknown_field:
+      return {"0xE04000010002", 400};
+    case ErrorKind::wrong_type:
+      return {"0xE04000010003", 400};
+    case ErrorKind::wrong_role:
+      return {"0xE0101001000D", 400};
+    case ErrorKind::bad_request:
+      return {"0xE04000010004", 400};
+    case ErrorKind::unauthorized:
+      return {"0xE04010010001", 401};
+    case ErrorKind::not_found:
+      return {"0xE04040010001", 404};
+    case ErrorKind::unknown_session:
+      return {"0xE04040020001", 404};
+    case ErrorKind::unknown_volume:
+      return {"0xE04040030001", 404};
+    case ErrorKind::bad_method:
+      return {"0xE04050010001", 405};
+    case ErrorKind::body_too_large:
+      return {"0xE04130010001", 413};
+    case ErrorKind::not_allowed:
+      return {"0xE0101001000C", 422};
+    case ErrorKind::failed:
+      return {"0xE0101001000E", 422};
+    case ErrorKind::internal:
+      return {"0xE05000010001", 500};
   }
   return {"0xE05000010001", 500};
 }
@@ -67,10 +81,19 @@ json time_or_null(const std::optional<std::chrono::system_clock::time_point>& t)
 std::string_view data_transfer_state(const replication::SessionStatus& st) {
   switch (st.state) {
     case State::paused:
-    case State::paused_for_ndu: return "Paused";
+    case State::paused_for_ndu:
+      return "Paused";
     case State::system_paused:
-    case State::error: return "Faulted";
-    default: break;
+    case State::error:
+      return "Faulted";
+    case State::initializing:
+    case State::ok:
+    case State::synchronizing:
+    case State::failing_over:
+    case State::failing_over_for_dr:
+    case State::failed_over:
+    case State::reprotecting:
+      break;
   }
   return st.initial_sync ? "Initial_Sync" : "Asynchronous";
 }
@@ -122,8 +145,9 @@ json session_object(const replication::Session& s, const std::string& node) {
   if (running && st.transfer_started && st.transfer_bytes_done > 0) {
     const auto now = std::chrono::system_clock::now();
     const auto elapsed = now - *st.transfer_started;
-    const double left = static_cast<double>(st.transfer_bytes_total - std::min(st.transfer_bytes_done, st.transfer_bytes_total)) /
-                        static_cast<double>(st.transfer_bytes_done);
+    const double left =
+        static_cast<double>(st.transfer_bytes_total - std::min(st.transfer_bytes_done, st.transfer_bytes_total)) /
+        static_cast<double>(st.transfer_bytes_done);
     const auto eta = now + std::chrono::duration_cast<std::chrono::system_clock::duration>(elapsed * left);
     j["estimated_completion_timestamp"] = rfc3339(eta);
   }
@@ -176,7 +200,8 @@ struct Field {
 // Parses an action body: empty, or a JSON object whose fields are all known booleans.
 std::optional<HttpResponse> parse_flags(std::string_view content_type, std::string_view body,
                                         std::initializer_list<Field> fields) {
-  while (!body.empty() && (body.front() == ' ' || body.front() == '\n' || body.front() == '\r' || body.front() == '\t')) {
+  while (!body.empty() &&
+         (body.front() == ' ' || body.front() == '\n' || body.front() == '\r' || body.front() == '\t')) {
     body.remove_prefix(1);
   }
   if (body.empty()) return std::nullopt;
@@ -193,7 +218,8 @@ std::optional<HttpResponse> parse_flags(std::string_view content_type, std::stri
       if (it.key() == x.name) f = &x;
     }
     if (f == nullptr) {
-      return error_response(ErrorKind::unknown_field, "Unknown field '" + it.key() + "' in the request body.", {it.key()});
+      return error_response(ErrorKind::unknown_field, "Unknown field '" + it.key() + "' in the request body.",
+                            {it.key()});
     }
     if (!it.value().is_boolean()) {
       return error_response(ErrorKind::wrong_type, "Field '" + it.key() + "' must be a boolean.", {it.key()});
@@ -221,15 +247,17 @@ HttpResponse no_content() {
 std::string_view error_code(ErrorKind k) { return info(k).code; }
 
 std::span<const std::string_view> action_verbs() {
-  static constexpr std::string_view kVerbs[] = {"pause",     "resume",    "sync",
-                                                "failover",  "reprotect", "start_failover_test",
-                                                "stop_failover_test"};
+  static constexpr std::string_view kVerbs[] = {
+      "pause", "resume", "sync", "failover", "reprotect", "start_failover_test", "stop_failover_test"};
   return kVerbs;
 }
 
 std::vector<std::string> routes() {
-  std::vector<std::string> r = {"GET /metrics", "GET /api/rest/openapi.json", "GET /api/rest/volume",
-                                "GET /api/rest/volume/{id}", "GET /api/rest/replication_session",
+  std::vector<std::string> r = {"GET /metrics",
+                                "GET /api/rest/openapi.json",
+                                "GET /api/rest/volume",
+                                "GET /api/rest/volume/{id}",
+                                "GET /api/rest/replication_session",
                                 "GET /api/rest/replication_session/{id}"};
   for (const auto verb : action_verbs()) r.push_back("POST /api/rest/replication_session/{id}/" + std::string(verb));
   std::sort(r.begin(), r.end());
@@ -246,11 +274,13 @@ std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, st
   bool planned = true;
   std::optional<HttpResponse> bad;
   // Verbs without a body of their own: at most an empty object.
-  static constexpr std::pair<std::string_view, Action> kPlain[] = {
-      {"pause", Action::pause},         {"resume", Action::resume},
-      {"sync", Action::sync},           {"reprotect", Action::reprotect},
-      {"start_failover_test", Action::start_test}};
-  const auto* plain = std::find_if(std::begin(kPlain), std::end(kPlain), [&](const auto& p) { return p.first == verb; });
+  static constexpr std::pair<std::string_view, Action> kPlain[] = {{"pause", Action::pause},
+                                                                   {"resume", Action::resume},
+                                                                   {"sync", Action::sync},
+                                                                   {"reprotect", Action::reprotect},
+                                                                   {"start_failover_test", Action::start_test}};
+  const auto* plain =
+      std::find_if(std::begin(kPlain), std::end(kPlain), [&](const auto& p) { return p.first == verb; });
   if (plain != std::end(kPlain)) {
     ar.action = plain->second;
     bad = parse_flags(content_type, body, {});
@@ -317,12 +347,17 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
     if (!get) co_return method_not_allowed("GET");
     json all = json::array();
     for (const VolumeView& v : ctx_.volumes()) {
-      json j = {{"id", v.id},          {"size", v.size_bytes}, {"access", v.access},
-                {"exports", v.exports}, {"backing", v.backing}, {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
+      json j = {{"id", v.id},
+                {"size", v.size_bytes},
+                {"access", v.access},
+                {"exports", v.exports},
+                {"backing", v.backing},
+                {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
       if (p.size() == 4 && v.id == p[3]) co_return json_response(j);
       all.push_back(std::move(j));
     }
-    if (p.size() == 4) co_return error_response(ErrorKind::unknown_volume, "Volume " + p[3] + " does not exist.", {p[3]});
+    if (p.size() == 4)
+      co_return error_response(ErrorKind::unknown_volume, "Volume " + p[3] + " does not exist.", {p[3]});
     co_return json_response(all);
   }
   if (p[2] != "replication_session" || p.size() > 5) {
@@ -361,9 +396,13 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
   const std::string action_arg(replication::action_name(ar.action));
   const std::string state_arg(replication::state_name(before));
   switch (r.verdict) {
-    case Verdict::wrong_role: co_return error_response(ErrorKind::wrong_role, r.message, {action_arg});
-    case Verdict::failed: co_return error_response(ErrorKind::failed, r.message, {action_arg, state_arg});
-    default: break;
+    case Verdict::wrong_role:
+      co_return error_response(ErrorKind::wrong_role, r.message, {action_arg});
+    case Verdict::failed:
+      co_return error_response(ErrorKind::failed, r.message, {action_arg, state_arg});
+    case Verdict::not_allowed:
+    case Verdict::accept:  // (not reached: ok() returned above)
+      break;
   }
   co_return error_response(ErrorKind::not_allowed, r.message, {action_arg, state_arg});
 }
@@ -398,9 +437,11 @@ std::string Router::metrics() const {
     }
   }
   help("tandem_session_connected", "gauge", "1 while the link to the peer is up (connection state).");
-  for (const auto& r : rows) out += "tandem_session_connected" + label(r.id) + " " + (r.st.connected ? "1" : "0") + "\n";
+  for (const auto& r : rows)
+    out += "tandem_session_connected" + label(r.id) + " " + (r.st.connected ? "1" : "0") + "\n";
   help("tandem_session_lag_bytes", "gauge", "Bytes written at the source and not yet committed at the destination.");
-  for (const auto& r : rows) out += "tandem_session_lag_bytes" + label(r.id) + " " + std::to_string(r.st.lag_bytes) + "\n";
+  for (const auto& r : rows)
+    out += "tandem_session_lag_bytes" + label(r.id) + " " + std::to_string(r.st.lag_bytes) + "\n";
   help("tandem_session_lag_seconds", "gauge",
        "Age of the last committed cycle (the recovery point), in seconds; -1 before the first.");
   const auto now = std::chrono::system_clock::now();
@@ -414,13 +455,15 @@ std::string Router::metrics() const {
            std::to_string(static_cast<double>(r.st.last_sync_duration_ms) / 1000.0) + "\n";
   }
   help("tandem_session_shipped_bytes_total", "counter", "Extent bytes sent to the peer.");
-  for (const auto& r : rows) out += "tandem_session_shipped_bytes_total" + label(r.id) + " " + std::to_string(r.st.bytes_shipped) + "\n";
+  for (const auto& r : rows)
+    out += "tandem_session_shipped_bytes_total" + label(r.id) + " " + std::to_string(r.st.bytes_shipped) + "\n";
   help("tandem_session_reshipped_bytes_total", "counter", "Extent bytes sent again after a resume.");
   for (const auto& r : rows) {
     out += "tandem_session_reshipped_bytes_total" + label(r.id) + " " + std::to_string(r.st.bytes_reshipped) + "\n";
   }
   help("tandem_session_resumes_total", "counter", "Transfers resumed from a restart address (the re-ship count).");
-  for (const auto& r : rows) out += "tandem_session_resumes_total" + label(r.id) + " " + std::to_string(r.st.resumes) + "\n";
+  for (const auto& r : rows)
+    out += "tandem_session_resumes_total" + label(r.id) + " " + std::to_string(r.st.resumes) + "\n";
   if (ctx_.extra_metrics) out += ctx_.extra_metrics();
   return out;
 }

@@ -5,24 +5,25 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
-#include <openssl/crypto.h>
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/ssl/stream.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
-#include <boost/beast/ssl/ssl_stream.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/basic_stream.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl/ssl_stream.hpp>
 #include <chrono>
 #include <filesystem>
 #include <list>
 
 #include "tandem/common/async.h"
+#include "tandem/common/endpoint.h"
 
 namespace tandem::api {
 
@@ -143,11 +144,11 @@ struct ApiServer::Impl {
       if (ec == http::error::end_of_stream || ec == beast::error::timeout || stopping) break;
       if (ec) {
         // Bad bytes or too much of them: answer once, then close this connection only.
-        HttpResponse r = ec == http::error::body_limit
-                             ? error_response(ErrorKind::body_too_large,
-                                              "The request body is larger than " +
-                                                  std::to_string(Router::kBodyBytesMax) + " bytes.")
-                             : error_response(ErrorKind::bad_request, "Malformed HTTP request: " + ec.message() + ".");
+        HttpResponse r =
+            ec == http::error::body_limit
+                ? error_response(ErrorKind::body_too_large,
+                                 "The request body is larger than " + std::to_string(Router::kBodyBytesMax) + " bytes.")
+                : error_response(ErrorKind::bad_request, "Malformed HTTP request: " + ec.message() + ".");
         if (ec != asio::error::operation_aborted && ec != asio::error::eof && ec != asio::error::connection_reset) {
           auto res = to_beast(r, 11, false);
           beast::get_lowest_layer(stream).expires_after(kIdleTimeout);
@@ -216,7 +217,9 @@ Result<std::unique_ptr<ApiServer>> ApiServer::listen(asio::any_io_executor ex, A
   if (ec) return Error(std::error_code(ec.value(), std::system_category()), "api socket " + opts.socket_path);
   if (!opts.socket_group.empty()) {
     struct group* g = ::getgrnam(opts.socket_group.c_str());
-    if (g == nullptr) return Error(std::make_error_code(std::errc::invalid_argument), "api socket group " + opts.socket_group + " does not exist");
+    if (g == nullptr)
+      return Error(std::make_error_code(std::errc::invalid_argument),
+                   "api socket group " + opts.socket_group + " does not exist");
     if (::chown(opts.socket_path.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
       return Error(std::error_code(errno, std::system_category()), "chgrp " + opts.socket_path);
     }
@@ -228,13 +231,12 @@ Result<std::unique_ptr<ApiServer>> ApiServer::listen(asio::any_io_executor ex, A
     if (!opts.tls || opts.token.empty()) {
       return Error(std::make_error_code(std::errc::invalid_argument), "the TCP API needs TLS and a token");
     }
-    const auto colon = opts.tcp_listen.rfind(':');
-    std::string host = opts.tcp_listen.substr(0, colon);
-    if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
-    const auto addr = asio::ip::make_address(host, ec);
+    const auto hp = parse_endpoint(opts.tcp_listen, EndpointUse::listen);
+    if (!hp) return Error(hp.error().code, "api_listen " + opts.tcp_listen + ": " + hp.error().context);
+    // The host must be an IP address: it is not resolved as a name.
+    const auto addr = asio::ip::make_address(hp->host, ec);
     if (ec) return Error(std::error_code(ec.value(), std::system_category()), "api_listen " + opts.tcp_listen);
-    const auto port = static_cast<std::uint16_t>(std::stoul(opts.tcp_listen.substr(colon + 1)));
-    tcp::endpoint ep(addr, port);
+    tcp::endpoint ep(addr, hp->port);
     impl->tcp_acceptor.open(ep.protocol(), ec);
     if (!ec) impl->tcp_acceptor.set_option(asio::socket_base::reuse_address(true), ec);
     if (!ec) impl->tcp_acceptor.bind(ep, ec);

@@ -1,7 +1,7 @@
 #include "tandem/daemon/config.h"
 
-#include <sys/stat.h>
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <toml++/toml.h>
 
 #include <algorithm>
@@ -10,41 +10,29 @@
 #include <set>
 #include <sstream>
 
+#include "tandem/common/endpoint.h"
 #include "tandem/common/units.h"
 
 namespace tandem::daemon {
 namespace {
 
-Error config_error(const std::string& msg) {
-  return Error(std::make_error_code(std::errc::invalid_argument), msg);
-}
+Error config_error(const std::string& msg) { return Error(std::make_error_code(std::errc::invalid_argument), msg); }
 
 bool valid_id(std::string_view s) {
   if (s.empty() || s.size() > 64) return false;
   for (char c : s) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '.';
+    const bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
     if (!ok) return false;
   }
   return s != "." && s != "..";
 }
 
-// host:port, [v6]:port; port 0..65535.
-bool valid_listen(std::string_view s) {
-  const auto colon = s.rfind(':');
-  if (colon == std::string_view::npos || colon == 0 || colon + 1 == s.size()) return false;
-  const std::string_view port = s.substr(colon + 1);
-  if (port.size() > 5) return false;
-  unsigned v = 0;
-  for (char c : port) {
-    if (c < '0' || c > '9') return false;
-    v = v * 10 + static_cast<unsigned>(c - '0');
-  }
-  if (v > 65535) return false;
-  const std::string_view host = s.substr(0, colon);
-  if (host.front() == '[') return host.back() == ']' && host.size() > 2;
-  return host.find(':') == std::string_view::npos;
-}
+// A "host:port" value as written and as parsed.
+struct EndpointText {
+  std::string text;
+  Endpoint endpoint;
+};
 
 class Reader {
  public:
@@ -84,6 +72,17 @@ class Reader {
     return std::optional<std::uint64_t>(*v);
   }
 
+  // A "host:port" or "[v6]:port" string (parse_endpoint).
+  Result<std::optional<EndpointText>> endpoint(std::string_view key, EndpointUse use) const {
+    const toml::node* n = t_.get(key);
+    if (n == nullptr) return std::optional<EndpointText>{};
+    if (!n->is_string()) return config_error(name(key) + ": must be a string like \"host:port\"" + at(*n));
+    const std::string& s = n->as_string()->get();
+    auto ep = parse_endpoint(s, use);
+    if (!ep) return config_error(name(key) + ": \"" + s + "\" is not host:port (" + ep.error().context + ")" + at(*n));
+    return std::optional<EndpointText>(EndpointText{s, std::move(ep).value()});
+  }
+
   Result<std::optional<std::int64_t>> integer(std::string_view key) const {
     const toml::node* n = t_.get(key);
     if (n == nullptr) return std::optional<std::int64_t>{};
@@ -103,9 +102,9 @@ class Reader {
   std::string where_;
 };
 
-#define CFG_TRY_ASSIGN(var, expr)                 \
-  auto var##_r = (expr);                          \
-  if (!var##_r.ok()) return var##_r.error();      \
+#define CFG_TRY_ASSIGN(var, expr)            \
+  auto var##_r = (expr);                     \
+  if (!var##_r.ok()) return var##_r.error(); \
   auto var = std::move(var##_r).value()
 
 }  // namespace
@@ -119,8 +118,7 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     root = toml::parse(text, src);
   } catch (const toml::parse_error& e) {
     std::ostringstream os;
-    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": "
-       << e.description();
+    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
     return config_error(os.str());
   }
   for (auto& [k, v] : root) {
@@ -149,7 +147,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     if (level) {
       static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error", "critical", "off"};
       if (!kLevels.contains(*level)) {
-        return config_error(src + ": node.log_level: \"" + *level + "\" is not one of trace, debug, info, warn, error, critical, off");
+        return config_error(src + ": node.log_level: \"" + *level +
+                            "\" is not one of trace, debug, info, warn, error, critical, off");
       }
       cfg.node.log_level = *level;
     }
@@ -162,14 +161,13 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     }
     CFG_TRY_ASSIGN(api_group, r.str("api_socket_group"));
     if (api_group) cfg.node.api_socket_group = *api_group;
-    CFG_TRY_ASSIGN(api_listen, r.str("api_listen"));
+    CFG_TRY_ASSIGN(api_listen, r.endpoint("api_listen", EndpointUse::listen));
     CFG_TRY_ASSIGN(api_token, r.str("api_token"));
     if (api_listen) {
-      if (!valid_listen(*api_listen)) return config_error(src + ": node.api_listen: \"" + *api_listen + "\" is not host:port");
       if (!api_token || api_token->size() < 16) {
         return config_error(src + ": node.api_listen needs node.api_token, a secret of at least 16 characters");
       }
-      cfg.node.api_listen = *api_listen;
+      cfg.node.api_listen = api_listen->text;
       cfg.node.api_token = *api_token;
     } else if (api_token) {
       return config_error(src + ": node.api_token is set but node.api_listen is not");
@@ -186,11 +184,12 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     Reader pre(t, where);
     CFG_TRY_ASSIGN(id, pre.str("id"));
     if (!id) return config_error(where + ": id is required");
-    if (!valid_id(*id)) return config_error(where + ": id \"" + *id + "\": use letters, digits, '-', '_' and '.' (at most 64)");
+    if (!valid_id(*id))
+      return config_error(where + ": id \"" + *id + "\": use letters, digits, '-', '_' and '.' (at most 64)");
     where += " (" + *id + ")";
     Reader r(t, where);
-    TANDEM_TRY(r.only({"id", "path", "size", "meta_path", "nbd_socket", "nbd_listen",
-                       "intent_region_size", "intent_regions_max"}));
+    TANDEM_TRY(r.only(
+        {"id", "path", "size", "meta_path", "nbd_socket", "nbd_listen", "intent_region_size", "intent_regions_max"}));
     VolumeConfig v;
     v.id = *id;
     if (!ids.insert(v.id).second) return config_error(where + ": duplicate volume id");
@@ -209,7 +208,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     }
     CFG_TRY_ASSIGN(meta, r.str("meta_path"));
     v.meta_path = meta ? *meta : cfg.node.state_dir + "/" + v.id + ".meta";
-    if (v.meta_path.empty() || v.meta_path.front() != '/') return config_error(where + ".meta_path: must be an absolute path");
+    if (v.meta_path.empty() || v.meta_path.front() != '/')
+      return config_error(where + ".meta_path: must be an absolute path");
     if (v.meta_path == v.path) return config_error(where + ".meta_path: must differ from path");
     if (!metas.insert(v.meta_path).second) return config_error(where + ".meta_path: used by another volume");
     CFG_TRY_ASSIGN(sock, r.str("nbd_socket"));
@@ -219,13 +219,13 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (!sockets.insert(*sock).second) return config_error(where + ".nbd_socket: used by another volume");
       v.nbd_socket = *sock;
     }
-    CFG_TRY_ASSIGN(listen, r.str("nbd_listen"));
+    CFG_TRY_ASSIGN(listen, r.endpoint("nbd_listen", EndpointUse::listen));
     if (listen) {
-      if (!valid_listen(*listen)) return config_error(where + ".nbd_listen: \"" + *listen + "\" is not host:port");
-      if (!listens.insert(*listen).second && !listen->ends_with(":0")) {
+      // Port 0 asks for a free port, so any number of volumes may ask for it.
+      if (listen->endpoint.port != 0 && !listens.insert(listen->endpoint.to_string()).second) {
         return config_error(where + ".nbd_listen: used by another volume");
       }
-      v.nbd_listen = *listen;
+      v.nbd_listen = listen->text;
     }
     if (v.nbd_socket.empty() && v.nbd_listen.empty()) {
       return config_error(where + ": needs nbd_socket or nbd_listen (how hosts reach the volume)");
@@ -265,15 +265,16 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
     TANDEM_TRY(r.only({"name", "address", "listen", "rate_limit", "keepalive_interval_ms", "peer_timeout_ms"}));
     PeerConfig p;
     CFG_TRY_ASSIGN(name, r.str("name"));
-    if (!name || !valid_id(*name)) return config_error(r.name("name") + ": the peer's name (as in its certificate) is required");
+    if (!name || !valid_id(*name))
+      return config_error(r.name("name") + ": the peer's name (as in its certificate) is required");
     if (*name == cfg.node.name) return config_error(r.name("name") + ": the peer cannot have this node's name");
     p.name = *name;
-    CFG_TRY_ASSIGN(address, r.str("address"));
-    if (!address || !valid_listen(*address)) return config_error(r.name("address") + ": host:port of the peer is required");
-    p.address = *address;
-    CFG_TRY_ASSIGN(listen, r.str("listen"));
-    if (!listen || !valid_listen(*listen)) return config_error(r.name("listen") + ": host:port to listen on is required");
-    p.listen = *listen;
+    CFG_TRY_ASSIGN(address, r.endpoint("address", EndpointUse::dial));
+    if (!address) return config_error(r.name("address") + ": host:port of the peer is required");
+    p.address = address->text;
+    CFG_TRY_ASSIGN(listen, r.endpoint("listen", EndpointUse::listen));
+    if (!listen) return config_error(r.name("listen") + ": host:port to listen on is required");
+    p.listen = listen->text;
     CFG_TRY_ASSIGN(rate, r.bytes("rate_limit"));
     if (rate) p.rate_limit_bytes_per_s = *rate;
     CFG_TRY_ASSIGN(ka, r.integer("keepalive_interval_ms"));
@@ -314,7 +315,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
           return config_error(r.name(key) + ": a non-empty list of volume ids is required");
         }
         for (const auto& v : *arr->as_array()) {
-          if (!v.is_string() || !valid_id(v.as_string()->get())) return config_error(r.name(key) + ": volume ids are strings");
+          if (!v.is_string() || !valid_id(v.as_string()->get()))
+            return config_error(r.name(key) + ": volume ids are strings");
           out->push_back(v.as_string()->get());
         }
       }
@@ -324,7 +326,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       if (sc.volumes.size() > 16) return config_error(where + ": at most 16 volumes in one session");
       for (const auto& v : sc.volumes) {
         if (!ids.contains(v)) return config_error(r.name("volumes") + ": no [[volume]] has id \"" + v + "\"");
-        if (!used_volumes.insert(v).second) return config_error(r.name("volumes") + ": volume \"" + v + "\" is in another session");
+        if (!used_volumes.insert(v).second)
+          return config_error(r.name("volumes") + ": volume \"" + v + "\" is in another session");
       }
       CFG_TRY_ASSIGN(role, r.str("role"));
       if (!role || (*role != "source" && *role != "destination")) {
@@ -338,7 +341,8 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
       }
       CFG_TRY_ASSIGN(window, r.bytes("window"));
       if (window) {
-        if (*window < (1u << 20) || *window > (4ull << 30)) return config_error(r.name("window") + ": must be from 1MiB to 4GiB");
+        if (*window < (1u << 20) || *window > (4ull << 30))
+          return config_error(r.name("window") + ": must be from 1MiB to 4GiB");
         sc.window_bytes = *window;
       }
       CFG_TRY_ASSIGN(srate, r.bytes("rate_limit"));

@@ -23,6 +23,7 @@
 
 #include "tandem/api/router.h"
 #include "tandem/api/server.h"
+#include "tandem/common/endpoint.h"
 #include "tandem/common/probe.h"
 #include "tandem/common/units.h"
 #include "tandem/engine/block_device.h"
@@ -89,8 +90,11 @@ asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const 
 class Daemon {
  public:
   Daemon(Config cfg, std::string config_path)
-      : cfg_(std::move(cfg)), config_path_(std::move(config_path)), signals_(ctx_, SIGTERM, SIGINT, SIGHUP),
-        tick_(ctx_), start_tick_(ctx_) {}
+      : cfg_(std::move(cfg)),
+        config_path_(std::move(config_path)),
+        signals_(ctx_, SIGTERM, SIGINT, SIGHUP),
+        tick_(ctx_),
+        start_tick_(ctx_) {}
 
   int run() {
     asio::co_spawn(ctx_, start(), abort_on_exception);
@@ -130,8 +134,8 @@ class Daemon {
       const auto& sb = v.volume->meta().superblock();
       spdlog::info("volume {}: {} ({}), uuid {}, generation {:016x}{}, {} dirty blocks", vc.id, vc.path,
                    format_bytes(v.volume->size_bytes()), engine::uuid_to_string(sb.volume_uuid),
-                   sb.generations.empty() ? 0 : sb.generations.front(),
-                   v.volume->created() ? " (new)" : "", v.volume->dirty().dirty_blocks());
+                   sb.generations.empty() ? 0 : sb.generations.front(), v.volume->created() ? " (new)" : "",
+                   v.volume->dirty().dirty_blocks());
     }
     // Sessions before exports: a destination's volumes turn read-only and a source's get their
     // copy-on-write hook before any host can write.
@@ -145,8 +149,9 @@ class Daemon {
       so.window_bytes = sc.window_bytes;
       so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
       so.corrupt_extent_every = probe::value("corrupt_extent_every");  // TANDEM_PROBES, tests only
-      so.export_test = [this, sid = sc.id](std::vector<engine::Volume*> vols) -> asio::awaitable<Status> {
-        co_return export_test_images(sid, std::move(vols));
+      so.export_test = [this,
+                        sid = sc.id](std::vector<replication::TestImageExport> images) -> asio::awaitable<Status> {
+        co_return export_test_images(sid, std::move(images));
       };
       so.unexport_test = [this, sid = sc.id]() -> asio::awaitable<void> { co_await unexport_test_images(sid); };
       for (const auto& vid : sc.volumes) {
@@ -275,7 +280,8 @@ class Daemon {
     const bool watchdog = sd_watchdog_enabled(0, &watchdog_usec) > 0 && watchdog_usec > 0;
     // Ping at a quarter of the watchdog's period; look at the sessions at least twice a second.
     auto period = std::chrono::milliseconds(500);
-    if (watchdog) period = std::min(period, std::chrono::milliseconds(std::max<std::uint64_t>(watchdog_usec / 4000, 10)));
+    if (watchdog)
+      period = std::min(period, std::chrono::milliseconds(std::max<std::uint64_t>(watchdog_usec / 4000, 10)));
     // It goes on pinging during a shutdown (flushing big volumes takes a while), until the
     // shutdown is over.
     while (!stopped_) {
@@ -412,16 +418,17 @@ class Daemon {
 
   // A failover test's images, each on its own Unix socket beside the volume's
   // (<dir>/<volume>-test.nbd), export name = the volume id.
-  Status export_test_images(const std::string& sid, std::vector<engine::Volume*> vols) {
+  Status export_test_images(const std::string& sid, std::vector<replication::TestImageExport> images) {
     auto& list = tests_[sid];
-    for (auto* tv : vols) {
-      const std::string vid = tv->id().substr(0, tv->id().size() - 5);  // "<vid>-test"
+    for (const auto& image : images) {
+      const std::string& vid = image.volume_id;
+      engine::Volume* tv = image.image;
       const VolumeConfig* vc = nullptr;
       for (const auto& v : cfg_.volumes) {
         if (v.id == vid) vc = &v;
       }
-      const std::string dir = vc && !vc->nbd_socket.empty() ? fs::path(vc->nbd_socket).parent_path().string()
-                                                            : cfg_.node.state_dir;
+      const std::string dir =
+          vc && !vc->nbd_socket.empty() ? fs::path(vc->nbd_socket).parent_path().string() : cfg_.node.state_dir;
       TestExport te;
       te.volume_id = vid;
       te.socket = dir + "/" + vid + "-test.nbd";
@@ -456,8 +463,11 @@ class Daemon {
       w.access = v.volume->access() == engine::Access::read_write ? "read-write" : "read-only";
       if (!v.cfg->nbd_socket.empty()) w.exports.push_back("nbd+unix:///" + v.cfg->id + "?socket=" + v.cfg->nbd_socket);
       if (!v.cfg->nbd_listen.empty() && v.nbd) {
-        const std::string host = v.cfg->nbd_listen.substr(0, v.cfg->nbd_listen.rfind(':'));
-        w.exports.push_back("nbd://" + host + ":" + std::to_string(v.nbd->tcp_port()) + "/" + v.cfg->id);
+        // The configured host with the port actually bound (nbd_listen may ask for port 0).
+        if (auto ep = parse_endpoint(v.cfg->nbd_listen, EndpointUse::listen)) {
+          ep->port = v.nbd->tcp_port();
+          w.exports.push_back("nbd://" + ep->to_string() + "/" + v.cfg->id);
+        }
       }
       w.backing = v.cfg->path;
       for (const auto& sc : cfg_.sessions) {
@@ -486,15 +496,23 @@ class Daemon {
     std::string out =
         "# HELP tandem_nbd_requests_total NBD requests served, per volume.\n# TYPE tandem_nbd_requests_total counter\n";
     for (const auto& v : volumes_) {
-      if (v.nbd) out += "tandem_nbd_requests_total{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().requests) + "\n";
+      if (v.nbd)
+        out += "tandem_nbd_requests_total{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().requests) +
+               "\n";
     }
-    out += "# HELP tandem_nbd_request_errors_total NBD requests answered with an error.\n# TYPE tandem_nbd_request_errors_total counter\n";
+    out +=
+        "# HELP tandem_nbd_request_errors_total NBD requests answered with an error.\n# TYPE "
+        "tandem_nbd_request_errors_total counter\n";
     for (const auto& v : volumes_) {
-      if (v.nbd) out += "tandem_nbd_request_errors_total{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().request_errors) + "\n";
+      if (v.nbd)
+        out += "tandem_nbd_request_errors_total{volume=\"" + v.cfg->id + "\"} " +
+               std::to_string(v.nbd->counters().request_errors) + "\n";
     }
     out += "# HELP tandem_nbd_connections NBD connections open.\n# TYPE tandem_nbd_connections gauge\n";
     for (const auto& v : volumes_) {
-      if (v.nbd) out += "tandem_nbd_connections{volume=\"" + v.cfg->id + "\"} " + std::to_string(v.nbd->counters().connections_open) + "\n";
+      if (v.nbd)
+        out += "tandem_nbd_connections{volume=\"" + v.cfg->id + "\"} " +
+               std::to_string(v.nbd->counters().connections_open) + "\n";
     }
     return out;
   }
@@ -530,12 +548,23 @@ class SyslogPriorityFlag final : public spdlog::custom_flag_formatter {
     int prio = 6;
     switch (msg.level) {
       case spdlog::level::trace:
-      case spdlog::level::debug: prio = 7; break;
-      case spdlog::level::info: prio = 6; break;
-      case spdlog::level::warn: prio = 4; break;
-      case spdlog::level::err: prio = 3; break;
-      case spdlog::level::critical: prio = 2; break;
-      default: break;
+      case spdlog::level::debug:
+        prio = 7;
+        break;
+      case spdlog::level::info:
+        prio = 6;
+        break;
+      case spdlog::level::warn:
+        prio = 4;
+        break;
+      case spdlog::level::err:
+        prio = 3;
+        break;
+      case spdlog::level::critical:
+        prio = 2;
+        break;
+      default:
+        break;
     }
     const char text[3] = {'<', static_cast<char>('0' + prio), '>'};
     dest.append(text, text + 3);
@@ -595,7 +624,8 @@ int set_session_role(const Config& cfg, const std::string& session_id, const std
   }
   asio::io_context ctx;
   int rc = 0;
-  auto body = [](asio::io_context& io, const Config& c, const SessionConfig& s, std::string r, int& out) -> asio::awaitable<void> {
+  auto body = [](asio::io_context& io, const Config& c, const SessionConfig& s, std::string r,
+                 int& out) -> asio::awaitable<void> {
     std::vector<VolumeRuntime> vols;
     for (const auto& vid : s.volumes) {
       for (const auto& vc : c.volumes) {

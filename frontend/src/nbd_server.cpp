@@ -30,9 +30,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <cerrno>
-#include <charconv>
-#include <cstring>
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <map>
@@ -42,6 +41,7 @@
 
 #include "tandem/common/assert.h"
 #include "tandem/common/async.h"
+#include "tandem/common/endpoint.h"
 #include "tandem/frontend/errc.h"
 #include "tandem/frontend/nbd_protocol.h"
 
@@ -60,7 +60,6 @@ constexpr std::size_t kScratchBytes = 64 * 1024;
 constexpr auto kAcceptRetryDelay = std::chrono::milliseconds(100);
 // Error messages in structured replies are for humans; engine contexts can be long.
 constexpr std::size_t kErrorMessageBytesMax = 256;
-
 
 std::string read_error_reason(const ErrorCode& ec, std::string_view phase) {
   if (ec == asio::error::eof) return "client closed the connection " + std::string(phase);
@@ -98,8 +97,7 @@ class Connection;
 
 // Everything the server shares with its connections. One per NbdServer, on one thread.
 struct ServerCore {
-  explicit ServerCore(asio::any_io_executor e, NbdServerOptions o)
-      : ex(std::move(e)), opts(o), stop_timer(ex) {}
+  explicit ServerCore(asio::any_io_executor e, NbdServerOptions o) : ex(std::move(e)), opts(o), stop_timer(ex) {}
 
   struct UnixPath {
     std::string path;
@@ -178,12 +176,11 @@ class Connection {
   asio::awaitable<bool> negotiate_io();
   asio::awaitable<void> transmit(std::shared_ptr<Connection> self);
   asio::awaitable<void> write_replies(std::shared_ptr<Connection> keepalive);
-  asio::awaitable<void> execute(std::shared_ptr<Connection> keepalive, nbd::Request r,
-                                engine::IoBuffer payload, std::uint64_t accounted);
+  asio::awaitable<void> execute(std::shared_ptr<Connection> keepalive, nbd::Request r, engine::IoBuffer payload,
+                                std::uint64_t accounted);
   asio::awaitable<ErrorCode> discard(std::size_t bytes);
   void queue_success(const nbd::Request& r, engine::IoBuffer data, std::uint64_t accounted);
-  void queue_error(const nbd::Request& r, std::uint32_t error, std::string_view message,
-                   std::uint64_t accounted);
+  void queue_error(const nbd::Request& r, std::uint32_t error, std::string_view message, std::uint64_t accounted);
   void queue(Reply r);
   void close_socket();
   void set_reason(std::string r, bool protocol_error = false) {
@@ -193,8 +190,7 @@ class Connection {
     if (protocol_error) ++core_.counters.protocol_errors;
   }
   [[nodiscard]] nbd::ExportState export_state() const {
-    return nbd::ExportState{volume_->size_bytes(), volume_->writable(), core_.stopping,
-                            core_.opts.payload_bytes_max};
+    return nbd::ExportState{volume_->size_bytes(), volume_->writable(), core_.stopping, core_.opts.payload_bytes_max};
   }
 
   ServerCore& core_;
@@ -210,16 +206,16 @@ class Connection {
   bool structured_ = false;
 
   // Transmission state.
-  std::deque<Reply> replies_;         // at most in_flight_ entries
-  std::uint32_t in_flight_ = 0;       // read, not yet answered; <= requests_in_flight_max
+  std::deque<Reply> replies_;    // at most in_flight_ entries
+  std::uint32_t in_flight_ = 0;  // read, not yet answered; <= requests_in_flight_max
   std::uint64_t payload_in_flight_ = 0;
-  std::uint32_t volume_ops_ = 0;      // executing on the volume
+  std::uint32_t volume_ops_ = 0;  // executing on the volume
   bool reader_done_ = false;
   bool writer_done_ = false;
-  bool broken_ = false;   // a reply write failed: drop the rest
-  bool closing_ = false;  // the socket is closed or closing
-  WaitQueue slot_free_;   // in_flight_ dropped, or closing_
-  WaitQueue writer_wake_; // a reply was queued, a volume op finished, or the reader is done
+  bool broken_ = false;    // a reply write failed: drop the rest
+  bool closing_ = false;   // the socket is closed or closing
+  WaitQueue slot_free_;    // in_flight_ dropped, or closing_
+  WaitQueue writer_wake_;  // a reply was queued, a volume op finished, or the reader is done
   WaitQueue writer_exit_;
 };
 
@@ -305,8 +301,7 @@ asio::awaitable<bool> Connection::negotiate() {
   asio::steady_timer timer(core_.ex, std::chrono::milliseconds(core_.opts.handshake_timeout_ms));
   auto r = co_await (negotiate_io() || timer.async_wait(kTuple));
   if (r.index() == 1) {
-    set_reason("handshake timed out after " + std::to_string(core_.opts.handshake_timeout_ms) +
-               " ms");
+    set_reason("handshake timed out after " + std::to_string(core_.opts.handshake_timeout_ms) + " ms");
     co_return false;
   }
   co_return std::get<0>(r);
@@ -331,15 +326,20 @@ asio::awaitable<bool> Connection::negotiate_io() {
       }
     }
     switch (hs.outcome()) {
-      case nbd::HandshakeOutcome::negotiating: break;
+      case nbd::HandshakeOutcome::negotiating:
+        break;
       case nbd::HandshakeOutcome::go:
         export_name_ = hs.chosen().name;
         volume_ = core_.find_volume(export_name_);
         TANDEM_ASSERT(volume_ != nullptr);
         structured_ = hs.structured_replies();
         co_return true;
-      case nbd::HandshakeOutcome::abort: set_reason(hs.reason()); co_return false;
-      case nbd::HandshakeOutcome::close: set_reason(hs.reason(), true); co_return false;
+      case nbd::HandshakeOutcome::abort:
+        set_reason(hs.reason());
+        co_return false;
+      case nbd::HandshakeOutcome::close:
+        set_reason(hs.reason(), true);
+        co_return false;
     }
     const std::size_t want = std::min(hs.bytes_wanted(), scratch.size());
     TANDEM_ASSERT(want > 0);
@@ -386,12 +386,10 @@ asio::awaitable<void> Connection::transmit(std::shared_ptr<Connection> self) {
     }
     // Bytes this request holds until its reply is written: WRITE payload or READ data.
     std::uint64_t accounted = 0;
-    if (check.verdict == nbd::Verdict::execute &&
-        (req->type == nbd::kCmdRead || req->type == nbd::kCmdWrite)) {
+    if (check.verdict == nbd::Verdict::execute && (req->type == nbd::kCmdRead || req->type == nbd::kCmdWrite)) {
       accounted = req->length;
     }
-    while (!closing_ && in_flight_ > 0 &&
-           payload_in_flight_ + accounted > o.payload_bytes_in_flight_max) {
+    while (!closing_ && in_flight_ > 0 && payload_in_flight_ + accounted > o.payload_bytes_in_flight_max) {
       co_await slot_free_.wait();
     }
     if (closing_) break;
@@ -400,8 +398,7 @@ asio::awaitable<void> Connection::transmit(std::shared_ptr<Connection> self) {
       ErrorCode pec;
       if (check.verdict == nbd::Verdict::execute) {
         payload = volume_->buffers().allocate(check.payload_bytes);
-        auto [rec, rn] = co_await asio::async_read(
-            socket_, asio::buffer(payload.data(), check.payload_bytes), kTuple);
+        auto [rec, rn] = co_await asio::async_read(socket_, asio::buffer(payload.data(), check.payload_bytes), kTuple);
         (void)rn;
         pec = rec;
       } else {
@@ -415,14 +412,12 @@ asio::awaitable<void> Connection::transmit(std::shared_ptr<Connection> self) {
     ++in_flight_;
     payload_in_flight_ += accounted;
     if (check.verdict == nbd::Verdict::error) {
-      spdlog::debug("nbd: connection {}: {} refused: {}", id_, nbd::command_name(req->type),
-                    check.reason);
+      spdlog::debug("nbd: connection {}: {} refused: {}", id_, nbd::command_name(req->type), check.reason);
       queue_error(*req, check.error, check.reason, accounted);
       continue;
     }
     ++volume_ops_;
-    asio::co_spawn(core_.ex, execute(self, *req, std::move(payload), accounted),
-                   AbortOnException{"an NBD request"});
+    asio::co_spawn(core_.ex, execute(self, *req, std::move(payload), accounted), AbortOnException{"an NBD request"});
   }
   reader_done_ = true;
   writer_wake_.notify_all();
@@ -441,9 +436,8 @@ asio::awaitable<ErrorCode> Connection::discard(std::size_t bytes) {
   co_return ErrorCode{};
 }
 
-asio::awaitable<void> Connection::execute(std::shared_ptr<Connection> /*keepalive*/,
-                                          nbd::Request r, engine::IoBuffer payload,
-                                          std::uint64_t accounted) {
+asio::awaitable<void> Connection::execute(std::shared_ptr<Connection> /*keepalive*/, nbd::Request r,
+                                          engine::IoBuffer payload, std::uint64_t accounted) {
   engine::Volume& v = *volume_;
   const bool fua = (r.flags & nbd::kCmdFlagFua) != 0;
   engine::IoBuffer data;
@@ -453,9 +447,15 @@ asio::awaitable<void> Connection::execute(std::shared_ptr<Connection> /*keepaliv
       data = v.buffers().allocate(r.length);
       st = co_await v.read(r.offset, r.length, data);
       break;
-    case nbd::kCmdWrite: st = co_await v.write(r.offset, r.length, payload, fua); break;
-    case nbd::kCmdFlush: st = co_await v.flush(); break;
-    case nbd::kCmdTrim: st = co_await v.trim(r.offset, r.length, fua); break;
+    case nbd::kCmdWrite:
+      st = co_await v.write(r.offset, r.length, payload, fua);
+      break;
+    case nbd::kCmdFlush:
+      st = co_await v.flush();
+      break;
+    case nbd::kCmdTrim:
+      st = co_await v.trim(r.offset, r.length, fua);
+      break;
     case nbd::kCmdWriteZeroes: {
       const bool may_unmap = (r.flags & nbd::kCmdFlagNoHole) == 0;
       const bool fast_only = (r.flags & nbd::kCmdFlagFastZero) != 0;
@@ -465,7 +465,8 @@ asio::awaitable<void> Connection::execute(std::shared_ptr<Connection> /*keepaliv
     case nbd::kCmdCache:
       // A hint only: the volume is read with O_DIRECT, so there is no cache to warm.
       break;
-    default: TANDEM_ASSERT_MSG(false, "check_request let an unknown command through");
+    default:
+      TANDEM_ASSERT_MSG(false, "check_request let an unknown command through");
   }
   payload.reset();
   TANDEM_ASSERT(volume_ops_ > 0);
@@ -477,17 +478,16 @@ asio::awaitable<void> Connection::execute(std::shared_ptr<Connection> /*keepaliv
   const std::uint32_t err = nbd::nbd_error_from(st.code());
   // A fast zero the device cannot do is an expected answer, not a failure worth a warning.
   if (err == nbd::kEnotsup || err == nbd::kEshutdown) {
-    spdlog::debug("nbd: connection {}: {} offset {} length {}: {}", id_,
-                  nbd::command_name(r.type), r.offset, r.length, st.error().message());
+    spdlog::debug("nbd: connection {}: {} offset {} length {}: {}", id_, nbd::command_name(r.type), r.offset, r.length,
+                  st.error().message());
   } else {
-    spdlog::warn("nbd: connection {}: {} offset {} length {} failed: {}", id_,
-                 nbd::command_name(r.type), r.offset, r.length, st.error().message());
+    spdlog::warn("nbd: connection {}: {} offset {} length {} failed: {}", id_, nbd::command_name(r.type), r.offset,
+                 r.length, st.error().message());
   }
   queue_error(r, err, st.error().message(), accounted);
 }
 
-void Connection::queue_success(const nbd::Request& r, engine::IoBuffer data,
-                               std::uint64_t accounted) {
+void Connection::queue_success(const nbd::Request& r, engine::IoBuffer data, std::uint64_t accounted) {
   Reply rep;
   rep.accounted_bytes = accounted;
   if (r.type == nbd::kCmdRead) {
@@ -499,15 +499,13 @@ void Connection::queue_success(const nbd::Request& r, engine::IoBuffer data,
     // no error can follow it.
     rep.head.resize(nbd::kOffsetDataPrefixBytes);
     nbd::encode_offset_data_prefix(
-        std::span<std::uint8_t, nbd::kOffsetDataPrefixBytes>(rep.head.data(),
-                                                             nbd::kOffsetDataPrefixBytes),
-        r.handle, r.offset, r.length);
+        std::span<std::uint8_t, nbd::kOffsetDataPrefixBytes>(rep.head.data(), nbd::kOffsetDataPrefixBytes), r.handle,
+        r.offset, r.length);
   } else {
     // Simple replies are allowed for everything but READ once structured replies are on.
     rep.head.resize(nbd::kSimpleReplyBytes);
-    nbd::encode_simple_reply(
-        std::span<std::uint8_t, nbd::kSimpleReplyBytes>(rep.head.data(), nbd::kSimpleReplyBytes),
-        0, r.handle);
+    nbd::encode_simple_reply(std::span<std::uint8_t, nbd::kSimpleReplyBytes>(rep.head.data(), nbd::kSimpleReplyBytes),
+                             0, r.handle);
   }
   queue(std::move(rep));
 }
@@ -523,9 +521,8 @@ void Connection::queue_error(const nbd::Request& r, std::uint32_t error, std::st
   } else {
     // Without structured replies a failed READ is a bare error with no data.
     rep.head.resize(nbd::kSimpleReplyBytes);
-    nbd::encode_simple_reply(
-        std::span<std::uint8_t, nbd::kSimpleReplyBytes>(rep.head.data(), nbd::kSimpleReplyBytes),
-        error, r.handle);
+    nbd::encode_simple_reply(std::span<std::uint8_t, nbd::kSimpleReplyBytes>(rep.head.data(), nbd::kSimpleReplyBytes),
+                             error, r.handle);
   }
   queue(std::move(rep));
 }
@@ -542,8 +539,8 @@ asio::awaitable<void> Connection::write_replies(std::shared_ptr<Connection> /*ke
       Reply r = std::move(replies_.front());
       replies_.pop_front();
       if (!broken_) {
-        const std::array<asio::const_buffer, 2> bufs{
-            asio::buffer(r.head), asio::const_buffer(r.data.data(), r.data_bytes)};
+        const std::array<asio::const_buffer, 2> bufs{asio::buffer(r.head),
+                                                     asio::const_buffer(r.data.data(), r.data_bytes)};
         auto [ec, n] = co_await asio::async_write(socket_, bufs, kTuple);
         (void)n;
         if (ec) {
@@ -572,30 +569,6 @@ asio::awaitable<void> Connection::write_replies(std::shared_ptr<Connection> /*ke
   writer_exit_.notify_all();
 }
 
-std::optional<std::pair<std::string, std::string>> split_host_port(std::string_view a) {
-  std::string_view host;
-  std::string_view port;
-  if (!a.empty() && a.front() == '[') {
-    const auto close = a.find(']');
-    if (close == std::string_view::npos || close + 1 >= a.size() || a[close + 1] != ':') {
-      return std::nullopt;
-    }
-    host = a.substr(1, close - 1);
-    port = a.substr(close + 2);
-  } else {
-    const auto colon = a.rfind(':');
-    if (colon == std::string_view::npos) return std::nullopt;
-    host = a.substr(0, colon);
-    port = a.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos) return std::nullopt;  // bare IPv6
-  }
-  std::uint16_t p = 0;
-  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-  if (port.empty() || ec != std::errc{} || end != port.data() + port.size()) return std::nullopt;
-  if (host.empty()) host = "0.0.0.0";
-  return std::pair{std::string(host), std::string(port)};
-}
-
 }  // namespace
 
 struct NbdServer::Impl {
@@ -611,9 +584,7 @@ NbdServer::NbdServer(asio::any_io_executor ex, NbdServerOptions opts)
   TANDEM_ASSERT(opts.connections_max >= 1);
 }
 
-NbdServer::~NbdServer() {
-  TANDEM_ASSERT_MSG(impl_->core.tasks == 0, "NbdServer destroyed before stop() completed");
-}
+NbdServer::~NbdServer() { TANDEM_ASSERT_MSG(impl_->core.tasks == 0, "NbdServer destroyed before stop() completed"); }
 
 void NbdServer::add_export(const std::string& name, engine::Volume& volume) {
   ServerCore& c = impl_->core;
@@ -639,12 +610,10 @@ Status NbdServer::listen_unix(const std::string& path) {
     probe.open(Local(), ec);
     if (!ec) probe.non_blocking(true, ec);
     if (!ec) probe.connect(Local::endpoint(path), ec);
-    if (!ec || ec == asio::error::would_block || ec == asio::error::try_again ||
-        ec == asio::error::in_progress) {
+    if (!ec || ec == asio::error::would_block || ec == asio::error::try_again || ec == asio::error::in_progress) {
       return Error(errc::address_in_use, path);
     }
-    if (ec != asio::error::connection_refused &&
-        ec != boost::system::errc::no_such_file_or_directory) {
+    if (ec != asio::error::connection_refused && ec != boost::system::errc::no_such_file_or_directory) {
       return Error(ec, "probing existing socket " + path);
     }
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
@@ -686,13 +655,13 @@ Status NbdServer::listen_unix(const std::string& path) {
 Status NbdServer::listen_tcp(const std::string& address) {
   ServerCore& c = impl_->core;
   if (c.stopping) return errc::stopped;
-  const auto hp = split_host_port(address);
-  if (!hp) return Error(errc::bad_address, address);
+  const auto hp = parse_endpoint(address, EndpointUse::listen);
+  if (!hp) return Error(errc::bad_address, address + ": " + hp.error().context);
   using Tcp = asio::ip::tcp;
   Tcp::resolver resolver(c.ex);
   ErrorCode ec;
-  const auto results = resolver.resolve(hp->first, hp->second,
-                                        Tcp::resolver::passive | Tcp::resolver::numeric_service, ec);
+  const auto results =
+      resolver.resolve(hp->host, std::to_string(hp->port), Tcp::resolver::passive | Tcp::resolver::numeric_service, ec);
   if (ec) return Error(ec, "resolving " + address);
   if (results.empty()) return Error(errc::bad_address, address);
   const Tcp::endpoint ep = results.begin()->endpoint();

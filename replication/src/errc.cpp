@@ -10,15 +10,24 @@ class Category final : public std::error_category {
   const char* name() const noexcept override { return "tandem.replication"; }
   std::string message(int c) const override {
     switch (static_cast<errc>(c)) {
-      case errc::ok: return "ok";
-      case errc::not_allowed_in_state: return "not allowed in state";
-      case errc::wrong_role: return "wrong role";
-      case errc::split_brain: return "split brain";
-      case errc::unrelated_volumes: return "unrelated volumes";
-      case errc::peer_unreachable: return "peer unreachable";
-      case errc::unknown_session: return "unknown session";
-      case errc::bad_message: return "malformed replication message";
-      case errc::paused: return "paused by an operator";
+      case errc::not_allowed_in_state:
+        return "not allowed in state";
+      case errc::wrong_role:
+        return "wrong role";
+      case errc::split_brain:
+        return "split brain";
+      case errc::unrelated_volumes:
+        return "unrelated volumes";
+      case errc::peer_unreachable:
+        return "peer unreachable";
+      case errc::bad_message:
+        return "malformed replication message";
+      case errc::paused:
+        return "paused by an operator";
+      case errc::mismatched_volumes:
+        return "the volumes differ";
+      case errc::destination_ahead:
+        return "the destination holds newer data";
     }
     return "unknown replication error " + std::to_string(c);
   }

@@ -23,13 +23,13 @@
 // step up again (each is idempotent).
 #include <spdlog/spdlog.h>
 
-#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/use_awaitable.hpp>
 
+#include "failover_test.h"
 #include "tandem/engine/metadata.h"
 #include "tandem/replication/errc.h"
 #include "tandem/replication/session.h"
+#include "transfer.h"
 
 namespace tandem::replication {
 
@@ -43,10 +43,15 @@ asio::awaitable<void> Session::retry_pause() {
 bool Session::replication_held() const {
   switch (state_.phase) {
     case Phase::failing_over_for_dr:
-    case Phase::failed_over: return true;
-    case Phase::reprotecting: return !exchange_done_;
-    default: return false;
+    case Phase::failed_over:
+      return true;
+    case Phase::reprotecting:
+      return !exchange_done_;
+    case Phase::none:
+    case Phase::failing_over:
+      return false;
   }
+  return false;
 }
 
 std::uint64_t Session::diverged_blocks() const {
@@ -87,9 +92,7 @@ asio::awaitable<Status> Session::become_source() {
     if (m.journal) (void)co_await m.journal->remove();
     m.journal.reset();
   }
-  dmode_.reset();
-  pending_.clear();
-  pending_bytes_ = 0;
+  recv_.reset();
   unsynced_bytes_ = 0;
   state_.role = Role::source;
   state_.transfer_cycle = 0;
@@ -112,7 +115,7 @@ asio::awaitable<Status> Session::become_destination() {
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_only);
   state_.role = Role::destination;
   wake_.notify_all();
-  window_.notify_all();
+  if (transfer_) transfer_->interrupt();
   done_.notify_all();
   if (timer_) timer_->cancel();
   while (running_ || busy_) co_await done_.wait();
@@ -172,12 +175,13 @@ asio::awaitable<void> Session::run_planned_failover() {
     if (!st) {
       spdlog::error("session {}: planned failover: cannot become the destination: {}", opts_.id, st.error().message());
       error_ = st.error().message();
-      state_name_ = "Error";
+      activity_ = Activity::refused;
       break;
     }
-    spdlog::info("session {}: planned failover complete: {} is the source now; this side is its destination "
-                 "(generations {})",
-                 opts_.id, opts_.peer_name, describe(generations_));
+    spdlog::info(
+        "session {}: planned failover complete: {} is the source now; this side is its destination "
+        "(generations {})",
+        opts_.id, opts_.peer_name, describe(generations_));
     if (conn_) conn_->close("roles swapped");  // both sides say hello again in their new roles
     break;
   }
@@ -200,9 +204,10 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   }
   if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
   if (state_.initial != InitialState::done) {
-    spdlog::warn("session {}: unplanned failover forced on a destination whose initial sync did not finish: "
-                 "its image is not consistent",
-                 opts_.id);
+    spdlog::warn(
+        "session {}: unplanned failover forced on a destination whose initial sync did not finish: "
+        "its image is not consistent",
+        opts_.id);
   }
   const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
   auto gens = generations_;
@@ -212,9 +217,10 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   state_.phase = Phase::failed_over;
   if (st) st = co_await persist_generations(gens);
   if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
-  spdlog::warn("session {}: unplanned failover: this side is the source now, writable from committed cycle {} "
-               "(generations {}); the old source becomes a destination when it returns",
-               opts_.id, state_.committed_cycle, describe(generations_));
+  spdlog::warn(
+      "session {}: unplanned failover: this side is the source now, writable from committed cycle {} "
+      "(generations {}); the old source becomes a destination when it returns",
+      opts_.id, state_.committed_cycle, describe(generations_));
   progress_.notify_all();
   co_return ActionResult{};
 }
@@ -224,10 +230,11 @@ asio::awaitable<Status> Session::demote_by_hello(const SessionHello& h) {
   state_.failover_gen = h.failover_gen;
   TANDEM_CO_TRY(co_await become_destination());
   const std::uint64_t diverged = diverged_blocks();
-  spdlog::warn("session {}: {} failed over from generation {:016x} and is the source now; this side is its "
-               "destination (Failed_Over). {} block(s) written here after the failover point will be "
-               "overwritten by reprotect",
-               opts_.id, opts_.peer_name, h.failover_gen, diverged);
+  spdlog::warn(
+      "session {}: {} failed over from generation {:016x} and is the source now; this side is its "
+      "destination (Failed_Over). {} block(s) written here after the failover point will be "
+      "overwritten by reprotect",
+      opts_.id, opts_.peer_name, h.failover_gen, diverged);
   if (conn_) conn_->close("demoted after the peer's failover");
   progress_.notify_all();
   co_return Status{};
@@ -243,7 +250,7 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
       std::string why;
       if (state_.role != Role::destination) why = "this side is not a destination";
-      if (why.empty() && test_running_) why = kTestRunningHere;
+      if (why.empty() && test_running()) why = kTestRunningHere;
       const bool ok = why.empty();
       co_return co_await reply_control(c, ok, 0, std::move(why));
     }
@@ -251,11 +258,11 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       // Judged and carried out under the destination lock: a failover test cannot start
       // between the check and the role change.
       auto held = co_await dest_mu_.scoped();
-      if (state_.role != Role::destination || test_running_) {
+      if (state_.role != Role::destination || test_running()) {
         std::string why = state_.role != Role::destination ? "this side is not a destination" : kTestRunningHere;
         co_return co_await reply_control(c, false, 0, std::move(why));
       }
-      if (state_.initial != InitialState::done || dmode_ || state_.transfer_cycle != 0 || state_.applying_cycle != 0) {
+      if (state_.initial != InitialState::done || recv_ || state_.transfer_cycle != 0 || state_.applying_cycle != 0) {
         co_return co_await reply_control(c, false, 0, "a transfer is still under way here");
       }
       const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
@@ -267,9 +274,10 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       state_.reverse = false;
       TANDEM_CO_TRY(co_await persist_generations(gens));
       TANDEM_CO_TRY(co_await become_source());
-      spdlog::info("session {}: planned failover: this side is the source now, at committed cycle {} "
-                   "(generations {})",
-                   opts_.id, state_.committed_cycle, describe(generations_));
+      spdlog::info(
+          "session {}: planned failover: this side is the source now, at committed cycle {} "
+          "(generations {})",
+          opts_.id, state_.committed_cycle, describe(generations_));
       if (c.value == 1) {
         state_.phase = Phase::reprotecting;
         TANDEM_CO_TRY(co_await persist());
@@ -278,7 +286,8 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       co_return co_await reply_control(c, true, 0, {}, g);
     }
     case ControlOp::reprotect: {
-      if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
+      if (state_.role != Role::destination)
+        co_return co_await reply_control(c, false, 0, "this side is not a destination");
       // Every block changed here since the failover point, in runs, per member; the reply
       // follows them on the same link.
       std::uint64_t total = 0;
@@ -311,7 +320,8 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       co_return co_await reply_control(c, true, 0, {}, total);
     }
     case ControlOp::reprotect_commit: {
-      if (state_.role != Role::destination) co_return co_await reply_control(c, false, 0, "this side is not a destination");
+      if (state_.role != Role::destination)
+        co_return co_await reply_control(c, false, 0, "this side is not a destination");
       // The new source holds our changes durably in its dirty map: forget them here.
       for (auto& m : members_) {
         const auto blocks = m.m.volume->dirty().blocks();
@@ -321,10 +331,13 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       state_.phase = Phase::none;
       state_.failover_gen = 0;
       TANDEM_CO_TRY(co_await persist());
-      state_name_ = "OK";
+      activity_ = Activity::ok;
       co_return co_await reply_control(c, true, 0, {});
     }
-    default: break;
+    case ControlOp::pause:
+    case ControlOp::resume:
+    case ControlOp::going_down:
+      break;  // handle() takes these elsewhere
   }
   co_return Error(errc::bad_message, "unexpected control op");
 }
@@ -340,7 +353,8 @@ asio::awaitable<Status> Session::on_changed_blocks(const ChangedBlocks& m) {
   }
   auto& bm = incoming_[m.member];
   for (const auto& r : m.runs) {
-    if (r.first_block + r.blocks > bm.blocks()) co_return Error(errc::bad_message, "changed blocks past the volume end");
+    if (r.first_block + r.blocks > bm.blocks())
+      co_return Error(errc::bad_message, "changed blocks past the volume end");
     bm.set_range(r.first_block, r.blocks);
   }
   co_return Status{};
@@ -410,78 +424,40 @@ asio::awaitable<ActionResult> Session::start_test() {
   }
   Status st = co_await open_test(false);
   if (!st) co_return ActionResult{Verdict::failed, "start_failover_test failed: " + st.error().message()};
-  spdlog::info("session {}: failover test started: a writable image of committed cycle {} is exported; "
-               "replication goes on underneath",
-               opts_.id, state_.committed_cycle);
+  spdlog::info(
+      "session {}: failover test started: a writable image of committed cycle {} is exported; "
+      "replication goes on underneath",
+      opts_.id, state_.committed_cycle);
   co_return ActionResult{};
 }
 
 asio::awaitable<Status> Session::open_test(bool resume) {
+  auto t = co_await FailoverTest::open(opts_.id, opts_.members, resume);
+  if (!t) co_return t.error();
+  test_ = std::move(t).value();
   Status st;
-  std::vector<engine::Volume*> vols;
-  for (auto& m : members_) {
-    const std::string overlay = m.m.state_dir + "/" + m.m.volume->id() + ".test-overlay";
-    const std::string meta = m.m.state_dir + "/" + m.m.volume->id() + ".test-meta";
-    const std::string image_path = "test-image:" + m.m.volume->id();
-    auto img = resume ? engine::TestImage::reopen(*m.m.env, overlay, *m.m.volume)
-                      : engine::TestImage::create(*m.m.env, overlay, *m.m.volume);
-    if (!img) {
-      st = img.error();
-      break;
-    }
-    m.test_image = std::move(img).value();
-    m.test_env = engine::make_test_image_env(*m.m.env, image_path, *m.test_image);
-    if (!resume) {
-      st = m.m.env->remove(meta);
-      if (!st) break;
-    }
-    engine::VolumeOptions vo;
-    vo.id = m.m.volume->id() + "-test";
-    vo.path = image_path;
-    vo.meta_path = meta;
-    auto v = co_await engine::Volume::open(*m.test_env, std::move(vo));
-    if (!v) {
-      st = v.error();
-      break;
-    }
-    m.test_volume = std::move(v).value();
-    m.test_volume->set_access(engine::Access::read_write);
-    vols.push_back(m.test_volume.get());
-  }
-  test_running_ = true;  // (so close_test_volumes cleans up whatever was made)
-  if (st && opts_.export_test) st = co_await opts_.export_test(vols);
-  if (!st) co_await close_test_volumes();
+  if (opts_.export_test) st = co_await opts_.export_test(test_->exports());
+  if (!st) co_await close_test_volumes();  // withdraws what was exported, closes the images
   co_return st;
 }
 
 asio::awaitable<void> Session::close_test_volumes() {
   if (opts_.unexport_test) co_await opts_.unexport_test();
-  for (auto& m : members_) {
-    if (m.test_volume) {
-      auto st = co_await m.test_volume->close();
-      if (!st) spdlog::warn("session {}: closing the test image of {}: {}", opts_.id, m.m.volume->id(), st.error().message());
-      const std::string meta = m.m.state_dir + "/" + m.m.volume->id() + ".test-meta";
-      m.test_volume.reset();
-      (void)m.m.env->remove(meta);
-    }
-    m.test_env.reset();
-    if (m.test_image) (void)m.test_image->discard();
-    m.test_image.reset();
-  }
-  test_running_ = false;
+  if (test_) co_await test_->close();
+  test_.reset();
 }
 
 asio::awaitable<ActionResult> Session::stop_test() {
   // A cycle's apply may be preserving blocks into the image: it finishes first (it holds the
   // lock for the whole apply), then the image goes.
   auto held = co_await dest_mu_.scoped();
-  if (!test_running_) co_return ActionResult{};  // stopped meanwhile (a restart cleaned it up)
-  std::uint64_t written = 0;
-  for (auto& m : members_) written += m.test_image ? m.test_image->overlay_blocks() : 0;
+  if (!test_) co_return ActionResult{};  // stopped meanwhile (a restart cleaned it up)
+  const std::uint64_t written = test_->overlay_blocks();
   co_await close_test_volumes();
-  spdlog::info("session {}: failover test stopped: the test image and its writes are discarded ({} overlay "
-               "block(s))",
-               opts_.id, written);
+  spdlog::info(
+      "session {}: failover test stopped: the test image and its writes are discarded ({} overlay "
+      "block(s))",
+      opts_.id, written);
   co_return ActionResult{};
 }
 

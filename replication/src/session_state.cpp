@@ -11,7 +11,7 @@ constexpr std::size_t kBytesV1 = 1 + 1 + 1 + 1 + 8 * 6;
 // compare) + phase:u8 +
 // failover_gen:u64
 constexpr std::size_t kBytes = kBytesV1 + 1 + 1 + 8;
-}
+}  // namespace
 
 std::vector<std::uint8_t> encode_state(const SessionState& s) {
   std::vector<std::uint8_t> b(kBytes);
@@ -20,14 +20,14 @@ std::vector<std::uint8_t> encode_state(const SessionState& s) {
   b[2] = s.paired ? 1 : 0;
   b[3] = static_cast<std::uint8_t>(s.initial);
   unsigned char* p = b.data() + 4;
-  for (std::uint64_t v : {s.initial_offset, s.committed_cycle, s.transfer_cycle, s.applying_cycle, s.next_cycle,
-                          s.last_sync_unix_ms}) {
+  for (std::uint64_t v :
+       {s.initial_offset, s.committed_cycle, s.transfer_cycle, s.applying_cycle, s.next_cycle, s.last_sync_unix_ms}) {
     put_le64(p, v);
     p += 8;
   }
-  b[kBytesV1] = static_cast<std::uint8_t>((s.paused ? 1 : 0) | (s.local_only_paused ? 2 : 0) |
-                                          (s.resume_to_sync ? 4 : 0) | (s.reverse ? 8 : 0) |
-                                          (s.initial_compare ? 16 : 0));
+  b[kBytesV1] =
+      static_cast<std::uint8_t>((s.paused ? 1 : 0) | (s.local_only_paused ? 2 : 0) | (s.resume_to_sync ? 4 : 0) |
+                                (s.reverse ? 8 : 0) | (s.initial_compare ? 16 : 0));
   b[kBytesV1 + 1] = static_cast<std::uint8_t>(s.phase);
   put_le64(b.data() + kBytesV1 + 2, s.failover_gen);
   return b;
@@ -63,6 +63,38 @@ Result<SessionState> decode_state(std::span<const std::uint8_t> blob, Role role)
     s.failover_gen = get_le64(blob.data() + kBytesV1 + 2);
   }
   return s;
+}
+
+State shown_state(const StateFacts& f) {
+  if (f.activity == Activity::refused) return State::error;
+  switch (f.phase) {
+    case Phase::failing_over:
+      return State::failing_over;
+    case Phase::failing_over_for_dr:
+      return State::failing_over_for_dr;
+    case Phase::failed_over:
+      return State::failed_over;
+    case Phase::reprotecting:
+      return State::reprotecting;
+    case Phase::none:
+      break;
+  }
+  if (f.paused) return State::paused;
+  if (f.activity == Activity::initializing) return State::initializing;
+  if (f.connected && f.peer_paused) return State::system_paused;
+  if (!f.connected && f.peer_ndu) return State::paused_for_ndu;
+  switch (f.activity) {
+    case Activity::ok:
+      return State::ok;
+    case Activity::synchronizing:
+      return State::synchronizing;
+    case Activity::link_lost:
+      return State::system_paused;
+    case Activity::initializing:
+    case Activity::refused:
+      break;
+  }
+  return State::error;  // not reached: both were returned above
 }
 
 }  // namespace tandem::replication

@@ -23,6 +23,7 @@
 //
 // Usage: replication_sim [--seed N] [--seeds COUNT] [--first N] [--steps N]. A failure prints
 // the seed and the command that replays it. TANDEM_SIM_SEEDS overrides --seeds.
+#include <spdlog/spdlog.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -35,7 +36,6 @@
 #include <memory>
 #include <optional>
 #include <random>
-#include <spdlog/spdlog.h>
 #include <span>
 #include <string>
 #include <vector>
@@ -186,7 +186,7 @@ class SimConnection : public std::enable_shared_from_this<SimConnection> {
       : clock_(clock), rng_(rng), corrupted_total_(corrupted_total) {}
   bool closed = false;
   std::string reason;
-  Direction dir[2];           // dir[i]: frames for side i
+  Direction dir[2];                               // dir[i]: frames for side i
   std::uint64_t corrupt_next_extent[2] = {0, 0};  // to side i: flip a byte in the next extent
 
   Status send(int from, MsgType type, std::span<const std::byte> fields, std::span<const std::byte> data) {
@@ -270,7 +270,7 @@ class Simulation {
  public:
   explicit Simulation(Options o) : opts_(o), rng_(o.seed), clock_(o.seed ^ 0x9e3779b97f4a7c15ull) {
     members_ = rng_() % 3 == 0 ? 3 : 1;  // a consistency group of three, or one volume
-    blocks_ = 64 + rng_() % 192;          // 256 KiB .. 1 MiB per volume
+    blocks_ = 64 + rng_() % 192;         // 256 KiB .. 1 MiB per volume
     rpo_seconds_ = 1 + static_cast<std::uint32_t>(rng_() % 3);
     a_.name = "site-a";
     b_.name = "site-b";
@@ -342,8 +342,9 @@ class Simulation {
     so.stage_batch_bytes = 64 * 1024;
     so.initial_checkpoint_bytes = 128 * 1024;
     Site* site = &s;
-    so.export_test = [site](std::vector<engine::Volume*> vols) -> asio::awaitable<Status> {
-      site->test_volumes = std::move(vols);
+    so.export_test = [site](std::vector<replication::TestImageExport> images) -> asio::awaitable<Status> {
+      site->test_volumes.clear();
+      for (const auto& e : images) site->test_volumes.push_back(e.image);
       co_return Status{};
     };
     so.unexport_test = [site]() -> asio::awaitable<void> {
@@ -529,9 +530,7 @@ class Simulation {
 
   // The image's blocks, as the sequence numbers of the writes they hold (0: never written).
   using Image = std::vector<std::span<const std::byte>>;  // one span per member volume
-  static Image view(const std::vector<std::vector<std::byte>>& copy) {
-    return Image(copy.begin(), copy.end());
-  }
+  static Image view(const std::vector<std::vector<std::byte>>& copy) { return Image(copy.begin(), copy.end()); }
 
   std::vector<std::vector<std::uint64_t>> seqs_of(const Image& image, const std::string& what) const {
     std::vector<std::vector<std::uint64_t>> out(members_, std::vector<std::uint64_t>(blocks_, 0));
@@ -544,7 +543,8 @@ class Simulation {
         std::memcpy(&block, p + 16, 8);
         if (seq == 0) continue;
         if (vol != v || block != b || seq > writes_.size() || std::memcmp(p, stamp(seq, v, b).data(), kBlock) != 0) {
-          violated(what + ": " + vol_id(v) + " block " + std::to_string(b) + " holds no write this block had (torn or misplaced)");
+          violated(what + ": " + vol_id(v) + " block " + std::to_string(b) +
+                   " holds no write this block had (torn or misplaced)");
         }
         out[v][b] = seq;
       }
@@ -597,8 +597,8 @@ class Simulation {
     for (std::size_t v = 0; v < members_; ++v) {
       for (std::uint64_t b = 0; b < blocks_; ++b) {
         if (src[v][b] < expect[v][b]) {
-          violated("the source lost acknowledged write " + std::to_string(expect[v][b]) + " (" + vol_id(v) +
-                   " block " + std::to_string(b) + ")");
+          violated("the source lost acknowledged write " + std::to_string(expect[v][b]) + " (" + vol_id(v) + " block " +
+                   std::to_string(b) + ")");
         }
       }
     }
@@ -709,7 +709,8 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (const char* env = std::getenv("TANDEM_SIM_SEEDS"); env != nullptr && !one) seeds = std::strtoull(env, nullptr, 10);
+  if (const char* env = std::getenv("TANDEM_SIM_SEEDS"); env != nullptr && !one)
+    seeds = std::strtoull(env, nullptr, 10);
   if (one) {
     first = *one;
     seeds = 1;
@@ -731,7 +732,8 @@ int main(int argc, char** argv) {
       std::fflush(stderr);
       std::_Exit(1);
     }
-    if (seeds == 1 || base.verbose) std::printf("seed %llu: ok: %s\n", static_cast<unsigned long long>(seed), sim.summary().c_str());
+    if (seeds == 1 || base.verbose)
+      std::printf("seed %llu: ok: %s\n", static_cast<unsigned long long>(seed), sim.summary().c_str());
   }
   std::printf("%llu seed(s) from %llu: all invariants held\n", static_cast<unsigned long long>(seeds),
               static_cast<unsigned long long>(first));

@@ -8,13 +8,12 @@
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/ip/address.hpp>
-#include <charconv>
-#include <optional>
 #include <random>
 #include <utility>
 
 #include "connection_impl.h"
 #include "tandem/common/assert.h"
+#include "tandem/common/endpoint.h"
 #include "tandem/transport/backoff.h"
 #include "tandem/transport/errc.h"
 
@@ -27,27 +26,6 @@ constexpr auto kTuple = asio::as_tuple(asio::use_awaitable);
 // After a failed accept (EMFILE, ENOBUFS...) wait this long, so a persistent failure does not
 // spin the thread.
 constexpr std::chrono::milliseconds kAcceptRetryDelay{100};
-
-std::optional<std::pair<std::string, std::string>> split_host_port(std::string_view a) {
-  std::string_view host;
-  std::string_view port;
-  if (!a.empty() && a.front() == '[') {
-    const auto close = a.find(']');
-    if (close == std::string_view::npos || close + 1 >= a.size() || a[close + 1] != ':') return std::nullopt;
-    host = a.substr(1, close - 1);
-    port = a.substr(close + 2);
-  } else {
-    const auto colon = a.rfind(':');
-    if (colon == std::string_view::npos) return std::nullopt;
-    host = a.substr(0, colon);
-    port = a.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos) return std::nullopt;  // bare IPv6
-  }
-  std::uint16_t p = 0;
-  const auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), p);
-  if (port.empty() || ec != std::errc{} || end != port.data() + port.size()) return std::nullopt;
-  return std::pair{std::string(host), std::string(port)};
-}
 
 std::string describe(const Tcp::endpoint& ep) {
   const std::string addr = ep.address().to_string();
@@ -122,8 +100,7 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
   }
 
   std::shared_ptr<Connection> make_connection(Tcp::socket socket, bool dialed, std::string address) {
-    auto impl =
-        std::make_unique<Access::Impl>(ex, *tls, std::move(socket), dialed, std::move(address), params());
+    auto impl = std::make_unique<Access::Impl>(ex, *tls, std::move(socket), dialed, std::move(address), params());
     return Access::make(std::move(impl));
   }
 
@@ -138,8 +115,7 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
   }
 
   void on_closing(const Connection* c) {
-    if (c == current.get() &&
-        Clock::now() - current_since >= std::chrono::milliseconds(opts.peer_timeout_ms)) {
+    if (c == current.get() && Clock::now() - current_since >= std::chrono::milliseconds(opts.peer_timeout_ms)) {
       // It stayed up: the next dial starts again from backoff_min_ms.
       backoff.reset();
     }
@@ -155,29 +131,33 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
   // holds the peer's certificate goes last.
   void make_room(const std::string& address) {
     TANDEM_ASSERT(accepted_handshaking.size() == kHandshakesMax);
-    const auto victim = std::min_element(
-        accepted_handshaking.begin(), accepted_handshaking.end(), [](const Accepted& x, const Accepted& y) {
-          return Access::impl(*x.conn).progress() < Access::impl(*y.conn).progress();
-        });
+    const auto victim = std::min_element(accepted_handshaking.begin(), accepted_handshaking.end(),
+                                         [](const Accepted& x, const Accepted& y) {
+                                           return Access::impl(*x.conn).progress() < Access::impl(*y.conn).progress();
+                                         });
     const Accepted dropped = *victim;
     accepted_handshaking.erase(victim);
     const char* progress = "nothing received";
     switch (Access::impl(*dropped.conn).progress()) {
-      case Access::Impl::Progress::nothing_received: break;
-      case Access::Impl::Progress::tls: progress = "in the TLS handshake"; break;
-      case Access::Impl::Progress::authenticated: progress = "authenticated, no hello yet"; break;
+      case Access::Impl::Progress::nothing_received:
+        break;
+      case Access::Impl::Progress::tls:
+        progress = "in the TLS handshake";
+        break;
+      case Access::Impl::Progress::authenticated:
+        progress = "authenticated, no hello yet";
+        break;
     }
-    const auto age_ms =
-        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - dropped.since).count();
+    const auto age_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - dropped.since).count();
     spdlog::warn(
         "transport: {} handshakes already in progress: dropping the connection from {} ({} after {} ms) to "
         "accept {}",
         kHandshakesMax, dropped.conn->peer_address(), progress, age_ms, address);
     Access::impl(*dropped.conn)
-        .abort_handshake(Error(errc::connection_closed,
-                               fmt::format("dropped to make room for a newer connection ({} handshakes in "
-                                           "progress)",
-                                           kHandshakesMax)));
+        .abort_handshake(
+            Error(errc::connection_closed, fmt::format("dropped to make room for a newer connection ({} handshakes in "
+                                                       "progress)",
+                                                       kHandshakesMax)));
   }
 
   // A connection finished its handshake: make it current, or refuse it.
@@ -222,35 +202,31 @@ struct Link::Core : std::enable_shared_from_this<Link::Core> {
     ci.set_on_closing([weak, raw] {
       if (auto core = weak.lock()) core->on_closing(raw);
     });
-    spdlog::info("transport: connected to {} at {} ({}), protocol version {}, capabilities 0x{:x}",
-                 c->peer_name(), c->peer_address(), c->dialed() ? "dialed" : "accepted",
-                 c->protocol_version(), c->capabilities());
+    spdlog::info("transport: connected to {} at {} ({}), protocol version {}, capabilities 0x{:x}", c->peer_name(),
+                 c->peer_address(), c->dialed() ? "dialed" : "accepted", c->protocol_version(), c->capabilities());
     if (on_connected) on_connected(c);
   }
 
   static asio::awaitable<void> handshake_task(std::shared_ptr<Core> core, std::shared_ptr<Connection> conn);
   static asio::awaitable<void> accept_loop(std::shared_ptr<Core> core);
   static asio::awaitable<void> dial_loop(std::shared_ptr<Core> core);
-  asio::awaitable<Result<Tcp::resolver::results_type>> resolve(const std::string& host,
-                                                               const std::string& service);
+  asio::awaitable<Result<Tcp::resolver::results_type>> resolve(const std::string& host, const std::string& service);
 
   Result<Tcp::endpoint> listen_endpoint() {
-    const auto hp = split_host_port(opts.listen_address);
-    if (!hp) return Error(errc::bad_address, "listen_address '" + opts.listen_address + "'");
-    const std::string host = hp->first.empty() ? "0.0.0.0" : hp->first;
+    const auto hp = parse_endpoint(opts.listen_address, EndpointUse::listen);
+    if (!hp) return Error(errc::bad_address, "listen_address '" + opts.listen_address + "': " + hp.error().context);
     ErrorCode ec;
-    const auto results =
-        resolver.resolve(host, hp->second, Tcp::resolver::passive | Tcp::resolver::numeric_service, ec);
+    const auto results = resolver.resolve(hp->host, std::to_string(hp->port),
+                                          Tcp::resolver::passive | Tcp::resolver::numeric_service, ec);
     if (ec || results.empty()) {
-      return Error(errc::bad_address, "listen_address '" + opts.listen_address +
-                                          "': " + (ec ? ec.message() : std::string("no address")));
+      return Error(errc::bad_address,
+                   "listen_address '" + opts.listen_address + "': " + (ec ? ec.message() : std::string("no address")));
     }
     return results.begin()->endpoint();
   }
 };
 
-asio::awaitable<void> Link::Core::handshake_task(std::shared_ptr<Core> core,
-                                                 std::shared_ptr<Connection> conn) {
+asio::awaitable<void> Link::Core::handshake_task(std::shared_ptr<Core> core, std::shared_ptr<Connection> conn) {
   // accept_loop listed it (in both lists) before this task began, so that stop() and
   // make_room() can abort it even before it starts.
   Tcp::resolver::results_type none;
@@ -284,8 +260,7 @@ asio::awaitable<void> Link::Core::accept_loop(std::shared_ptr<Core> core) {
     std::shared_ptr<Connection> conn = core->make_connection(std::move(socket), false, address);
     core->accepted_handshaking.push_back(Accepted{conn, Clock::now()});
     core->handshaking.push_back(conn);
-    asio::co_spawn(core->ex, handshake_task(core, std::move(conn)),
-                   AbortOnException{"a transport handshake"});
+    asio::co_spawn(core->ex, handshake_task(core, std::move(conn)), AbortOnException{"a transport handshake"});
   }
   core->task_done();
 }
@@ -299,7 +274,7 @@ asio::awaitable<Result<Tcp::resolver::results_type>> Link::Core::resolve(const s
 }
 
 asio::awaitable<void> Link::Core::dial_loop(std::shared_ptr<Core> core) {
-  const auto hp = split_host_port(core->opts.connect_address);
+  const auto hp = parse_endpoint(core->opts.connect_address, EndpointUse::dial);
   TANDEM_ASSERT(hp);  // start() checked it
   bool first = true;
   while (!core->stopping) {
@@ -315,12 +290,11 @@ asio::awaitable<void> Link::Core::dial_loop(std::shared_ptr<Core> core) {
     }
     first = false;
 
-    Result<Tcp::resolver::results_type> endpoints = co_await core->resolve(hp->first, hp->second);
+    Result<Tcp::resolver::results_type> endpoints = co_await core->resolve(hp->host, std::to_string(hp->port));
     if (core->stopping) break;
     std::string failure;
     if (endpoints) {
-      std::shared_ptr<Connection> conn =
-          core->make_connection(Tcp::socket(core->ex), true, core->opts.connect_address);
+      std::shared_ptr<Connection> conn = core->make_connection(Tcp::socket(core->ex), true, core->opts.connect_address);
       core->handshaking.push_back(conn);
       Tcp::resolver::results_type eps = std::move(*endpoints);
       Status st = co_await Access::impl(*conn).establish(conn, std::move(eps));
@@ -340,8 +314,8 @@ asio::awaitable<void> Link::Core::dial_loop(std::shared_ptr<Core> core) {
         spdlog::warn("transport: dialing {} at {} failed: {}; retrying with back-off", core->opts.peer_name,
                      core->opts.connect_address, failure);
       } else {
-        spdlog::debug("transport: dialing {} at {} failed again: {}", core->opts.peer_name,
-                      core->opts.connect_address, failure);
+        spdlog::debug("transport: dialing {} at {} failed again: {}", core->opts.peer_name, core->opts.connect_address,
+                      failure);
       }
       core->last_dial_failure = std::move(failure);
     }
@@ -355,9 +329,7 @@ Link::Link(asio::any_io_executor ex, std::shared_ptr<asio::ssl::context> tls, Li
   TANDEM_ASSERT(core_->tls != nullptr);
 }
 
-Link::~Link() {
-  TANDEM_ASSERT_MSG(!core_->started || core_->stopped, "Link destroyed before stop() completed");
-}
+Link::~Link() { TANDEM_ASSERT_MSG(!core_->started || core_->stopped, "Link destroyed before stop() completed"); }
 
 Status Link::start() {
   Core& c = *core_;
@@ -382,8 +354,9 @@ Status Link::start() {
     return Error(errc::bad_config,
                  fmt::format("hello payload of {} bytes (at most {})", o.hello.size(), kHelloAppBytesMax));
   }
-  if (!o.connect_address.empty() && !split_host_port(o.connect_address)) {
-    return Error(errc::bad_address, "connect_address '" + o.connect_address + "'");
+  if (!o.connect_address.empty()) {
+    const auto dial = parse_endpoint(o.connect_address, EndpointUse::dial);
+    if (!dial) return Error(errc::bad_address, "connect_address '" + o.connect_address + "': " + dial.error().context);
   }
   if (!o.listen_address.empty()) {
     Result<Tcp::endpoint> ep = c.listen_endpoint();

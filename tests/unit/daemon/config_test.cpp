@@ -49,9 +49,7 @@ struct BadCase {
   std::string expect;  // substring of the error
 };
 
-std::string with_volume(const std::string& body) {
-  return "[node]\nname = \"a\"\n[[volume]]\n" + body;
-}
+std::string with_volume(const std::string& body) { return "[node]\nname = \"a\"\n[[volume]]\n" + body; }
 
 TEST(Config, EveryMistakeIsNamed) {
   const std::vector<BadCase> cases = {
@@ -69,24 +67,49 @@ TEST(Config, EveryMistakeIsNamed) {
       {"bad id", with_volume("id=\"../x\"\npath=\"/x\""), "id \"../x\""},
       {"no path", with_volume("id=\"v\"\nnbd_socket=\"/s\""), "(v).path"},
       {"relative path", with_volume("id=\"v\"\npath=\"x\"\nnbd_socket=\"/s\""), "(v).path"},
-      {"bad size", with_volume("id=\"v\"\npath=\"/x\"\nsize=\"1XB\"\nnbd_socket=\"/s\""), "(v).size: \"1XB\" is not a size"},
+      {"bad size", with_volume("id=\"v\"\npath=\"/x\"\nsize=\"1XB\"\nnbd_socket=\"/s\""),
+       "(v).size: \"1XB\" is not a size"},
       {"unaligned size", with_volume("id=\"v\"\npath=\"/x\"\nsize=1000\nnbd_socket=\"/s\""), "multiple of 4096"},
       {"size type", with_volume("id=\"v\"\npath=\"/x\"\nsize=true\nnbd_socket=\"/s\""), "(v).size: must be a size"},
       {"no export", with_volume("id=\"v\"\npath=\"/x\""), "needs nbd_socket or nbd_listen"},
       {"bad listen", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"localhost\""), "is not host:port"},
       {"bad port", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"h:70000\""), "is not host:port"},
-      {"unknown volume key", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nsise=\"1G\""), "(v): unknown key 'sise'"},
-      {"region not pow2", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nintent_region_size=\"3MiB\""), "power of two"},
+      {"port reason", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"h:70000\""), "port 70000 is above 65535"},
+      {"bare v6", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=\"::1:10809\""), "IPv6 address in brackets"},
+      {"listen type", with_volume("id=\"v\"\npath=\"/x\"\nnbd_listen=10809"), "(v).nbd_listen: must be a string"},
+      {"unknown volume key", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nsise=\"1G\""),
+       "(v): unknown key 'sise'"},
+      {"region not pow2", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nintent_region_size=\"3MiB\""),
+       "power of two"},
       {"hot max", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\nintent_regions_max=0"), "intent_regions_max"},
-      {"dup id", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"v\"\npath=\"/y\"\nnbd_socket=\"/t\""), "duplicate volume id"},
-      {"dup path", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/x\"\nnbd_socket=\"/t\""), "used by another volume"},
-      {"dup socket", with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/y\"\nnbd_socket=\"/s\""), "nbd_socket: used by another"},
-      {"meta is data", with_volume("id=\"v\"\npath=\"/x\"\nmeta_path=\"/x\"\nnbd_socket=\"/s\""), "must differ from path"},
-      {"api relative", "[node]\nname=\"a\"\napi_socket=\"api.sock\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "node.api_socket must be an absolute"},
-      {"api listen no token", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "needs node.api_token"},
-      {"api short token", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"short\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "at least 16"},
-      {"api token alone", "[node]\nname=\"a\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "api_listen is not"},
-      {"api listen no tls", "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"", "needs the [tls] section"},
+      {"dup id",
+       with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"v\"\npath=\"/y\"\nnbd_socket=\"/t\""),
+       "duplicate volume id"},
+      {"dup path",
+       with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/x\"\nnbd_socket=\"/t\""),
+       "used by another volume"},
+      {"dup socket",
+       with_volume("id=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"\n[[volume]]\nid=\"w\"\npath=\"/y\"\nnbd_socket=\"/s\""),
+       "nbd_socket: used by another"},
+      {"meta is data", with_volume("id=\"v\"\npath=\"/x\"\nmeta_path=\"/x\"\nnbd_socket=\"/s\""),
+       "must differ from path"},
+      {"api relative",
+       "[node]\nname=\"a\"\napi_socket=\"api.sock\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"",
+       "node.api_socket must be an absolute"},
+      {"api listen no token",
+       "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"",
+       "needs node.api_token"},
+      {"api short token",
+       "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"short\"\n[[volume]]\nid=\"v\"\npath=\"/"
+       "x\"\nnbd_socket=\"/s\"",
+       "at least 16"},
+      {"api token alone",
+       "[node]\nname=\"a\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath=\"/x\"\nnbd_socket=\"/s\"",
+       "api_listen is not"},
+      {"api listen no tls",
+       "[node]\nname=\"a\"\napi_listen=\"127.0.0.1:8443\"\napi_token=\"0123456789abcdef\"\n[[volume]]\nid=\"v\"\npath="
+       "\"/x\"\nnbd_socket=\"/s\"",
+       "needs the [tls] section"},
   };
   for (const auto& c : cases) {
     auto r = parse_config(c.text, "t.toml");
@@ -119,7 +142,8 @@ role = "source"
 )";
 
 TEST(Config, SessionKeys) {
-  auto c = parse_config(std::string(kPair) + "rpo_seconds = 30\nwindow = \"16MiB\"\nrate_limit = \"50MiB\"\n", "t.toml");
+  auto c =
+      parse_config(std::string(kPair) + "rpo_seconds = 30\nwindow = \"16MiB\"\nrate_limit = \"50MiB\"\n", "t.toml");
   ASSERT_TRUE(c.ok()) << c.error().message();
   ASSERT_EQ(c->sessions.size(), 1u);
   EXPECT_EQ(c->sessions[0].rpo_seconds, 30u);
@@ -131,6 +155,35 @@ TEST(Config, SessionKeys) {
   auto bad = parse_config(std::string(kPair) + "rate_limit = \"fast\"\n", "t.toml");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.error().message().find("rate_limit"), std::string::npos) << bad.error().message();
+}
+
+TEST(Config, PeerAddresses) {
+  auto with = [](const std::string& from, const std::string& to) {
+    std::string text = kPair;
+    text.replace(text.find(from), from.size(), to);
+    return parse_config(text, "t.toml");
+  };
+  auto v6 = with("10.0.0.2:7788", "[fd00::2]:7788");
+  ASSERT_TRUE(v6.ok()) << v6.error().message();
+  EXPECT_EQ(v6->peer->address, "[fd00::2]:7788");
+  auto any = with("0.0.0.0:7788", "[::]:0");  // a listener may take any free port
+  ASSERT_TRUE(any.ok()) << any.error().message();
+  EXPECT_EQ(any->peer->listen, "[::]:0");
+  const struct {
+    std::string from, to, expect;
+  } cases[] = {
+      {"10.0.0.2:7788", "10.0.0.2:0", "peer.address: \"10.0.0.2:0\" is not host:port (port 0 cannot be dialed"},
+      {"10.0.0.2:7788", "fd00::2:7788", "peer.address: \"fd00::2:7788\" is not host:port (more than one ':'"},
+      {"10.0.0.2:7788", "10.0.0.2", "peer.address: \"10.0.0.2\" is not host:port (no port)"},
+      {"0.0.0.0:7788", ":7788", "peer.listen: \":7788\" is not host:port (no host before the ':')"},
+      {"address = \"10.0.0.2:7788\"\n", "", "peer.address: host:port of the peer is required"},
+  };
+  for (const auto& c : cases) {
+    auto r = with(c.from, c.to);
+    ASSERT_FALSE(r.ok()) << c.to;
+    EXPECT_NE(r.error().message().find(c.expect), std::string::npos)
+        << "got \"" << r.error().message() << "\", want \"" << c.expect << "\"";
+  }
 }
 
 Config parsed(const std::string& text) {
@@ -166,8 +219,9 @@ TEST(Config, ReloadAppliesRuntimeKeysAndNamesTheRest) {
   moved.replace(moved.find("/srv/vol0.img"), 13, "/srv/other.img");
   moved.replace(moved.find("10.0.0.2:7788"), 13, "10.0.0.3:7788");
   moved.replace(moved.find("/etc/tandem/a.key"), 17, "/etc/tandem/b.key");
-  moved += "window = \"8MiB\"\n[[session]]\nid = \"s1\"\nvolumes = [\"vol1\"]\nremote_volumes = [\"v\"]\nrole = \"source\"\n"
-           "[[volume]]\nid = \"vol1\"\npath = \"/srv/vol1.img\"\nnbd_socket = \"/run/tandem/vol1.nbd\"\n";
+  moved +=
+      "window = \"8MiB\"\n[[session]]\nid = \"s1\"\nvolumes = [\"vol1\"]\nremote_volumes = [\"v\"]\nrole = \"source\"\n"
+      "[[volume]]\nid = \"vol1\"\npath = \"/srv/vol1.img\"\nnbd_socket = \"/run/tandem/vol1.nbd\"\n";
   const ReloadPlan m = plan_reload(running, parsed(moved));
   EXPECT_TRUE(m.applied.empty());
   EXPECT_TRUE(has(m.needs_restart, "volume vol0 path"));

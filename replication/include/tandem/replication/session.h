@@ -42,7 +42,6 @@
 #include "tandem/engine/bitmap.h"
 #include "tandem/engine/cycle_journal.h"
 #include "tandem/engine/preserve_log.h"
-#include "tandem/engine/test_image.h"
 #include "tandem/engine/volume.h"
 #include "tandem/replication/control.h"
 #include "tandem/replication/generation.h"
@@ -52,6 +51,24 @@
 #include "tandem/transport/rate_limiter.h"
 
 namespace tandem::replication {
+
+class Transfer;
+class FailoverTest;
+
+// How a transfer ended: committed (the destination said so), paused (an operator's pause
+// stopped it at an extent boundary), link lost (or the session stopping), or failed (an I/O
+// error, or an answer of the destination refused).
+enum class TransferEnd : std::uint8_t { committed, paused, link_lost, failed };
+struct TransferOutcome {
+  TransferEnd end = TransferEnd::committed;
+  Status error;  // link_lost, failed: why
+};
+
+// A failover test's image of one destination volume, as the daemon exports it.
+struct TestImageExport {
+  std::string volume_id;  // the destination volume it is an image of
+  engine::Volume* image = nullptr;
+};
 
 struct SessionMember {
   engine::Volume* volume = nullptr;
@@ -78,7 +95,7 @@ struct SessionOptions {
   std::uint64_t stage_batch_bytes = 8ull << 20;
   // Failover tests: the daemon exports the test images (one volume per member, in order) on
   // their own sockets, and withdraws them. Unset: tests are refused.
-  std::function<asio::awaitable<Status>(std::vector<engine::Volume*>)> export_test;
+  std::function<asio::awaitable<Status>(std::vector<TestImageExport>)> export_test;
   std::function<asio::awaitable<void>()> unexport_test;
   // Destination: initial-sync bytes between durable checkpoints (each flushes the volume and
   // bounds what a resume after a source crash ships again: 16 MiB is under 1% of a 2 GiB volume).
@@ -109,23 +126,23 @@ struct SessionStatus {
   bool connected = false;
   bool local_only_paused = false;
   bool peer_paused = false;
-  bool test_running = false;         // destination: a failover test image is exported
-  bool initial_sync = false;         // the transfer under way (or due) is the initial copy
-  bool transferring = false;         // source: a transfer is under way
+  bool test_running = false;  // destination: a failover test image is exported
+  bool initial_sync = false;  // the transfer under way (or due) is the initial copy
+  bool transferring = false;  // source: a transfer is under way
   std::uint64_t committed_cycle = 0;
   std::uint64_t transfer_cycle = 0;
   RestartAddress restart;
-  std::uint64_t lag_bytes = 0;       // source: dirty + frozen bytes not yet committed
-  std::uint64_t bytes_shipped = 0;   // source: extent bytes sent
-  std::uint64_t bytes_reshipped = 0; // source: sent again after a resume
+  std::uint64_t lag_bytes = 0;        // source: dirty + frozen bytes not yet committed
+  std::uint64_t bytes_shipped = 0;    // source: extent bytes sent
+  std::uint64_t bytes_reshipped = 0;  // source: sent again after a resume
   std::uint64_t transfer_bytes_total = 0;
   std::uint64_t transfer_bytes_done = 0;
   std::optional<std::chrono::system_clock::time_point> transfer_started;
-  std::uint64_t resumes = 0;         // source: transfers resumed from a restart address
-  std::uint64_t diverged_blocks = 0; // destination in Failed_Over: blocks that reprotect will overwrite
+  std::uint64_t resumes = 0;          // source: transfers resumed from a restart address
+  std::uint64_t diverged_blocks = 0;  // destination in Failed_Over: blocks that reprotect will overwrite
   std::optional<std::chrono::system_clock::time_point> last_sync;
   std::uint64_t last_sync_duration_ms = 0;
-  std::string error;                 // why it is refused / paused
+  std::string error;  // why it is refused / paused
   std::vector<std::uint64_t> generations;
 };
 
@@ -177,6 +194,7 @@ class Session {
   void set_rate_limit(std::uint64_t bytes_per_s);
 
  private:
+  friend class Transfer;
   class CowHook;
   struct NoteOnExit;
   struct Member {
@@ -186,10 +204,6 @@ class Session {
     std::unique_ptr<engine::PreserveLog> preserve;
     std::unique_ptr<engine::CycleJournal> journal;
     std::unique_ptr<CowHook> hook;
-    // Failover test (destination): the image, the env that opens it, the volume over it.
-    std::unique_ptr<engine::TestImage> test_image;
-    std::unique_ptr<engine::DeviceEnv> test_env;
-    std::unique_ptr<engine::Volume> test_volume;
   };
   enum class Plan { wait, initial, cycle, finish, refused };
 
@@ -202,8 +216,7 @@ class Session {
   std::string preserve_path(const Member& m) const;
   std::uint64_t total_bytes() const;
   std::pair<std::size_t, std::uint64_t> locate(std::uint64_t global) const;
-  asio::awaitable<Status> send(MsgType t, std::vector<std::byte> payload,
-                               std::span<const std::byte> data = {});
+  asio::awaitable<Status> send(MsgType t, std::vector<std::byte> payload, std::span<const std::byte> data = {});
 
   // Source.
   asio::awaitable<void> run_source();
@@ -211,27 +224,12 @@ class Session {
   asio::awaitable<Status> on_peer_hello(const SessionHello& h);
   asio::awaitable<Status> cut();
   asio::awaitable<Result<std::vector<engine::BlockBitmap>>> freeze_all();
-  // A transfer; it returns only once none of its read-ahead runs any more (they use the
-  // cycle's preserve logs, which a role change or finish_cycle frees).
-  asio::awaitable<Status> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
-  asio::awaitable<Status> ship_extents(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
-  asio::awaitable<Status> read_extent(std::size_t mi, std::uint64_t offset, std::uint32_t len,
-                                      const engine::IoBuffer& buf, bool frozen_view);
-  asio::awaitable<Status> wait_window(std::uint64_t conn_gen);
-  // A read of an extent to ship, started ahead of the sender.
-  struct AheadRead {
-    std::size_t mi = 0;
-    std::uint64_t off = 0;
-    std::uint32_t len = 0;
-    engine::IoBuffer buf;
-    bool done = false;
-    Status status;
-  };
-  static constexpr std::size_t kReadAheadMax = 128;
-  static constexpr std::uint64_t kReadAheadBytes = 8ull << 20;
-  std::shared_ptr<AheadRead> start_read(std::size_t mi, std::uint64_t off, std::uint32_t len, bool frozen_view);
-  std::size_t reads_in_flight_ = 0;
-  WaitQueue reads_done_;
+  // A transfer (transfer.h) from its sync_begin to its end; a committed one is recorded here
+  // (a cycle's end: finish_cycle).
+  asio::awaitable<TransferOutcome> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
+  // Before an initial sync from offset 0: the dirty maps are cut (the whole volume ships).
+  asio::awaitable<Status> begin_initial();
+  asio::awaitable<Status> complete_reprotect(bool nothing_shipped);
   asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
 
@@ -249,7 +247,7 @@ class Session {
 
   // Failover and reprotect (session_failover.cpp).
   asio::awaitable<ActionResult> unplanned_failover();
-  asio::awaitable<void> retry_pause();  // before asking the peer again
+  asio::awaitable<void> retry_pause();           // before asking the peer again
   asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
   asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
   asio::awaitable<Status> become_source();
@@ -267,11 +265,13 @@ class Session {
   asio::awaitable<Status> open_test(bool resume);  // resume: after a restart, the overlay as it was
   asio::awaitable<ActionResult> stop_test();
   asio::awaitable<void> close_test_volumes();
-  bool test_running_ = false;
-  bool exchange_done_ = false;        // reprotect: the peer's changed blocks are in our dirty map
+  // The failover test running here (destination), or nullptr. It observes the apply.
+  std::unique_ptr<FailoverTest> test_;
+  [[nodiscard]] bool test_running() const { return test_ != nullptr; }
+  bool exchange_done_ = false;                 // reprotect: the peer's changed blocks are in our dirty map
   std::vector<engine::BlockBitmap> incoming_;  // reprotect: the peer's changed blocks, per member
-  WaitQueue progress_;                // a cycle committed, a hello arrived, a phase changed
-  std::size_t background_ = 0;        // failover/reprotect tasks running
+  WaitQueue progress_;                         // a cycle committed, a hello arrived, a phase changed
+  std::size_t background_ = 0;                 // failover/reprotect tasks running
   bool timer_running_ = false;
   // Destination: the staged cycle, its apply and the failover test's image are used across
   // co_awaits by the receive loop (data messages), by operators' actions (pause, failover,
@@ -283,11 +283,11 @@ class Session {
   WaitQueue handled_;
   std::uint64_t next_request_ = 1;
   std::map<std::uint64_t, std::shared_ptr<PendingControl>> control_waits_;
-  bool busy_ = false;           // source: the run loop is in a transfer step
-  WaitQueue idle_;              // notified when busy_ drops
-  bool peer_paused_ = false;    // the peer's hello said it is paused
-  bool peer_ndu_ = false;       // the peer said it is going down for maintenance
-  bool control_busy_ = false;   // one control action at a time
+  bool busy_ = false;          // source: the run loop is in a transfer step
+  WaitQueue idle_;             // notified when busy_ drops
+  bool peer_paused_ = false;   // the peer's hello said it is paused
+  bool peer_ndu_ = false;      // the peer said it is going down for maintenance
+  bool control_busy_ = false;  // one control action at a time
   WaitQueue control_idle_;
 
   // Destination.
@@ -312,14 +312,13 @@ class Session {
   bool stopping_ = false;
   bool running_ = false;
   WaitQueue wake_;
-  WaitQueue window_;
   WaitQueue done_;
   engine::Clock& clock_;  // the first member's env's: time, timers and chance
   std::unique_ptr<engine::Timer> timer_;
   bool sync_requested_ = false;
   std::string error_;
-  std::string state_name_;
-  std::optional<State> logged_state_;  // note_state()
+  Activity activity_ = Activity::initializing;  // what the shown state derives from (shown_state())
+  std::optional<State> logged_state_;           // note_state()
 
   // Source run state.
   Plan plan_ = Plan::wait;
@@ -330,56 +329,53 @@ class Session {
   bool need_new_generation_ = true;  // until the first hello: writes before it bump
   bool bumping_ = false;
   WaitQueue bump_done_;
-  std::uint64_t acked_offset_ = 0;
-  std::uint64_t sent_end_ = 0;
-  std::deque<std::pair<std::uint64_t, std::uint64_t>> unacked_;  // (end offset, bytes) sent, not acked
-  std::uint64_t unacked_bytes_ = 0;
-  std::uint64_t acked_cycle_ = 0;
-  std::uint64_t committed_seen_ = ~0ull;  // last Committed received (~0 = none)
-  // What the peer may answer on this link; anything else it sends is refused (the link closes
-  // with the reason logged). Reset by attach().
-  std::optional<std::uint64_t> shipping_cycle_;   // the transfer begun on this link (0 = initial sync)
-  std::uint64_t issued_end_ = 0;                  // its furthest byte handed to the link
-  std::optional<std::uint64_t> awaiting_commit_;  // cycle_end sent, Committed not yet received
-  [[nodiscard]] std::string check_answer(const Ack& a) const;
-  [[nodiscard]] std::string check_answer(const HashResult& r) const;
-  [[nodiscard]] std::string check_answer(const Committed& c) const;
-  std::uint64_t high_water_ = 0;          // furthest offset sent in the current transfer
-  std::uint64_t high_water_cycle_ = ~0ull;
-  std::uint64_t pending_hashes_ = 0;
-  std::deque<std::pair<std::uint64_t, std::uint32_t>> resend_;
-  std::uint64_t bytes_shipped_ = 0;
-  std::uint64_t extents_sent_ = 0;
-  std::uint64_t corrupted_ = 0;
+  // The transfer begun on this link (nullptr: none since it came up). The destination's
+  // answers go to it; anything they say about another transfer is refused.
+  std::shared_ptr<Transfer> transfer_;
+  // Where the destination durably has the transfer up to (its restart address), kept after the
+  // transfer ends: host writes below it in the same cycle need no copy-on-write.
+  RestartAddress restart_;
   engine::Timer* pacing_ = nullptr;  // pace()'s wait, while there is one
-  transport::RateLimiter limiter_;  // SessionOptions::rate_limit_bytes_per_s, on extent data
+  transport::RateLimiter limiter_;   // SessionOptions::rate_limit_bytes_per_s, on extent data
   asio::awaitable<void> pace(std::uint64_t bytes);
-  std::uint64_t bytes_reshipped_ = 0;
-  std::uint64_t transfer_total_ = 0;
-  std::uint64_t transfer_done_ = 0;
-  std::optional<std::chrono::system_clock::time_point> transfer_started_;
-  std::uint64_t resumes_ = 0;
-  std::optional<std::chrono::system_clock::time_point> last_sync_;
-  std::uint64_t last_sync_ms_ = 0;
+  // What the status shows of the source's transfers.
+  struct Counters {
+    std::uint64_t bytes_shipped = 0;
+    std::uint64_t bytes_reshipped = 0;  // sent again after a resume
+    std::uint64_t resumes = 0;
+    std::uint64_t extents_sent = 0;  // for the corrupt_extent_every probe
+    std::uint64_t corrupted = 0;
+    std::uint64_t high_water = 0;  // furthest offset sent in the current transfer
+    std::uint64_t high_water_cycle = ~0ull;
+    std::uint64_t transfer_total = 0;
+    std::uint64_t transfer_done = 0;
+    std::optional<std::chrono::system_clock::time_point> transfer_started;
+    std::optional<std::chrono::system_clock::time_point> last_sync;
+    std::uint64_t last_sync_ms = 0;
+  } counters_;
 
-  // Destination run state.
-  std::optional<TransferMode> dmode_;
-  std::uint64_t dcycle_ = 0;
-  std::uint64_t dnext_ = 0;  // where the next extent must start (at least)
+  // Destination: the transfer being received, from its sync_begin to its end (nullopt: none).
+  // A new sync_begin replaces it whole.
   struct Pending {
     std::size_t member;
     engine::JournalExtent e;
     engine::IoBuffer data;
   };
-  std::vector<Pending> pending_;
-  std::uint64_t pending_bytes_ = 0;
-  std::uint64_t since_checkpoint_ = 0;
-  std::uint64_t dbatch_ = 8ull << 20;
-  std::uint64_t dcheckpoint_ = 32ull << 20;
-  std::uint64_t processed_end_ = 0;
-  // When the transfer being staged began here (its sync_begin): the destination's
-  // last_sync_duration runs from it to the cycle applied.
-  std::optional<std::chrono::steady_clock::time_point> dtransfer_started_;
+  struct Receiving {
+    TransferMode mode = TransferMode::cycle;
+    std::uint64_t cycle = 0;
+    std::uint64_t next = 0;           // where the next extent must start (at least)
+    std::uint64_t processed_end = 0;  // initial sync: everything below is written or matched
+    std::uint64_t since_checkpoint = 0;
+    std::uint64_t batch = 0;       // staged bytes per acknowledgement (within the source's window)
+    std::uint64_t checkpoint = 0;  // initial-sync bytes per checkpoint
+    // When it began here: the destination's last_sync_duration runs from it to the apply.
+    std::chrono::steady_clock::time_point started;
+    std::vector<Pending> pending;  // received, not yet written to the journal
+    std::uint64_t pending_bytes = 0;
+    std::set<std::uint64_t> awaiting_data;  // compare mode: extents that differed, not received yet
+  };
+  std::optional<Receiving> recv_;
   std::uint64_t received_high_ = 0;  // furthest initial-sync byte received since this process started
   // Initial-sync writes in flight: the receive loop goes on to the next frame while they run;
   // a checkpoint (and every change of transfer) waits for them first.
@@ -391,7 +387,6 @@ class Session {
   // Source: extent frames queued on the connection and not yet written.
   static constexpr std::size_t kSendsInFlight = 64;
   TaskGroup sends_{ex_};
-  std::set<std::uint64_t> awaiting_data_;
 };
 
 }  // namespace tandem::replication

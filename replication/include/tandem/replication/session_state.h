@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "tandem/common/result.h"
+#include "tandem/replication/control.h"
 #include "tandem/replication/messages.h"
 
 namespace tandem::replication {
@@ -30,15 +31,15 @@ struct SessionState {
   static constexpr std::uint8_t kVersion = 2;  // 1: without the control flags (read as unpaused)
 
   Role role = Role::source;
-  bool paired = false;                         // has been part of this pair
-  InitialState initial = InitialState::none;   // destination: initial sync progress
-  std::uint64_t initial_offset = 0;            // destination: durable restart address of it
-  std::uint64_t committed_cycle = 0;           // last cycle both sides agree is committed
+  bool paired = false;                        // has been part of this pair
+  InitialState initial = InitialState::none;  // destination: initial sync progress
+  std::uint64_t initial_offset = 0;           // destination: durable restart address of it
+  std::uint64_t committed_cycle = 0;          // last cycle both sides agree is committed
   // Source: the cycle whose frozen set is in the cycle area (cut, not yet committed).
   // Destination: the cycle being staged in the journal. 0 = none.
   std::uint64_t transfer_cycle = 0;
-  std::uint64_t applying_cycle = 0;            // destination: commit record (journal being applied)
-  std::uint64_t next_cycle = 1;                // source: number of the next cut
+  std::uint64_t applying_cycle = 0;  // destination: commit record (journal being applied)
+  std::uint64_t next_cycle = 1;      // source: number of the next cut
   // When the last cycle committed (Unix time, ms; 0 = never): last_sync_timestamp, kept across
   // restarts so that the age of a destination's image is known before an unplanned failover.
   // In what was version 1's reserved sixth word, always written 0 before.
@@ -53,6 +54,31 @@ struct SessionState {
   std::uint64_t failover_gen = 0;  // the generation both sides shared when the roles swapped
   bool operator==(const SessionState&) const = default;
 };
+
+// What a session is doing, as far as the state it shows goes (kept in memory only; the phase
+// and the pause, which are durable, are in SessionState).
+enum class Activity : std::uint8_t {
+  initializing,   // the initial copy is due or under way: the destination is not consistent
+  ok,             // in step with the peer
+  synchronizing,  // a cycle ships
+  link_lost,      // the link to the peer went down (System_Paused until its next hello)
+  refused,        // the session was refused (split brain, wrong sizes, ...): Error
+};
+
+// Everything the shown state depends on.
+struct StateFacts {
+  Activity activity = Activity::ok;
+  Phase phase = Phase::none;
+  bool paused = false;       // paused by an operator (durable)
+  bool connected = false;    // the link is up
+  bool peer_paused = false;  // the peer's hello said it is paused
+  bool peer_ndu = false;     // the peer announced a maintenance shutdown
+};
+
+// The state the control API shows, in order of precedence: Error; a failover phase; Paused;
+// Initializing; System_Paused (paused on the peer only, or the link lost); Paused_For_NDU (the
+// peer is down for maintenance); else OK or Synchronizing.
+State shown_state(const StateFacts& f);
 
 std::vector<std::uint8_t> encode_state(const SessionState& s);
 // An empty blob (never written) gives the defaults for `role`.

@@ -1,0 +1,90 @@
+#include "tandem/replication/plan.h"
+
+namespace tandem::replication {
+
+namespace {
+SourcePlan refusal(errc code, std::string why, SyncDecision d = SyncDecision::in_sync) {
+  SourcePlan p;
+  p.kind = SourcePlan::Kind::refuse;
+  p.code = code;
+  p.why = std::move(why);
+  p.decision = d;
+  return p;
+}
+}  // namespace
+
+SourcePlan plan(const SourceView& local, const SessionHello& peer) {
+  const std::string& id = local.session_id;
+  if (peer.role != Role::destination) {
+    return refusal(errc::wrong_role, "the peer's side of session " + id + " is also a source");
+  }
+  if (peer.members.size() != local.members.size()) {
+    return refusal(errc::mismatched_volumes, "the peer has " + std::to_string(peer.members.size()) +
+                                                 " volumes in session " + id + ", this side " +
+                                                 std::to_string(local.members.size()));
+  }
+  for (std::size_t i = 0; i < local.members.size(); ++i) {
+    if (peer.members[i].size_bytes != local.members[i].size_bytes) {
+      return refusal(errc::mismatched_volumes, "volume " + local.members[i].volume_id + " is " +
+                                                   std::to_string(local.members[i].size_bytes) +
+                                                   " bytes but the peer's " + peer.members[i].volume_id + " is " +
+                                                   std::to_string(peer.members[i].size_bytes));
+    }
+  }
+  SourcePlan p;
+  if (local.phase == Phase::failed_over || local.phase == Phase::reprotecting) {
+    // The failover decided the direction; the histories meet again with reprotect's first
+    // cycle. Nothing ships before reprotect has the union of both sides' changes.
+    p.kind = SourcePlan::Kind::await_reprotect;
+    return p;
+  }
+  const SyncDecision d = decide(GenerationView{local.generations, true}, GenerationView{peer.generations, peer.paired});
+  switch (d) {
+    case SyncDecision::split_brain:
+      return refusal(errc::split_brain,
+                     "split brain: both sides were written since they last agreed (local " +
+                         describe(local.generations) + ", peer " + describe(peer.generations) +
+                         "); nothing was changed on either side. Choose the side to keep",
+                     d);
+    case SyncDecision::unrelated:
+      return refusal(errc::unrelated_volumes,
+                     "unrelated volumes: no common generation (local " + describe(local.generations) + ", peer " +
+                         describe(peer.generations) + "); nothing was changed",
+                     d);
+    case SyncDecision::destination_ahead:
+      return refusal(errc::destination_ahead,
+                     "the peer holds newer data (it was promoted: peer " + describe(peer.generations) + ", local " +
+                         describe(local.generations) + "); reprotect is needed",
+                     d);
+    case SyncDecision::in_sync:
+    case SyncDecision::source_ahead:
+    case SyncDecision::initial_sync:
+      break;
+  }
+  p.decision = d;
+  if (peer.initial == InitialState::running) {
+    // Resumed in the mode it started in: a compare goes on comparing (what the destination
+    // already holds beyond the restart address is not shipped again).
+    p.kind = SourcePlan::Kind::initial;
+    p.mode = peer.initial_compare ? TransferMode::initial_compare : TransferMode::initial_full;
+    p.start = peer.initial_offset;
+  } else if (d == SyncDecision::initial_sync) {
+    p.kind = SourcePlan::Kind::initial;
+    p.mode = peer.blank ? TransferMode::initial_full : TransferMode::initial_compare;
+    p.start = 0;
+  } else if (local.transfer_cycle != 0) {
+    if (peer.committed_cycle >= local.transfer_cycle) {
+      // The destination committed it; the acknowledgement was lost.
+      p.kind = SourcePlan::Kind::finish;
+    } else {
+      p.kind = SourcePlan::Kind::cycle;
+      p.start = peer.staged_cycle == local.transfer_cycle ? peer.staged_offset : 0;
+    }
+  } else {
+    p.kind = SourcePlan::Kind::idle;
+    p.cut_now = peer.committed_cycle == 0;  // the first cycle makes the destination consistent
+  }
+  return p;
+}
+
+}  // namespace tandem::replication

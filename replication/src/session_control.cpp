@@ -1,0 +1,252 @@
+// Session, the operator's actions: the control table's verdict, pause and resume on both sites,
+// and the control requests between the peers that carry them, answered by request id.
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <cstring>
+
+#include "session_internal.h"
+#include "tandem/common/hash.h"
+#include "tandem/replication/errc.h"
+#include "transfer.h"
+
+namespace tandem::replication {
+
+namespace {
+// How long a control request waits for the peer's answer. The peer answers a pause only once
+// its transfer stopped at an extent boundary (at most a window of acknowledgements away).
+constexpr std::chrono::seconds kControlTimeout{10};
+}  // namespace
+
+asio::awaitable<std::optional<ControlReply>> Session::request(ControlOp op, bool resume_to_sync, std::uint64_t value) {
+  if (!conn_) co_return std::nullopt;
+  const std::uint64_t id = next_request_++;
+  auto p = std::make_shared<PendingControl>();
+  p->timer = clock_.make_timer(ex_);
+  control_waits_[id] = p;
+  asio::co_spawn(
+      ex_,
+      [](std::shared_ptr<PendingControl> pc) -> asio::awaitable<void> {
+        if (!co_await pc->timer->wait_for(kControlTimeout)) co_return;  // cancelled: answered
+        pc->lost = true;
+        pc->wq.notify_all();
+      }(p),
+      abort_on_exception);
+  const Control msg{opts_.id, id, op, resume_to_sync, value};
+  std::vector<std::byte> bytes = encode(msg);
+  Status st = co_await send(MsgType::control, std::move(bytes));
+  if (!st) p->lost = true;
+  while (!p->reply && !p->lost) co_await p->wq.wait();
+  p->timer->cancel();
+  control_waits_.erase(id);
+  co_return p->reply;
+}
+
+asio::awaitable<Status> Session::on_control_reply(const ControlReply& r) {
+  auto it = control_waits_.find(r.request_id);
+  if (it == control_waits_.end()) co_return Status{};  // answered too late: the asker gave up
+  it->second->reply = r;
+  it->second->wq.notify_all();
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::reply_control(const Control& c, bool ok, std::uint64_t restart, std::string message,
+                                               std::uint64_t value) {
+  const ControlReply r{opts_.id, c.request_id, ok, restart, std::move(message), value};
+  std::vector<std::byte> bytes = encode(r);
+  co_return co_await send(MsgType::control_reply, std::move(bytes));
+}
+
+asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
+  if (!state_.paused) state_.resume_to_sync = resume_to_sync;
+  state_.paused = true;
+  TANDEM_CO_TRY(co_await persist());
+  if (state_.role == Role::source) {
+    // The transfer stops at the next extent boundary; wait until it has.
+    wake_.notify_all();
+    while (busy_) co_await idle_.wait();
+  } else {
+    // Not in the middle of a data message: what it stages is whole.
+    auto held = co_await dest_mu_.scoped();
+    if (!recv_) co_return Status{};
+    // Everything received becomes durable and acknowledged: it is the restart address.
+    if (recv_->mode == TransferMode::cycle) {
+      TANDEM_CO_TRY(co_await stage_flush());
+    } else {
+      TANDEM_CO_TRY(co_await initial_checkpoint());
+    }
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_control(const Control& c) {
+  if (c.op == ControlOp::resume) {
+    if (!state_.paused) {
+      // Already running here: a resume whose answer was lost with the link (this side resumed,
+      // the asker did not hear it) is asked again, and must not leave the asker paused for good.
+      // Found by the simulation (seed 5032).
+      spdlog::info("session {}: resume asked by the peer: not paused here", opts_.id);
+      peer_paused_ = false;
+      wake_.notify_all();
+      co_return co_await reply_control(c, true, 0, {});
+    }
+    state_.paused = false;
+    state_.local_only_paused = false;
+    peer_paused_ = false;
+    TANDEM_CO_TRY(co_await persist());
+    spdlog::info("session {}: resumed by the peer", opts_.id);
+    wake_.notify_all();
+    co_return co_await reply_control(c, true, 0, {});
+  }
+  if (state_.role == Role::destination) {
+    // From the source, which has stopped shipping: make what arrived durable and say where
+    // the transfer goes on.
+    TANDEM_CO_TRY(co_await pause_here(c.resume_to_sync));
+    state_.local_only_paused = false;
+    peer_paused_ = true;
+    TANDEM_CO_TRY(co_await persist());
+    // The initial sync's checkpoint while it runs; else the staged end of the cycle in flight,
+    // or 0: no cycle is staged here, so the next one starts at its beginning (the initial sync's
+    // final checkpoint, the volume's end, is no place to start a cycle).
+    const std::uint64_t restart = state_.initial != InitialState::done ? state_.initial_offset
+                                  : state_.transfer_cycle != 0         ? staged_global_end()
+                                                                       : 0;
+    spdlog::info("session {}: paused by the peer; restart address offset {}", opts_.id, restart);
+    co_return co_await reply_control(c, true, restart, {});
+  }
+  // A source asked by its destination: stopping the transfer waits for acknowledgements this
+  // receive loop must go on delivering, so the pause runs beside it and answers when done.
+  side_tasks_.spawn([](Session* self, Control req) -> asio::awaitable<Status> {
+    ActionResult r = co_await self->do_pause(req.resume_to_sync);
+    std::string message = r.message;
+    (void)co_await self->reply_control(req, r.ok() && !self->state_.local_only_paused, 0, std::move(message));
+    co_return Status{};  // the outcome is the reply (and logged by do_pause)
+  }(this, c));
+  co_return Status{};
+}
+
+asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
+  Status st = co_await pause_here(resume_to_sync);
+  if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
+  bool both = false;
+  if (conn_) {
+    auto reply = co_await request(ControlOp::pause, state_.resume_to_sync);
+    both = reply && reply->ok;
+    if (both && state_.role == Role::source && (plan_ == Plan::initial || plan_ == Plan::cycle)) {
+      plan_start_ = reply->restart_offset;  // the destination's durable point: resume there
+    }
+    if (reply && !reply->ok) spdlog::warn("session {}: the peer did not pause: {}", opts_.id, reply->message);
+  }
+  state_.local_only_paused = !both;
+  if (both) peer_paused_ = true;
+  st = co_await persist();
+  if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
+  if (both) {
+    spdlog::info("session {}: paused on both sites{}", opts_.id,
+                 state_.resume_to_sync ? " (a synchronization will go on from its restart address)" : "");
+  } else {
+    spdlog::warn("session {}: paused on this site only: the peer {} is unreachable", opts_.id, opts_.peer_name);
+  }
+  co_return ActionResult{};
+}
+
+asio::awaitable<ActionResult> Session::do_resume() {
+  auto reply = co_await request(ControlOp::resume, false);
+  if (!reply || !reply->ok) {
+    std::string why = reply ? reply->message : "the peer " + opts_.peer_name + " did not answer";
+    co_return ActionResult{Verdict::failed, "Operation resume failed: " + why + "."};
+  }
+  state_.paused = false;
+  state_.local_only_paused = false;
+  peer_paused_ = false;
+  Status st = co_await persist();
+  if (!st) co_return ActionResult{Verdict::failed, "resume failed: " + st.error().message()};
+  spdlog::info("session {}: resumed on both sites", opts_.id);
+  wake_.notify_all();
+  co_return ActionResult{};
+}
+
+asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
+  NoteOnExit note{this};
+  // One action at a time per session: the second waits for the first, then is judged on the
+  // state the first left.
+  while (control_busy_) co_await control_idle_.wait();
+  control_busy_ = true;
+  struct Release {
+    Session* s;
+    ~Release() {
+      s->control_busy_ = false;
+      s->control_idle_.notify_one();
+    }
+  } release{this};
+  Situation sit;
+  sit.state = state();
+  sit.role = state_.role;
+  sit.local_only_paused = state_.local_only_paused;
+  sit.peer_reachable = conn_ != nullptr;
+  sit.resume_to_sync = state_.resume_to_sync;
+  sit.force = args.force;
+  sit.test_running = test_running();
+  Decision d = decide(a, sit);
+  if (d.verdict == Verdict::accept && a == Action::failover_planned && conn_) {
+    // A failover test on the destination is the peer's state: ask before accepting, then judge
+    // again on the state after the wait (the peer may have gone meanwhile).
+    auto reply = co_await request(ControlOp::failover_check, false, 0);
+    if (!reply) {
+      d.verdict = Verdict::failed;
+      d.message = "Operation " + std::string(action_name(a)) + " failed: the peer " + opts_.peer_name +
+                  " did not answer whether it can take over; try again.";
+    } else if (!reply->ok) {
+      d.verdict = Verdict::not_allowed;
+      d.message = "Operation " + std::string(action_name(a)) + " is not allowed: " + reply->message + ".";
+    } else {
+      sit.state = state();
+      sit.peer_reachable = conn_ != nullptr;
+      sit.local_only_paused = state_.local_only_paused;
+      d = decide(a, sit);
+    }
+  }
+  if (d.verdict != Verdict::accept) {
+    spdlog::info("session {}: {} refused: {}", opts_.id, action_name(a), d.message);
+    co_return ActionResult{d.verdict, d.message};
+  }
+  spdlog::info("session {}: {} accepted in state {}", opts_.id, action_name(a), state_name(sit.state));
+  switch (a) {
+    case Action::pause: {
+      const bool was_syncing = sit.state == State::synchronizing || sit.state == State::system_paused ||
+                               (sit.state == State::paused && state_.resume_to_sync);
+      co_return co_await do_pause(was_syncing);
+    }
+    case Action::resume:
+      co_return co_await do_resume();
+    case Action::sync:
+      request_sync();
+      co_return ActionResult{};
+    case Action::failover_planned: {
+      state_.phase = Phase::failing_over;
+      state_.reverse = args.reverse;
+      Status st = co_await persist();
+      if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
+      start_background(run_planned_failover());
+      co_return ActionResult{};
+    }
+    case Action::failover_unplanned:
+      co_return co_await unplanned_failover();
+    case Action::start_test:
+      co_return co_await start_test();
+    case Action::stop_test:
+      co_return co_await stop_test();
+    case Action::reprotect: {
+      state_.phase = Phase::reprotecting;
+      exchange_done_ = false;
+      Status st = co_await persist();
+      if (!st) co_return ActionResult{Verdict::failed, "reprotect failed: " + st.error().message()};
+      start_background(run_reprotect());
+      co_return ActionResult{};
+    }
+  }
+  TANDEM_ASSERT(false && "an action without a case");
+  co_return ActionResult{Verdict::failed, "unknown action"};
+}
+
+}  // namespace tandem::replication

@@ -1,0 +1,301 @@
+// Session, the destination's side: the initial sync written in place with its durable
+// checkpoints, cycles staged in the journal and acknowledged in batches, and the commit: the
+// commit record, the apply (observed by a failover test's image), the flush, the answer.
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <cstring>
+
+#include "failover_test.h"
+#include "session_internal.h"
+#include "tandem/common/hash.h"
+#include "tandem/replication/errc.h"
+
+namespace tandem::replication {
+
+asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
+  if (state_.role != Role::destination) co_return Error(errc::wrong_role, "sync begin sent to a source");
+  // Writes of an interrupted transfer finish first (they are below its checkpoint's successor).
+  TANDEM_CO_TRY(co_await dwrites_.wait());
+  // What an interrupted transfer had received and not staged is dropped: the source sends it
+  // again from the restart address.
+  recv_.reset();
+  Receiving r;
+  r.mode = m.mode;
+  r.cycle = m.cycle;
+  r.next = m.start_offset;
+  r.processed_end = m.start_offset;
+  r.started = clock_.steady_now();
+  // Acknowledge well within the source's window, or it would wait for us while we wait for it.
+  r.batch = std::min(opts_.stage_batch_bytes, m.window_bytes / 4);
+  r.checkpoint = std::min(opts_.initial_checkpoint_bytes, m.window_bytes / 2);
+  spdlog::debug("session {}: transfer begins: mode {}, cycle {}, offset {}, {} frozen blocks", opts_.id,
+                static_cast<int>(m.mode), m.cycle, m.start_offset, m.frozen_blocks);
+  if (m.mode != TransferMode::cycle) {
+    if (state_.initial != InitialState::running || m.start_offset != state_.initial_offset) {
+      if (m.start_offset != 0 &&
+          !(state_.initial == InitialState::running && m.start_offset <= state_.initial_offset)) {
+        co_return Error(errc::bad_message, "initial sync resumes at " + std::to_string(m.start_offset) +
+                                               " but this side's checkpoint is " +
+                                               std::to_string(state_.initial_offset));
+      }
+    }
+    state_.paired = true;
+    state_.initial = InitialState::running;
+    state_.initial_offset = m.start_offset;
+    state_.initial_compare = m.mode == TransferMode::initial_compare;
+    state_.committed_cycle = 0;
+    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    activity_ = Activity::initializing;
+    spdlog::info("session {}: initial sync ({}) from {} at offset {}", opts_.id,
+                 m.mode == TransferMode::initial_full ? "full copy" : "compare hashes", opts_.peer_name,
+                 m.start_offset);
+    // What the source sends again is what arrived here but was not yet checkpointed; the source
+    // may have lost count (it crashed), this side has not.
+    if (received_high_ > m.start_offset) {
+      spdlog::info(
+          "session {}: initial sync resumes at offset {}: {} bytes received before the interruption "
+          "are shipped again",
+          opts_.id, m.start_offset, received_high_ - m.start_offset);
+    }
+    recv_ = std::move(r);
+    co_return Status{};
+  }
+  const bool resume = state_.transfer_cycle == m.cycle && m.start_offset > 0;
+  if (resume) {
+    if (staged_global_end() != m.start_offset) {
+      co_return Error(errc::bad_message, "cycle " + std::to_string(m.cycle) + " resumes at " +
+                                             std::to_string(m.start_offset) + " but this side staged up to " +
+                                             std::to_string(staged_global_end()));
+    }
+  } else {
+    if (m.start_offset != 0) co_return Error(errc::bad_message, "a new cycle must start at offset 0");
+    for (auto& mem : members_) {
+      std::string path = journal_path(mem);
+      auto j = co_await engine::CycleJournal::open(*mem.m.env, std::move(path), m.cycle,
+                                                   engine::CycleJournal::capacity_for(m.frozen_blocks), false);
+      if (!j) co_return j.error();
+      mem.journal = std::move(j).value();
+    }
+    unsynced_bytes_ = 0;  // a fresh journal
+    state_.transfer_cycle = m.cycle;
+    TANDEM_CO_TRY(co_await persist());
+  }
+  recv_ = std::move(r);
+  if (activity_ != Activity::initializing) activity_ = Activity::synchronizing;
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_extent(const Extent& m) {
+  if (!recv_) co_return Error(errc::bad_message, "extent outside a transfer");
+  if (m.offset < recv_->next || m.offset + m.length > total_bytes()) {
+    if (recv_->mode != TransferMode::initial_compare || !recv_->awaiting_data.contains(m.offset)) {
+      co_return Error(errc::bad_message, "extent at " + std::to_string(m.offset) + " out of order or out of range");
+    }
+  }
+  if (!m.zero && xxh3_64(m.data.data(), m.data.size()) != m.hash) {
+    spdlog::error(
+        "session {}: extent at offset {} ({} bytes) of cycle {} fails its xxh3 hash: corrupted in transit; "
+        "dropping the link to resume",
+        opts_.id, m.offset, m.length, m.cycle);
+    co_return Error(errc::bad_message, "extent hash mismatch at offset " + std::to_string(m.offset));
+  }
+  auto [mi, local] = locate(m.offset);
+  Member& mem = members_[mi];
+  if (local + m.length > mem.m.volume->size_bytes()) co_return Error(errc::bad_message, "extent crosses a volume end");
+  if (recv_->mode != TransferMode::cycle) {
+    if (m.cycle != 0) co_return Error(errc::bad_message, "initial-sync extent with a cycle number");
+    engine::IoBuffer buf;
+    if (!m.zero) {
+      buf = mem.m.env->buffers().allocate(m.length);
+      std::memcpy(buf.data(), m.data.data(), m.length);
+    }
+    TANDEM_CO_TRY(dwrites_.first_error());
+    co_await dwrites_.wait_below(kDestWritesMax);
+    auto write = [](engine::Volume& v, std::uint64_t at, std::uint32_t len, bool zero,
+                    engine::IoBuffer data) -> asio::awaitable<Status> {
+      if (zero) co_return co_await v.zero_replicated(at, len);
+      co_return co_await v.write_replicated(at, len, data);
+    };
+    dwrites_.spawn(write(*mem.m.volume, local, m.length, m.zero, std::move(buf)));
+    recv_->awaiting_data.erase(m.offset);
+    received_high_ = std::max(received_high_, m.offset + m.length);
+    if (m.offset >= recv_->next) {
+      recv_->next = m.offset + m.length;
+      recv_->processed_end = recv_->next;
+    }
+    recv_->since_checkpoint += m.length;
+    if (recv_->since_checkpoint >= recv_->checkpoint) TANDEM_CO_TRY(co_await initial_checkpoint());
+    co_return Status{};
+  }
+  if (m.cycle != recv_->cycle)
+    co_return Error(errc::bad_message,
+                    "extent of cycle " + std::to_string(m.cycle) + " during " + std::to_string(recv_->cycle));
+  Pending p{mi, engine::JournalExtent{local, m.length, m.zero, m.hash}, {}};
+  if (!m.zero) {
+    p.data = mem.m.env->buffers().allocate(m.length);
+    std::memcpy(p.data.data(), m.data.data(), m.length);
+  }
+  recv_->pending_bytes += m.length;
+  recv_->pending.push_back(std::move(p));
+  recv_->next = m.offset + m.length;
+  if (recv_->pending_bytes + unsynced_bytes_ >= recv_->batch) {
+    TANDEM_CO_TRY(co_await stage_flush());
+  } else if (recv_->pending.size() >= engine::CycleJournal::kExtentsPerRecordMax) {
+    // A full record of small extents: written now, made durable (and acknowledged) with the
+    // batch. A crash before the sync loses at most the unacknowledged tail: the journal scan
+    // keeps the valid prefix.
+    TANDEM_CO_TRY(co_await stage_write());
+  }
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::stage_flush() {
+  TANDEM_ASSERT(state_.role == Role::destination && recv_ && recv_->mode == TransferMode::cycle);
+  if (recv_->pending.empty() && unsynced_bytes_ == 0) co_return Status{};
+  TANDEM_CO_TRY(co_await stage_write());
+  for (auto& mem : members_) {
+    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->sync());
+  }
+  unsynced_bytes_ = 0;
+  const Ack ack{opts_.id, recv_->cycle, staged_global_end()};
+  std::vector<std::byte> bytes = encode(ack);
+  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
+  spdlog::debug("session {}: cycle {} staged up to {}", opts_.id, recv_->cycle, staged_global_end());
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::stage_write() {
+  TANDEM_ASSERT(state_.role == Role::destination && recv_);
+  if (recv_->pending.empty()) co_return Status{};
+  // One record per member run; data concatenated.
+  std::size_t i = 0;
+  while (i < recv_->pending.size()) {
+    const std::size_t mi = recv_->pending[i].member;
+    std::size_t j = i;
+    std::uint64_t bytes = 0;
+    while (j < recv_->pending.size() && recv_->pending[j].member == mi &&
+           j - i < engine::CycleJournal::kExtentsPerRecordMax) {
+      if (!recv_->pending[j].e.zero) bytes += recv_->pending[j].e.length;
+      ++j;
+    }
+    Member& mem = members_[mi];
+    engine::IoBuffer data = mem.m.env->buffers().allocate(std::max<std::uint64_t>(bytes, 4096));
+    std::vector<engine::JournalExtent> exts;
+    std::uint64_t at = 0;
+    for (std::size_t k = i; k < j; ++k) {
+      exts.push_back(recv_->pending[k].e);
+      if (!recv_->pending[k].e.zero) {
+        std::memcpy(data.data() + at, recv_->pending[k].data.data(), recv_->pending[k].e.length);
+        at += recv_->pending[k].e.length;
+      }
+    }
+    TANDEM_CO_TRY(co_await mem.journal->append(exts, data));
+    i = j;
+  }
+  unsynced_bytes_ += recv_->pending_bytes;
+  recv_->pending.clear();
+  recv_->pending_bytes = 0;
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::initial_checkpoint() {
+  TANDEM_ASSERT(state_.role == Role::destination && recv_ && recv_->mode != TransferMode::cycle);
+  TANDEM_CO_TRY(co_await dwrites_.wait());
+  for (auto& mem : members_) TANDEM_CO_TRY(co_await mem.m.volume->flush());
+  std::uint64_t durable = recv_->processed_end;
+  if (!recv_->awaiting_data.empty()) durable = std::min(durable, *recv_->awaiting_data.begin());
+  state_.initial_offset = durable;
+  TANDEM_CO_TRY(co_await persist());
+  recv_->since_checkpoint = 0;
+  const Ack ack{opts_.id, 0, durable};
+  std::vector<std::byte> bytes = encode(ack);
+  TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
+  if (!recv_ || recv_->mode != TransferMode::initial_compare)
+    co_return Error(errc::bad_message, "hash outside a compare");
+  if (m.offset < recv_->next || m.offset + m.length > total_bytes())
+    co_return Error(errc::bad_message, "hash out of order");
+  auto [mi, local] = locate(m.offset);
+  Member& mem = members_[mi];
+  if (local + m.length > mem.m.volume->size_bytes()) co_return Error(errc::bad_message, "hash crosses a volume end");
+  engine::IoBuffer buf = mem.m.env->buffers().allocate(m.length);
+  TANDEM_CO_TRY(co_await mem.m.volume->read(local, m.length, buf));
+  const bool match = xxh3_64(buf.data(), m.length) == m.hash;
+  if (!match) recv_->awaiting_data.insert(m.offset);
+  recv_->next = m.offset + m.length;
+  recv_->processed_end = recv_->next;
+  recv_->since_checkpoint += m.length;
+  const HashResult result{opts_.id, m.offset, m.length, match};
+  std::vector<std::byte> bytes = encode(result);
+  TANDEM_CO_TRY(co_await send(MsgType::hash_result, std::move(bytes)));
+  if (recv_->since_checkpoint >= recv_->checkpoint) TANDEM_CO_TRY(co_await initial_checkpoint());
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
+  if (!recv_) co_return Error(errc::bad_message, "cycle end outside a transfer");
+  if (recv_->mode != TransferMode::cycle) {
+    if (!recv_->awaiting_data.empty())
+      co_return Error(errc::bad_message, "initial sync ended with extents still missing");
+    recv_->processed_end = total_bytes();
+    TANDEM_CO_TRY(co_await initial_checkpoint());
+    state_.initial = InitialState::done;
+    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    recv_.reset();
+    spdlog::info("session {}: initial sync from {} complete; consistent after the first cycle", opts_.id,
+                 opts_.peer_name);
+    const Committed done{opts_.id, 0};
+    std::vector<std::byte> bytes = encode(done);
+    TANDEM_CO_TRY(co_await send(MsgType::committed, std::move(bytes)));
+    co_return Status{};
+  }
+  if (m.cycle != recv_->cycle) co_return Error(errc::bad_message, "cycle end for another cycle");
+  TANDEM_CO_TRY(co_await stage_flush());
+  // The commit record: from here on the cycle is applied, whatever happens.
+  state_.applying_cycle = m.cycle;
+  TANDEM_CO_TRY(co_await persist_generations(m.generations));
+  TANDEM_CO_TRY(co_await apply_committed(m.cycle));
+  recv_.reset();
+  const Committed done{opts_.id, m.cycle};
+  std::vector<std::byte> bytes = encode(done);
+  TANDEM_CO_TRY(co_await send(MsgType::committed, std::move(bytes)));
+  co_return Status{};
+}
+
+asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
+  TANDEM_ASSERT(state_.role == Role::destination && state_.applying_cycle == cycle);
+  std::uint64_t bytes = 0;
+  for (std::size_t mi = 0; mi < members_.size(); ++mi) {
+    auto& mem = members_[mi];
+    if (!mem.journal) continue;
+    // Whoever keeps an image of the volume as it was (a failover test) sees the extents first.
+    if (test_) TANDEM_CO_TRY(co_await test_->before_apply(mi, mem.journal->extents()));
+    bytes += mem.journal->staged_bytes();
+    TANDEM_CO_TRY(co_await mem.journal->apply(*mem.m.volume));
+  }
+  state_.committed_cycle = cycle;
+  state_.applying_cycle = 0;
+  state_.transfer_cycle = 0;
+  counters_.last_sync = clock_.system_now();
+  state_.last_sync_unix_ms = unix_ms(*counters_.last_sync);
+  if (recv_) {
+    // As the source counts it: from the transfer's start (or resume) to the cycle in place.
+    const auto took = clock_.steady_now() - recv_->started;
+    counters_.last_sync_ms =
+        static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
+  }
+  TANDEM_CO_TRY(co_await persist());
+  for (auto& mem : members_) {
+    if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->remove());
+    mem.journal.reset();
+  }
+  activity_ = Activity::ok;
+  spdlog::info("session {}: cycle {} committed and applied ({} bytes)", opts_.id, cycle, bytes);
+  co_return Status{};
+}
+
+}  // namespace tandem::replication
