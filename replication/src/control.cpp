@@ -115,6 +115,16 @@ Decision decide(Action a, const Situation& s) {
                 " is not allowed while a failover test is in progress; stop the test first.";
     return d;
   }
+  // A destination without a consistent image cannot show it in a test, and fails over to it only
+  // when forced (the state may say Paused or System_Paused, which hide Initializing).
+  if (!source && !s.consistent && (a == Action::start_test || (a == Action::failover_unplanned && !s.force))) {
+    Decision d = not_allowed(a, s.state);
+    d.message = "Operation " + std::string(action_name(a)) +
+                " is not allowed: this destination has no consistent image yet (its initial sync and first cycle "
+                "have not completed)" +
+                (a == Action::failover_unplanned ? "; use force to fail over to it anyway." : ".");
+    return d;
+  }
   const bool paused_local = s.state == paused && s.local_only_paused;
   switch (a) {
     case Action::pause:

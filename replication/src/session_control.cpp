@@ -98,6 +98,16 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
     wake_.notify_all();
     co_return co_await reply_control(c, true, 0, {});
   }
+  if (state_.phase == Phase::failing_over_for_dr || state_.phase == Phase::failed_over ||
+      state_.phase == Phase::reprotecting) {
+    // Roles swapped or swapping here: a pause set now would hold reprotect's cycle in states
+    // where resume is not allowed. Found by the simulation (seed 299 of the failover runs): a
+    // pause asked before a role change reached the new source in Reprotecting, which then
+    // waited for a resume nobody could give. (A planned failover still in Failing_Over takes
+    // the pause: the asker's resume lifts it.)
+    std::string why = "this side is " + std::string(state_name(state())) + ": no pause during a failover";
+    co_return co_await reply_control(c, false, 0, std::move(why));
+  }
   if (state_.role == Role::destination) {
     // From the source, which has stopped shipping: make what arrived durable and say where
     // the transfer goes on.
@@ -135,7 +145,25 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
     if (both && state_.role == Role::source && (plan_ == Plan::initial || plan_ == Plan::cycle)) {
       plan_start_ = reply->restart_offset;  // the destination's durable point: resume there
     }
-    if (reply && !reply->ok) spdlog::warn("session {}: the peer did not pause: {}", opts_.id, reply->message);
+    if (reply && !reply->ok) {
+      // The peer is in a failover: no pause holds on either side now, not even one that held
+      // here alone before (it could never be resumed: found by the simulation, seed 2 of the
+      // failover runs).
+      spdlog::warn("session {}: the peer refused the pause: {}", opts_.id, reply->message);
+      state_.paused = false;
+      state_.local_only_paused = false;
+      state_.resume_to_sync = false;
+      wake_.notify_all();
+      st = co_await persist();
+      if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
+      co_return ActionResult{Verdict::not_allowed, "Operation pause is not allowed: the peer refused it (" +
+                                                       reply->message + "); the session is not paused."};
+    }
+  }
+  if (!state_.paused) {
+    // A role change lifted the pause while the peer was asked (it belongs to the replication
+    // the role change ended): nothing is paused now.
+    co_return ActionResult{Verdict::failed, "pause failed: the roles changed meanwhile; the session is not paused"};
   }
   state_.local_only_paused = !both;
   if (both) peer_paused_ = true;
@@ -187,6 +215,7 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
   sit.resume_to_sync = state_.resume_to_sync;
   sit.force = args.force;
   sit.test_running = test_running();
+  sit.consistent = state_.role == Role::source || (state_.initial == InitialState::done && state_.committed_cycle > 0);
   Decision d = decide(a, sit);
   if (d.verdict == Verdict::accept && a == Action::failover_planned && conn_) {
     // A failover test on the destination is the peer's state: ask before accepting, then judge

@@ -26,6 +26,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
   r.next = m.start_offset;
   r.processed_end = m.start_offset;
   r.started = clock_.steady_now();
+  r.link = conn_gen_;
   // Acknowledge well within the source's window, or it would wait for us while we wait for it.
   r.batch = std::min(opts_.stage_batch_bytes, m.window_bytes / 4);
   r.checkpoint = std::min(opts_.initial_checkpoint_bytes, m.window_bytes / 2);
@@ -87,7 +88,7 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
 }
 
 asio::awaitable<Status> Session::on_extent(const Extent& m) {
-  if (!recv_) co_return Error(errc::bad_message, "extent outside a transfer");
+  if (!recv_ || recv_->link != conn_gen_) co_return Error(errc::bad_message, "extent outside a transfer");
   if (m.offset < recv_->next || m.offset + m.length > total_bytes()) {
     if (recv_->mode != TransferMode::initial_compare || !recv_->awaiting_data.contains(m.offset)) {
       co_return Error(errc::bad_message, "extent at " + std::to_string(m.offset) + " out of order or out of range");
@@ -158,6 +159,10 @@ asio::awaitable<Status> Session::stage_flush() {
     if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->sync());
   }
   unsynced_bytes_ = 0;
+  // Acknowledged on the link the transfer came on only: a pause asked on a newer link makes a
+  // transfer of a lost one durable, and its source has begun nothing on this one yet (found by
+  // the simulation, seed 335 of the failover runs: the source refused the ack).
+  if (recv_->link != conn_gen_) co_return Status{};
   const Ack ack{opts_.id, recv_->cycle, staged_global_end()};
   std::vector<std::byte> bytes = encode(ack);
   TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
@@ -208,6 +213,7 @@ asio::awaitable<Status> Session::initial_checkpoint() {
   state_.initial_offset = durable;
   TANDEM_CO_TRY(co_await persist());
   recv_->since_checkpoint = 0;
+  if (recv_->link != conn_gen_) co_return Status{};  // a transfer of a lost link (stage_flush)
   const Ack ack{opts_.id, 0, durable};
   std::vector<std::byte> bytes = encode(ack);
   TANDEM_CO_TRY(co_await send(MsgType::ack, std::move(bytes)));
@@ -215,7 +221,7 @@ asio::awaitable<Status> Session::initial_checkpoint() {
 }
 
 asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
-  if (!recv_ || recv_->mode != TransferMode::initial_compare)
+  if (!recv_ || recv_->link != conn_gen_ || recv_->mode != TransferMode::initial_compare)
     co_return Error(errc::bad_message, "hash outside a compare");
   if (m.offset < recv_->next || m.offset + m.length > total_bytes())
     co_return Error(errc::bad_message, "hash out of order");
@@ -237,7 +243,7 @@ asio::awaitable<Status> Session::on_extent_hash(const ExtentHash& m) {
 }
 
 asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
-  if (!recv_) co_return Error(errc::bad_message, "cycle end outside a transfer");
+  if (!recv_ || recv_->link != conn_gen_) co_return Error(errc::bad_message, "cycle end outside a transfer");
   if (recv_->mode != TransferMode::cycle) {
     if (!recv_->awaiting_data.empty())
       co_return Error(errc::bad_message, "initial sync ended with extents still missing");
@@ -280,6 +286,13 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
   state_.committed_cycle = cycle;
   state_.applying_cycle = 0;
   state_.transfer_cycle = 0;
+  if (state_.phase == Phase::reprotecting) {
+    // Reprotect's first cycle: the union of both sides' changes is in place, this side is a
+    // copy of the new source again.
+    state_.phase = Phase::none;
+    state_.failover_gen = 0;
+    spdlog::info("session {}: reprotect complete: this side is a destination of {} again", opts_.id, opts_.peer_name);
+  }
   counters_.last_sync = clock_.system_now();
   state_.last_sync_unix_ms = unix_ms(*counters_.last_sync);
   if (recv_) {

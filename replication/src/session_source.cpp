@@ -18,8 +18,9 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
   SourceView local{opts_.id, {}, generations_, state_.phase, state_.transfer_cycle};
   for (const auto& m : members_) local.members.push_back({m.m.volume->id(), m.m.volume->size_bytes()});
   const SourcePlan p = plan(local, h);
-  const bool histories_compared = p.kind != SourcePlan::Kind::await_reprotect &&
-                                  (p.kind != SourcePlan::Kind::refuse || p.decision != SyncDecision::in_sync);
+  const bool after_failover = state_.phase == Phase::failed_over || state_.phase == Phase::reprotecting;
+  const bool histories_compared =
+      !after_failover && (p.kind != SourcePlan::Kind::refuse || p.decision != SyncDecision::in_sync);
   if (histories_compared) {
     spdlog::info("session {}: connected to {}: local generations {}, peer {}: {}", opts_.id, opts_.peer_name,
                  describe(generations_), describe(h.generations), to_string(p.decision));
@@ -104,13 +105,12 @@ TransferOutcome step_outcome(Status st) {
 }
 }  // namespace
 
-asio::awaitable<Status> Session::complete_reprotect(bool nothing_shipped) {
+asio::awaitable<Status> Session::complete_reprotect() {
   state_.phase = Phase::none;
   state_.failover_gen = 0;
   activity_ = Activity::ok;
   TANDEM_CO_TRY(co_await persist());
-  spdlog::info("session {}: reprotect complete{}: replicating to {} in the new direction", opts_.id,
-               nothing_shipped ? " (nothing to ship)" : "", opts_.peer_name);
+  spdlog::info("session {}: reprotect complete: replicating to {} in the new direction", opts_.id, opts_.peer_name);
   co_return Status{};
 }
 
@@ -142,7 +142,7 @@ asio::awaitable<void> Session::run_source() {
       out = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
       if (out.end == TransferEnd::committed && gen == conn_gen_) plan_ = Plan::wait;
       if (out.end == TransferEnd::committed && state_.phase == Phase::reprotecting && exchange_done_) {
-        out = step_outcome(co_await complete_reprotect(false));
+        out = step_outcome(co_await complete_reprotect());
       }
     } else if (plan_ == Plan::finish) {
       out = step_outcome(co_await finish_cycle(state_.transfer_cycle));
@@ -151,12 +151,12 @@ asio::awaitable<void> Session::run_source() {
       sync_requested_ = false;
       bool dirty = false;
       for (auto& m : members_) dirty = dirty || m.m.volume->dirty().dirty_blocks() > 0;
-      if (!dirty && peer_committed_ > 0) {
+      // Reprotect ends with a cycle even when nothing changed on either side since the
+      // failover: its commit is what tells the destination its image is a copy again.
+      const bool reprotect_due = state_.phase == Phase::reprotecting && exchange_done_;
+      if (!dirty && peer_committed_ > 0 && !reprotect_due) {
         counters_.last_sync = clock_.system_now();
-        // Nothing changed on either side since the failover: reprotected already.
-        if (state_.phase == Phase::reprotecting && exchange_done_)
-          out = step_outcome(co_await complete_reprotect(true));
-        if (out.end == TransferEnd::committed) continue;
+        continue;
       } else {
         out = step_outcome(co_await cut());
         if (out.end == TransferEnd::committed) {

@@ -9,17 +9,24 @@
 // ready has run, to the next timer's deadline, so a run is a pure function of its seed.
 //
 // A host writer on the source stamps blocks in one total order (one write at a time, some with
-// FUA, some followed by a flush) and keeps the model. Operators act at seeded instants: sync,
-// pause and resume from either site, failover test start and stop on the destination.
+// FUA, some followed by a flush) and keeps the model: the history of writes that count. Operators
+// act at seeded instants: sync, pause and resume from either site, failover test start and stop
+// on the destination, planned failover (and failback, with or without "reverse") on the source,
+// unplanned failover on the destination, reprotect on a source that failed over. The host
+// follows the source: at once on an unplanned failover (the writes after the promoted cycle are
+// lost, and leave the history), when the roles have swapped on a planned one.
 // After every step the invariants are checked:
 //   - the destination's image (across every volume of the group) is the source's image after
-//     some prefix of the writes issued: a committed cycle, never a mix;
+//     some prefix of the history: a committed cycle, never a mix, and never a write an
+//     unplanned failover discarded (once reprotect's first cycle has overwritten them);
+//   - an unplanned failover starts from such an image;
 //   - the source's image holds every write acknowledged;
 //   - a failover test image is also a prefix, and does not change while the test runs;
 //   - a session's restart address never moves back within a transfer on one link...
 //     (checked loosely: the destination's committed cycle never goes back);
-// and at the end, with the link restored and the pauses and tests lifted, the destination
-// converges to the source.
+//   - never two destinations; every state shown fits the side's role, and none is Error;
+// and at the end, with the link restored, the pauses and tests lifted and any failover
+// reprotected, the destination converges to the source, both sides OK.
 //
 // Usage: replication_sim [--seed N] [--seeds COUNT] [--first N] [--steps N]. A failure prints
 // the seed and the command that replays it. TANDEM_SIM_SEEDS overrides --seeds.
@@ -292,10 +299,11 @@ class Simulation {
 
   [[nodiscard]] std::string summary() const {
     return "members " + std::to_string(members_) + ", " + std::to_string(blocks_) + " blocks each, rpo " +
-           std::to_string(rpo_seconds_) + " s, " + std::to_string(writes_.size()) + " writes, " +
-           std::to_string(connects_) + " connections, " + std::to_string(corrupted_) + " frames corrupted, " +
-           std::to_string(tests_) + " failover tests, " + std::to_string(pauses_) + " pauses, virtual " +
-           std::to_string(clock_.now() / 1'000'000) + " ms";
+           std::to_string(rpo_seconds_) + " s, " + std::to_string(issued_.size()) + " writes (" +
+           std::to_string(lost_) + " lost to unplanned failovers), " + std::to_string(connects_) + " connections, " +
+           std::to_string(corrupted_) + " frames corrupted, " + std::to_string(tests_) + " failover tests, " +
+           std::to_string(pauses_) + " pauses, " + std::to_string(failovers_) + " failovers, " +
+           std::to_string(reprotects_) + " reprotects, virtual " + std::to_string(clock_.now() / 1'000'000) + " ms";
   }
 
  private:
@@ -435,27 +443,50 @@ class Simulation {
     return out;
   }
 
+  // The host writes to whichever site is its source now (writer_), one write at a time.
   static asio::awaitable<void> host_writes(Simulation* sim, int count) {
-    Site& a = sim->a_;
     for (int i = 0; i < count; ++i) {
+      Site& to = *sim->writer_;
       const std::size_t vol = sim->rng_() % sim->members_;
       const std::uint64_t block = sim->rng_() % sim->blocks_;
       const bool fua = sim->rng_() % 4 == 0;
-      const std::uint64_t seq = sim->writes_.size() + 1;
-      sim->writes_.push_back({seq, vol, block});
-      engine::IoBuffer buf = a.env.buffers().allocate(kBlock);
+      const std::uint64_t seq = sim->next_seq_++;
+      const Write w{seq, vol, block};
+      sim->issued_.emplace(seq, w);
+      sim->history_.push_back(w);
+      engine::IoBuffer buf = to.env.buffers().allocate(kBlock);
       const auto data = stamp(seq, vol, block);
       std::memcpy(buf.data(), data.data(), kBlock);
-      Status st = co_await a.volumes[vol]->write(block * kBlock, kBlock, buf, fua);
-      if (!st) {
-        // Refused (read-only during a failover, say): the model forgets it was ever issued.
-        sim->writes_.pop_back();
+      Status st = co_await to.volumes[vol]->write(block * kBlock, kBlock, buf, fua);
+      if (!st || &to != sim->writer_) {
+        // Refused (read-only during a failover, say): it never happened. Or the host moved to
+        // the other site meanwhile (an unplanned failover): it is lost with the old source.
+        sim->forget(seq);
         break;
       }
       sim->acked_ = seq;
-      if (sim->rng_() % 8 == 0) (void)co_await a.volumes[vol]->flush();
+      if (sim->rng_() % 8 == 0) (void)co_await to.volumes[vol]->flush();
     }
     sim->writer_busy_ = false;
+  }
+
+  // Takes a write out of the history (it is not part of what the sites must hold).
+  void forget(std::uint64_t seq) {
+    for (auto it = history_.begin(); it != history_.end(); ++it) {
+      if (it->seq == seq) {
+        history_.erase(it);
+        return;
+      }
+    }
+  }
+
+  Site& other(Site& s) { return &s == &a_ ? b_ : a_; }
+
+  // The host moved to `s` (a failover): the trackers of the destination start over.
+  void host_moves_to(Site& s) {
+    writer_ = &s;
+    committed_seen_ = 0;
+    dest_prefix_ = 0;
   }
 
   static asio::awaitable<void> operator_action(Simulation* sim, Site* s, Action a, replication::ActionArgs args) {
@@ -470,15 +501,30 @@ class Simulation {
     }
     if (a == Action::stop_test && r.ok()) s->test_image_at_start.reset();
     if (a == Action::pause && r.ok()) ++sim->pauses_;
+    if (a == Action::failover_planned && r.ok()) ++sim->failovers_;
+    if (a == Action::reprotect && r.ok()) ++sim->reprotects_;
+    if (a == Action::failover_unplanned && r.ok()) {
+      // This site is the source now, at the last cycle it committed: the writes after it are
+      // lost (they were at most one cycle), and the host writes here from now on.
+      ++sim->failovers_;
+      const std::uint64_t k = sim->check_prefix(view(co_await sim->read_all(*s, sim->volume_ptrs(*s))),
+                                                "the image an unplanned failover starts from");
+      const auto before = sim->history_.size();
+      std::erase_if(sim->history_, [k](const Write& w) { return w.seq > k; });
+      sim->lost_ += before - sim->history_.size();
+      sim->acked_ = std::min(sim->acked_, k);
+      sim->host_moves_to(*s);
+    }
     s->action_running = false;
   }
 
-  void spawn_action(Site& s, Action a, bool force = false) {
+  void spawn_action(Site& s, Action a, bool force = false, bool reverse = false) {
     if (s.action_running) return;
     if (a == Action::stop_test) check_test_image(s);  // before it goes
     s.action_running = true;
     replication::ActionArgs args;
     args.force = force;
+    args.reverse = reverse;
     asio::co_spawn(*s.ctx, operator_action(this, &s, a, args), rethrow);
   }
 
@@ -490,28 +536,45 @@ class Simulation {
   }
 
   void act_randomly() {
+    Site& src = *writer_;
+    Site& dst = other(src);
     const auto pick = rng_() % 100;
-    if (pick < 45) {
+    if (pick < 42) {
       if (!writer_busy_) {
         writer_busy_ = true;
-        asio::co_spawn(*a_.ctx, host_writes(this, 1 + static_cast<int>(rng_() % 24)), rethrow);
+        asio::co_spawn(*src.ctx, host_writes(this, 1 + static_cast<int>(rng_() % 24)), rethrow);
       }
-    } else if (pick < 52) {
-      spawn_action(a_, Action::sync);
-    } else if (pick < 58) {
+    } else if (pick < 49) {
+      spawn_action(src, Action::sync);
+    } else if (pick < 55) {
       if (conn_) conn_->close("the simulation cut the link");
-    } else if (pick < 68) {
+    } else if (pick < 65) {
       connect();
-    } else if (pick < 72) {
-      if (conn_) conn_->corrupt_next_extent[1] += 1;
-    } else if (pick < 78) {
+    } else if (pick < 68) {
+      if (conn_) conn_->corrupt_next_extent[rng_() % 2] += 1;
+    } else if (pick < 74) {
       spawn_action(rng_() % 2 == 0 ? a_ : b_, Action::pause);
-    } else if (pick < 86) {
+    } else if (pick < 81) {
       spawn_action(rng_() % 2 == 0 ? a_ : b_, Action::resume);
-    } else if (pick < 93) {
-      spawn_action(b_, Action::start_test);
+    } else if (pick < 87) {
+      spawn_action(dst, Action::start_test);
+    } else if (pick < 92) {
+      spawn_action(dst, Action::stop_test);
+    } else if (pick < 95) {
+      spawn_action(src, Action::failover_planned, false, rng_() % 2 == 0);
+    } else if (pick < 97) {
+      spawn_action(dst, Action::failover_unplanned);
     } else {
-      spawn_action(b_, Action::stop_test);
+      spawn_action(src, Action::reprotect);
+    }
+  }
+
+  // A planned failover completes in the background: once the roles have swapped, the host
+  // writes to the new source.
+  void follow_roles() {
+    Site& src = *writer_;
+    if (src.session->role() == Role::destination && other(src).session->role() == Role::source) {
+      host_moves_to(other(src));
     }
   }
 
@@ -542,7 +605,9 @@ class Simulation {
         std::memcpy(&vol, p + 8, 8);
         std::memcpy(&block, p + 16, 8);
         if (seq == 0) continue;
-        if (vol != v || block != b || seq > writes_.size() || std::memcmp(p, stamp(seq, v, b).data(), kBlock) != 0) {
+        const auto it = issued_.find(seq);
+        if (vol != v || block != b || it == issued_.end() || it->second.volume != v || it->second.block != b ||
+            std::memcmp(p, stamp(seq, v, b).data(), kBlock) != 0) {
           violated(what + ": " + vol_id(v) + " block " + std::to_string(b) +
                    " holds no write this block had (torn or misplaced)");
         }
@@ -560,7 +625,9 @@ class Simulation {
       for (auto s : vol) k = std::max(k, s);
     }
     std::vector<std::vector<std::uint64_t>> expect(members_, std::vector<std::uint64_t>(blocks_, 0));
-    for (std::uint64_t i = 0; i < k; ++i) expect[writes_[i].volume][writes_[i].block] = writes_[i].seq;
+    for (const auto& w : history_) {
+      if (w.seq <= k) expect[w.volume][w.block] = w.seq;
+    }
     if (seqs != expect) {
       for (std::size_t v = 0; v < members_; ++v) {
         for (std::uint64_t b = 0; b < blocks_; ++b) {
@@ -588,56 +655,101 @@ class Simulation {
     return true;
   }
 
+  std::vector<engine::Volume*> volume_ptrs(Site& s) {
+    std::vector<engine::Volume*> out;
+    for (auto& v : s.volumes) out.push_back(v.get());
+    return out;
+  }
+
+  static bool in_failover(replication::State st) {
+    return st == replication::State::failing_over || st == replication::State::failing_over_for_dr ||
+           st == replication::State::failed_over || st == replication::State::reprotecting;
+  }
+
   void check() {
-    // Source: every acknowledged write is there (the model after writes 1..acked, plus perhaps
-    // the one in flight).
-    const auto src = seqs_of(visible(a_), "the source");
+    follow_roles();
+    Site& src = *writer_;
+    Site& dst = other(src);
+    // The host's site: every acknowledged write is there (the history up to the last write
+    // acknowledged, plus perhaps the one in flight).
+    const auto held = seqs_of(visible(src), "the source");
     std::vector<std::vector<std::uint64_t>> expect(members_, std::vector<std::uint64_t>(blocks_, 0));
-    for (std::uint64_t i = 0; i < acked_; ++i) expect[writes_[i].volume][writes_[i].block] = writes_[i].seq;
+    for (const auto& w : history_) {
+      if (w.seq <= acked_) expect[w.volume][w.block] = w.seq;
+    }
     for (std::size_t v = 0; v < members_; ++v) {
       for (std::uint64_t b = 0; b < blocks_; ++b) {
-        if (src[v][b] < expect[v][b]) {
+        if (held[v][b] < expect[v][b]) {
           violated("the source lost acknowledged write " + std::to_string(expect[v][b]) + " (" + vol_id(v) + " block " +
                    std::to_string(b) + ")");
         }
       }
     }
-    // Destination: a committed cycle, once it has one.
-    const auto st = b_.session->status();
-    if (st.committed_cycle > 0) {
-      const std::uint64_t k = check_prefix(visible(b_), "the destination");
+    // The other site, once it is a destination with a committed cycle and no failover under
+    // way (until reprotect's first cycle, an old source still holds what it wrote alone): a
+    // committed cycle of the history, never going back.
+    const auto st = dst.session->status();
+    if (dst.session->role() == Role::destination && st.committed_cycle > 0 && !in_failover(st.state) &&
+        !in_failover(src.session->status().state)) {
+      const std::uint64_t k = check_prefix(visible(dst), "the destination");
       if (st.committed_cycle < committed_seen_) violated("the destination's committed cycle went back");
       committed_seen_ = st.committed_cycle;
-      if (k < dest_prefix_ && st.committed_cycle > 0) violated("the destination went back to an older prefix");
+      if (k < dest_prefix_) violated("the destination went back to an older prefix");
       dest_prefix_ = k;
     }
-    if (rng_() % 4 == 0) check_test_image(b_);  // also before every stop
-    if (b_.session->role() != Role::destination || a_.session->role() != Role::source) {
-      violated("a role changed without a failover");
+    if (rng_() % 4 == 0) check_test_image(dst);  // also before every stop
+    if (a_.session->role() == Role::destination && b_.session->role() == Role::destination) {
+      violated("both sites are destinations");
+    }
+    for (Site* x : {&a_, &b_}) check_shown_state(*x);
+  }
+
+  // Every state shown is one the control table has for the side's role, and none is Error: the
+  // simulation forces nothing, so no refusal (split brain, say) is ever right here.
+  void check_shown_state(Site& s) {
+    using replication::State;
+    const auto st = s.session->status();
+    const bool source = s.session->role() == Role::source;
+    const bool fits = source ? st.state != State::failing_over_for_dr : st.state != State::failing_over;
+    if (!fits || st.state == State::error) {
+      violated(s.name + " shows " + std::string(replication::state_name(st.state)) + " as a " +
+               (source ? "source" : "destination") + (st.error.empty() ? "" : ": " + st.error));
     }
   }
 
-  // With the link up, pauses and tests lifted and the writer idle, the destination catches up.
+  // With the link up, pauses and tests lifted, failovers finished and reprotected, and the
+  // writer idle, the destination catches up with the source.
   void settle() {
     for (int i = 0; i < 200 && (writer_busy_ || a_.action_running || b_.action_running); ++i) run_for(100'000'000);
-    if (b_.session->status().test_running) spawn_action(b_, Action::stop_test, true);
-    for (int i = 0; i < 200 && b_.action_running; ++i) run_for(100'000'000);
-    for (int round = 0; round < 50; ++round) {
+    for (int round = 0; round < 60; ++round) {
       connect();
+      follow_roles();
+      Site& src = *writer_;
+      Site& dst = other(src);
       for (Site* s : {&a_, &b_}) {
         const auto st = s->session->status();
-        if (st.state == replication::State::paused && !s->action_running) {
+        if (s->action_running) continue;
+        if (st.test_running) {
+          spawn_action(*s, Action::stop_test, true);
+        } else if (st.state == replication::State::paused) {
           // A pause that reached only this site is issued again with the peer back, then resumed.
           spawn_action(*s, st.local_only_paused ? Action::pause : Action::resume);
+        } else if (st.state == replication::State::failed_over && s->session->role() == Role::source) {
+          spawn_action(*s, Action::reprotect);
         }
       }
-      if (!a_.action_running) spawn_action(a_, Action::sync);
+      if (!src.action_running) spawn_action(src, Action::sync);
       run_for(2'000'000'000);
       check();
-      const auto sa = a_.session->status();
-      if (same(visible(a_), visible(b_)) && sa.lag_bytes == 0) return;
+      const auto ss = src.session->status();
+      const auto ds = dst.session->status();
+      if (src.session->role() == Role::source && dst.session->role() == Role::destination &&
+          ss.state == replication::State::ok && ds.state == replication::State::ok && ss.lag_bytes == 0 &&
+          same(visible(src), visible(dst))) {
+        return;
+      }
     }
-    violated("the destination did not converge to the source after 100 s of virtual time with the link up (state " +
+    violated("the destination did not converge to the source after 120 s of virtual time with the link up (state " +
              std::string(replication::state_name(a_.session->status().state)) + " / " +
              std::string(replication::state_name(b_.session->status().state)) + ")");
   }
@@ -665,8 +777,15 @@ class Simulation {
   Site a_;
   Site b_;
   std::shared_ptr<SimConnection> conn_;
-  std::vector<Write> writes_;
-  std::uint64_t acked_ = 0;
+  // The writes that count: issued, not refused, not lost to an unplanned failover; in order.
+  std::vector<Write> history_;
+  std::map<std::uint64_t, Write> issued_;  // every write ever issued, by sequence number
+  std::uint64_t next_seq_ = 1;
+  std::uint64_t acked_ = 0;  // the last write acknowledged (every one in history_ before it was)
+  Site* writer_ = &a_;       // the site the host writes to: the source
+  std::uint64_t lost_ = 0;
+  std::uint64_t failovers_ = 0;
+  std::uint64_t reprotects_ = 0;
   bool writer_busy_ = false;
   std::uint64_t committed_seen_ = 0;
   std::uint64_t dest_prefix_ = 0;

@@ -203,6 +203,30 @@ TEST(ControlRules, RunningTestBlocksFailoverAndASecondTestOnly) {
   }
 }
 
+// A destination whose image is not a committed cycle yet (initial sync or first cycle not done)
+// shows Paused or System_Paused when paused or cut off: the rows would allow a test and an
+// unplanned failover there. Neither may show or promote a half-copied image (found by the
+// simulation: seed 27, then seed 34 of the failover runs); force still promotes it.
+TEST(ControlRules, InconsistentDestinationRefusesATestAndAnUnforcedFailover) {
+  for (State st : {State::ok, State::synchronizing, State::system_paused, State::paused, State::paused_for_ndu}) {
+    Situation s;
+    s.state = st;
+    s.role = Role::destination;
+    s.consistent = false;
+    Decision d = decide(Action::failover_unplanned, s);
+    EXPECT_EQ(d.verdict, Verdict::not_allowed) << state_name(st);
+    EXPECT_NE(d.message.find("no consistent image"), std::string::npos) << d.message;
+    EXPECT_EQ(decide(Action::start_test, s).verdict, Verdict::not_allowed) << state_name(st);
+    EXPECT_EQ(decide(Action::pause, s).verdict, decide(Action::pause, Situation{st, Role::destination}).verdict);
+    s.force = true;
+    EXPECT_EQ(decide(Action::failover_unplanned, s).verdict, Verdict::accept) << state_name(st);
+    EXPECT_EQ(decide(Action::start_test, s).verdict, Verdict::not_allowed) << state_name(st);
+    s.consistent = true;
+    s.force = false;
+    EXPECT_EQ(decide(Action::failover_unplanned, s).verdict, Verdict::accept) << state_name(st);
+  }
+}
+
 TEST(ControlRules, StopTestNeedsThePeerOrForce) {
   Situation s;
   s.state = State::ok;

@@ -79,6 +79,16 @@ TEST(Plan, AfterAFailoverWaitsForReprotectWhateverTheHistories) {
     const SourcePlan p = plan(source(0, ph), h);
     EXPECT_EQ(p.kind, Kind::await_reprotect);
   }
+  // A cycle cut for reprotect (after the exchange) goes on where it stopped, or is finished.
+  SessionHello staged = destination();
+  staged.generations = {0xc, 0xa};
+  staged.staged_cycle = 9;
+  staged.staged_offset = 8192;
+  SourcePlan p = plan(source(9, Phase::reprotecting), staged);
+  EXPECT_EQ(p.kind, Kind::cycle);
+  EXPECT_EQ(p.start, 8192u);
+  staged.committed_cycle = 9;
+  EXPECT_EQ(plan(source(9, Phase::reprotecting), staged).kind, Kind::finish);
   // But never with volumes that differ.
   SessionHello h = destination();
   h.members[0].size_bytes = 1;

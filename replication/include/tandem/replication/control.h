@@ -56,7 +56,10 @@ struct Situation {
   bool peer_reachable = true;      // the link to the peer is up now
   bool test_running = false;       // a failover test is in progress (destination)
   bool resume_to_sync = false;     // paused while a synchronization was interrupted
-  bool force = false;              // the action's force flag
+  // Destination: its image is a committed cycle (the initial sync and the first cycle are done).
+  // A paused or disconnected destination may not be, whatever the state shows.
+  bool consistent = true;
+  bool force = false;  // the action's force flag
 };
 
 enum class Verdict : std::uint8_t {

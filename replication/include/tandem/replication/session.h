@@ -229,7 +229,7 @@ class Session {
   asio::awaitable<TransferOutcome> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
   // Before an initial sync from offset 0: the dirty maps are cut (the whole volume ships).
   asio::awaitable<Status> begin_initial();
-  asio::awaitable<Status> complete_reprotect(bool nothing_shipped);
+  asio::awaitable<Status> complete_reprotect();
   asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
 
@@ -251,6 +251,7 @@ class Session {
   asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
   asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
   asio::awaitable<Status> become_source();
+  void forget_for_role_change();
   asio::awaitable<Status> become_destination();
   asio::awaitable<Status> on_failover_control(const Control& c);
   asio::awaitable<Status> on_changed_blocks(const ChangedBlocks& m);
@@ -364,6 +365,7 @@ class Session {
   struct Receiving {
     TransferMode mode = TransferMode::cycle;
     std::uint64_t cycle = 0;
+    std::uint64_t link = 0;           // conn_gen_ of the link it came on
     std::uint64_t next = 0;           // where the next extent must start (at least)
     std::uint64_t processed_end = 0;  // initial sync: everything below is written or matched
     std::uint64_t since_checkpoint = 0;
