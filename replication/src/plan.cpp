@@ -1,5 +1,8 @@
 #include "tandem/replication/plan.h"
 
+#include <algorithm>
+#include <optional>
+
 namespace tandem::replication {
 
 namespace {
@@ -94,6 +97,30 @@ SourcePlan plan(const SourceView& local, const SessionHello& peer) {
     p.cut_now = peer.committed_cycle == 0;  // the first cycle makes the destination consistent
   }
   return p;
+}
+
+SourcesMeet when_sources_meet(Phase mine, std::uint64_t my_failover_gen, const std::vector<std::uint64_t>& my_history,
+                              Phase peers, std::uint64_t peer_failover_gen) {
+  const auto failed_over = [](Phase p) {
+    return p == Phase::failed_over || p == Phase::reprotecting || p == Phase::failing_over_for_dr;
+  };
+  const bool i_did = failed_over(mine);
+  const bool peer_did = peers == Phase::failed_over || peers == Phase::reprotecting;
+  const auto age = [&](std::uint64_t g) {  // 0 = my current generation; larger = older
+    const auto it = std::find(my_history.begin(), my_history.end(), g);
+    return it == my_history.end() ? std::optional<std::size_t>{} : std::optional<std::size_t>(it - my_history.begin());
+  };
+  const auto peers_point = age(peer_failover_gen);
+  if (i_did && !peer_did) return SourcesMeet::wait_for_peer;  // the old source steps down
+  if (!i_did && peer_did) return peers_point ? SourcesMeet::step_down : SourcesMeet::neither;
+  if (i_did && peer_did && peers_point) {
+    // Both failed over: the peer's is the newer one when it started from a generation newer
+    // than the point this side failed over from.
+    const auto my_point = age(my_failover_gen);
+    if (!my_point || *peers_point < *my_point) return SourcesMeet::step_down;
+    if (*peers_point > *my_point) return SourcesMeet::wait_for_peer;
+  }
+  return SourcesMeet::neither;
 }
 
 }  // namespace tandem::replication

@@ -11,6 +11,7 @@
 #include "session_internal.h"
 #include "tandem/engine/errc.h"
 #include "tandem/replication/errc.h"
+#include "tandem/replication/plan.h"
 #include "transfer.h"
 
 namespace tandem::replication {
@@ -444,19 +445,16 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       peer_ndu_ = false;
       progress_.notify_all();
       if (state_.role == Role::source && h->role == Role::source) {
-        const bool i_failed_over = state_.phase == Phase::failed_over || state_.phase == Phase::reprotecting ||
-                                   state_.phase == Phase::failing_over_for_dr;
-        const bool peer_failed_over = h->phase == static_cast<std::uint8_t>(Phase::failed_over) ||
-                                      h->phase == static_cast<std::uint8_t>(Phase::reprotecting);
-        if (i_failed_over && !peer_failed_over) {
-          // The old source: it demotes itself when it sees our hello.
-          spdlog::info("session {}: {} is still a source; it steps down when it sees this side failed over", opts_.id,
-                       opts_.peer_name);
-          co_return Status{};
-        }
-        if (!i_failed_over && peer_failed_over &&
-            std::find(generations_.begin(), generations_.end(), h->failover_gen) != generations_.end()) {
-          co_return co_await demote_by_hello(*h);
+        switch (when_sources_meet(state_.phase, state_.failover_gen, generations_, static_cast<Phase>(h->phase),
+                                  h->failover_gen)) {
+          case SourcesMeet::wait_for_peer:
+            spdlog::info("session {}: {} is still a source; it steps down when it sees this side failed over", opts_.id,
+                         opts_.peer_name);
+            co_return Status{};
+          case SourcesMeet::step_down:
+            co_return co_await demote_by_hello(*h);
+          case SourcesMeet::neither:
+            break;
         }
       }
       if (state_.role == Role::source) co_return co_await on_peer_hello(*h);

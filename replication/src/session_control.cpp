@@ -156,6 +156,10 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
       wake_.notify_all();
       st = co_await persist();
       if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
+      // The peer may still count this side as paused (a hello from when it was): tell it that
+      // nothing is paused here, or it would wait for a resume that never comes (found by the
+      // simulation, seed 46 of the crash runs).
+      (void)co_await request(ControlOp::resume, false);
       co_return ActionResult{Verdict::not_allowed, "Operation pause is not allowed: the peer refused it (" +
                                                        reply->message + "); the session is not paused."};
     }

@@ -147,6 +147,13 @@ asio::awaitable<void> Session::run_source() {
     } else if (plan_ == Plan::finish) {
       out = step_outcome(co_await finish_cycle(state_.transfer_cycle));
       if (out.end == TransferEnd::committed) plan_ = Plan::wait;
+      // The destination committed reprotect's cycle and only its answer was lost (it crashed
+      // after the commit): reprotect is complete here too. Left Reprotecting, this side took
+      // itself for a failed-over source and refused the next failover's new source instead of
+      // stepping down (found by the simulation, seed 190 of the crash runs).
+      if (out.end == TransferEnd::committed && state_.phase == Phase::reprotecting && exchange_done_) {
+        out = step_outcome(co_await complete_reprotect());
+      }
     } else if (sync_requested_) {
       sync_requested_ = false;
       bool dirty = false;

@@ -14,7 +14,10 @@
 // on the destination, planned failover (and failback, with or without "reverse") on the source,
 // unplanned failover on the destination, reprotect on a source that failed over. The host
 // follows the source: at once on an unplanned failover (the writes after the promoted cycle are
-// lost, and leave the history), when the roles have swapped on a planned one.
+// lost, and leave the history), when the roles have swapped on a planned one. Either site
+// crashes (SIGKILL) inside a random disk operation: from then on its disk operations fail and
+// its link is gone, what it wrote stays; it winds down and a new process opens the same disks
+// and recovers (a host write the crash interrupted counts if it reached the disk).
 // After every step the invariants are checked:
 //   - the destination's image (across every volume of the group) is the source's image after
 //     some prefix of the history: a committed cycle, never a mix, and never a write an
@@ -251,13 +254,14 @@ struct Site {
   std::string name;
   std::unique_ptr<asio::io_context> ctx = std::make_unique<asio::io_context>();
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard{ctx->get_executor()};
-  test::FaultEnv env;
+  std::unique_ptr<test::FaultEnv> env = std::make_unique<test::FaultEnv>(2u << 20);
   std::vector<std::unique_ptr<engine::Volume>> volumes;
   std::unique_ptr<Session> session;
   // Failover test (destination): the image's volumes, as the daemon would export them.
   std::vector<engine::Volume*> test_volumes;
   std::optional<std::vector<std::vector<std::byte>>> test_image_at_start;
-  bool action_running = false;  // one operator action at a time per site, as the API serializes
+  bool action_running = false;        // one operator action at a time per site, as the API serializes
+  Role role_at_start = Role::source;  // as configured (the role on disk wins once written)
 };
 
 // The host writer's model: every write issued, in order.
@@ -281,7 +285,7 @@ class Simulation {
     rpo_seconds_ = 1 + static_cast<std::uint32_t>(rng_() % 3);
     a_.name = "site-a";
     b_.name = "site-b";
-    for (Site* s : {&a_, &b_}) s->env.clock_override = &clock_;
+    for (Site* s : {&a_, &b_}) s->env->clock_override = &clock_;
   }
 
   void run() {
@@ -291,6 +295,7 @@ class Simulation {
     for (int step = 0; step < opts_.steps; ++step) {
       act_randomly();
       run_for(static_cast<std::int64_t>(rng_() % 400) * 1'000'000);  // up to 0.4 s
+      if (crashed_ != nullptr) restart(*crashed_);
       check();
     }
     settle();
@@ -303,7 +308,8 @@ class Simulation {
            std::to_string(lost_) + " lost to unplanned failovers), " + std::to_string(connects_) + " connections, " +
            std::to_string(corrupted_) + " frames corrupted, " + std::to_string(tests_) + " failover tests, " +
            std::to_string(pauses_) + " pauses, " + std::to_string(failovers_) + " failovers, " +
-           std::to_string(reprotects_) + " reprotects, virtual " + std::to_string(clock_.now() / 1'000'000) + " ms";
+           std::to_string(reprotects_) + " reprotects, " + std::to_string(crashes_) + " crashes, virtual " +
+           std::to_string(clock_.now() / 1'000'000) + " ms";
   }
 
  private:
@@ -331,18 +337,19 @@ class Simulation {
   std::string vol_id(std::size_t i) const { return "vol" + std::to_string(i); }
 
   void open_site(Site& s, Role role) {
+    s.role_at_start = role;
     for (std::size_t i = 0; i < members_; ++i) {
       engine::VolumeOptions vo{vol_id(i), vol_id(i) + ".data", blocks_ * kBlock, vol_id(i) + ".meta", {}};
       vo.dirty.region_bytes = 16 * 1024;
       vo.dirty.intent_regions_max = 8;
-      auto v = sync(s, engine::Volume::open(s.env, std::move(vo)));
+      auto v = sync(s, engine::Volume::open(*s.env, std::move(vo)));
       if (!v) violated(s.name + ": volume open: " + v.error().message());
       s.volumes.push_back(std::move(v).value());
     }
     replication::SessionOptions so;
     so.id = "s-sim";
     so.role = role;
-    for (auto& v : s.volumes) so.members.push_back({v.get(), &s.env, "state"});
+    for (auto& v : s.volumes) so.members.push_back({v.get(), s.env.get(), "state"});
     so.peer_name = &s == &a_ ? "site-b" : "site-a";
     so.rpo_seconds = rpo_seconds_;
     so.window_bytes = 1 << 20;  // the smallest the protocol takes: acks and the window matter
@@ -408,7 +415,7 @@ class Simulation {
       if (!st) {
         // The only frames a session may refuse here are those the simulation corrupted: any
         // other refusal is the two sides disagreeing about the protocol.
-        if (st.error().message().find("hash mismatch") == std::string::npos) {
+        if (st.error().message().find("hash mismatch") == std::string::npos && !to.env->dead) {
           violated(to.name + " refused a frame the simulation did not damage: " + st.error().message());
         }
         c->close(to.name + " refused a frame: " + st.error().message());
@@ -454,10 +461,16 @@ class Simulation {
       const Write w{seq, vol, block};
       sim->issued_.emplace(seq, w);
       sim->history_.push_back(w);
-      engine::IoBuffer buf = to.env.buffers().allocate(kBlock);
+      engine::IoBuffer buf = to.env->buffers().allocate(kBlock);
       const auto data = stamp(seq, vol, block);
       std::memcpy(buf.data(), data.data(), kBlock);
       Status st = co_await to.volumes[vol]->write(block * kBlock, kBlock, buf, fua);
+      if (!st && to.env->dead) {
+        // The site crashed under it: the write may or may not be on its disk. The restart
+        // looks (restart()).
+        sim->uncertain_ = seq;
+        break;
+      }
       if (!st || &to != sim->writer_) {
         // Refused (read-only during a failover, say): it never happened. Or the host moved to
         // the other site meanwhile (an unplanned failover): it is lost with the old source.
@@ -494,28 +507,40 @@ class Simulation {
     if (sim->opts_.verbose) {
       spdlog::info("sim: {} {} -> {}", s->name, replication::action_name(a), r.ok() ? "ok" : r.message);
     }
+    if (s->env->dead) {
+      // The site crashed under the action: whatever it did is for the restart to find (an
+      // unplanned failover that got far enough goes on when the session opens again).
+      s->action_running = false;
+      co_return;
+    }
     if (a == Action::start_test && r.ok()) {
       ++sim->tests_;
-      s->test_image_at_start = co_await sim->read_all(*s, s->test_volumes);
+      auto image = co_await sim->read_all(*s, s->test_volumes);
+      if (s->env->dead) {
+        s->action_running = false;
+        co_return;
+      }
+      s->test_image_at_start = std::move(image);
       sim->check_prefix(view(*s->test_image_at_start), "the failover test image at its start");
     }
     if (a == Action::stop_test && r.ok()) s->test_image_at_start.reset();
     if (a == Action::pause && r.ok()) ++sim->pauses_;
     if (a == Action::failover_planned && r.ok()) ++sim->failovers_;
     if (a == Action::reprotect && r.ok()) ++sim->reprotects_;
-    if (a == Action::failover_unplanned && r.ok()) {
-      // This site is the source now, at the last cycle it committed: the writes after it are
-      // lost (they were at most one cycle), and the host writes here from now on.
-      ++sim->failovers_;
-      const std::uint64_t k = sim->check_prefix(view(co_await sim->read_all(*s, sim->volume_ptrs(*s))),
-                                                "the image an unplanned failover starts from");
-      const auto before = sim->history_.size();
-      std::erase_if(sim->history_, [k](const Write& w) { return w.seq > k; });
-      sim->lost_ += before - sim->history_.size();
-      sim->acked_ = std::min(sim->acked_, k);
-      sim->host_moves_to(*s);
-    }
+    if (a == Action::failover_unplanned && r.ok()) sim->host_follows_unplanned_failover(*s);
     s->action_running = false;
+  }
+
+  // `s` failed over (unplanned) and is the source now, at the last cycle it committed: the
+  // writes after it are lost (at most a cycle's), and the host writes here from now on.
+  void host_follows_unplanned_failover(Site& s) {
+    ++failovers_;
+    const std::uint64_t k = check_prefix(visible(s), "the image an unplanned failover starts from");
+    const auto before = history_.size();
+    std::erase_if(history_, [k](const Write& w) { return w.seq > k; });
+    lost_ += before - history_.size();
+    acked_ = std::min(acked_, k);
+    host_moves_to(s);
   }
 
   void spawn_action(Site& s, Action a, bool force = false, bool reverse = false) {
@@ -530,8 +555,9 @@ class Simulation {
 
   // A failover test image never changes under the test.
   void check_test_image(Site& s) {
-    if (!s.test_image_at_start || s.test_volumes.empty()) return;
+    if (!s.test_image_at_start || s.test_volumes.empty() || s.env->dead) return;
     auto now = sync(s, read_all(s, s.test_volumes));
+    if (s.env->dead) return;  // it crashed during the read: its restart reopens the test
     if (now != *s.test_image_at_start) violated("the failover test image changed under the test");
   }
 
@@ -564,9 +590,63 @@ class Simulation {
       spawn_action(src, Action::failover_planned, false, rng_() % 2 == 0);
     } else if (pick < 97) {
       spawn_action(dst, Action::failover_unplanned);
-    } else {
+    } else if (pick < 99) {
       spawn_action(src, Action::reprotect);
+    } else {
+      arm_crash(rng_() % 2 == 0 ? a_ : b_);
     }
+  }
+
+  // Crashes and restarts --------------------------------------------------------------------
+
+  // The site crashes (SIGKILL) inside one of its next few disk operations: from that instant
+  // nothing it does reaches its disks or the peer. What it had written stays.
+  void arm_crash(Site& s) {
+    if (crashed_ != nullptr || a_.env->on_op || b_.env->on_op) return;  // one crash at a time
+    const std::uint64_t at = s.env->ops + 1 + rng_() % 64;
+    Site* site = &s;
+    s.env->on_op = [this, site, at](std::uint64_t op) {
+      if (op < at || site->env->dead) return;
+      site->env->dead = true;
+      crashed_ = site;
+      ++crashes_;
+      if (conn_) conn_->close(site->name + " crashed");
+    };
+  }
+
+  // The crashed process winds down (every disk operation fails, the link is gone) and a new one
+  // starts over the same disks: its volumes and session recover from what is on them.
+  void restart(Site& s) {
+    crashed_ = nullptr;
+    for (int i = 0; i < 2000 && (s.action_running || (writer_ == &s && writer_busy_) || conn_); ++i) {
+      run_for(10'000'000);
+    }
+    if (s.action_running || (writer_ == &s && writer_busy_)) violated(s.name + ": work still running after a crash");
+    sync(s, s.session->stop());
+    s.session.reset();
+    for (auto& v : s.volumes) (void)sync(s, v->close());
+    s.volumes.clear();
+    s.test_volumes.clear();
+    s.test_image_at_start.reset();
+    auto env = std::make_unique<test::FaultEnv>(2u << 20);
+    env->adopt(*s.env);
+    env->clock_override = &clock_;
+    s.env = std::move(env);
+    open_site(s, s.role_at_start);
+    if (&s != writer_ && s.session->role() == Role::source &&
+        s.session->status().state == replication::State::failed_over && other(s).session->role() == Role::source) {
+      host_follows_unplanned_failover(s);  // it was under way when the site crashed
+    }
+    if (uncertain_ != 0) {
+      // The write the crash interrupted counts if it reached the disk.
+      const Write w = issued_.at(uncertain_);
+      const std::byte* p = s.env->disk(vol_id(w.volume) + ".data")->visible.data() + w.block * kBlock;
+      std::uint64_t seq = 0;
+      std::memcpy(&seq, p, 8);
+      if (seq != w.seq || &s != writer_) forget(w.seq);
+      uncertain_ = 0;
+    }
+    if (opts_.verbose) spdlog::info("sim: {} restarted after a crash", s.name);
   }
 
   // A planned failover completes in the background: once the roles have swapped, the host
@@ -583,8 +663,9 @@ class Simulation {
   asio::awaitable<std::vector<std::vector<std::byte>>> read_all(Site& s, std::vector<engine::Volume*> vols) {
     std::vector<std::vector<std::byte>> out;
     for (auto* v : vols) {
-      engine::IoBuffer buf = s.env.buffers().allocate(blocks_ * kBlock);
+      engine::IoBuffer buf = s.env->buffers().allocate(blocks_ * kBlock);
       Status st = co_await v->read(0, blocks_ * kBlock, buf);
+      if (!st && s.env->dead) co_return out;  // crashed meanwhile: the caller looks at env->dead
       if (!st) violated(s.name + ": reading " + v->id() + ": " + st.error().message());
       out.emplace_back(buf.data(), buf.data() + blocks_ * kBlock);
     }
@@ -645,7 +726,7 @@ class Simulation {
   // The volumes' contents as the host would read them now (no copy: valid until the next I/O).
   Image visible(Site& s) {
     Image out;
-    for (std::size_t v = 0; v < members_; ++v) out.emplace_back(s.env.disk(vol_id(v) + ".data")->visible);
+    for (std::size_t v = 0; v < members_; ++v) out.emplace_back(s.env->disk(vol_id(v) + ".data")->visible);
     return out;
   }
   bool same(const Image& x, const Image& y) const {
@@ -667,6 +748,7 @@ class Simulation {
   }
 
   void check() {
+    if (crashed_ != nullptr) restart(*crashed_);  // a crash that fired inside an operation
     follow_roles();
     Site& src = *writer_;
     Site& dst = other(src);
@@ -720,6 +802,8 @@ class Simulation {
   // With the link up, pauses and tests lifted, failovers finished and reprotected, and the
   // writer idle, the destination catches up with the source.
   void settle() {
+    for (Site* s : {&a_, &b_}) s->env->on_op = nullptr;  // no crash armed from here on
+    if (crashed_ != nullptr) restart(*crashed_);
     for (int i = 0; i < 200 && (writer_busy_ || a_.action_running || b_.action_running); ++i) run_for(100'000'000);
     for (int round = 0; round < 60; ++round) {
       connect();
@@ -786,6 +870,9 @@ class Simulation {
   std::uint64_t lost_ = 0;
   std::uint64_t failovers_ = 0;
   std::uint64_t reprotects_ = 0;
+  Site* crashed_ = nullptr;      // a site that crashed and waits for its restart
+  std::uint64_t uncertain_ = 0;  // the host write a crash interrupted (0: none)
+  std::uint64_t crashes_ = 0;
   bool writer_busy_ = false;
   std::uint64_t committed_seen_ = 0;
   std::uint64_t dest_prefix_ = 0;

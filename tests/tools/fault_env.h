@@ -109,6 +109,7 @@ class FaultEnv final : public engine::DeviceEnv {
   explicit FaultEnv(std::size_t arena_bytes = 8 * 1024 * 1024) : arena_(arena_bytes) {}
 
   Result<std::unique_ptr<BlockDevice>> open(const engine::OpenSpec& spec) override {
+    if (dead) return errno_error(EIO, "process crashed: open " + spec.path);
     auto it = disks_.find(spec.path);
     if (it == disks_.end()) {
       if (!spec.create_bytes) return errno_error(ENOENT, spec.path);
@@ -117,6 +118,7 @@ class FaultEnv final : public engine::DeviceEnv {
     return std::unique_ptr<BlockDevice>(new FaultDisk(*this, it->second, spec.path));
   }
   Status remove(const std::string& path) override {
+    if (dead) return errno_error(EIO, "process crashed: remove " + path);
     disks_.erase(path);
     return {};
   }
@@ -135,6 +137,12 @@ class FaultEnv final : public engine::DeviceEnv {
     disks_[path] = std::move(st);
   }
   const std::map<std::string, std::shared_ptr<FaultDiskState>>& disks() const { return disks_; }
+
+  // A process crash (SIGKILL): from now on nothing done through this env reaches the disks and
+  // every operation fails. What was written stays (a process's page cache outlives it), and
+  // another env takes the disks over with adopt().
+  bool dead = false;
+  void adopt(const FaultEnv& other) { disks_ = other.disks_; }
 
   // Called at the start of every device operation with its sequence number.
   std::function<void(std::uint64_t)> on_op;
@@ -157,6 +165,7 @@ inline asio::awaitable<void> yield_once() {
 inline asio::awaitable<Status> FaultDisk::read(std::uint64_t offset, std::size_t len, const IoBuffer& buf) {
   co_await yield_once();
   env_.tick();
+  if (env_.dead) co_return errno_error(EIO, "process crashed: read " + path_);
   check(offset, len);
   std::memcpy(buf.data(), st_->visible.data() + offset, len);
   co_return Status{};
@@ -168,6 +177,7 @@ inline asio::awaitable<Status> FaultDisk::write(std::uint64_t offset, std::size_
   std::vector<std::byte> copy(buf.data(), buf.data() + len);
   co_await yield_once();
   env_.tick();
+  if (env_.dead) co_return errno_error(EIO, "process crashed: write " + path_);
   apply(offset, copy.data(), len, fua);
   co_return Status{};
 }
@@ -175,6 +185,7 @@ inline asio::awaitable<Status> FaultDisk::write(std::uint64_t offset, std::size_
 inline asio::awaitable<Status> FaultDisk::flush() {
   co_await yield_once();
   env_.tick();
+  if (env_.dead) co_return errno_error(EIO, "process crashed: flush " + path_);
   ++st_->flushes;
   if (st_->fail_flush) {
     // Like Linux after a failed writeback: the unflushed data is gone from the cache's
@@ -191,6 +202,7 @@ inline asio::awaitable<Status> FaultDisk::zero(std::uint64_t offset, std::uint64
   check(offset, len);
   co_await yield_once();
   env_.tick();
+  if (env_.dead) co_return errno_error(EIO, "process crashed: zero " + path_);
   std::vector<std::byte> zeros(len);
   apply(offset, zeros.data(), len, false);
   co_return Status{};

@@ -174,3 +174,34 @@ TEST(Plan, Table) {
 
 }  // namespace
 }  // namespace tandem::replication
+
+namespace tandem::replication {
+namespace {
+
+// Two sources meet after failovers: the older failover (or the side that never failed over)
+// steps down, the newer waits; nothing explains two plain sources.
+TEST(SourcesMeet, TheNewerFailoverWins) {
+  // This side's history, newest first: it failed over from 0xa (to 0xb), then wrote alone (0xc).
+  const std::vector<std::uint64_t> mine = {0xc, 0xb, 0xa, 0x9};
+  // Never failed over; the peer failed over from a generation this side has: step down.
+  EXPECT_EQ(when_sources_meet(Phase::none, 0, mine, Phase::failed_over, 0xb), SourcesMeet::step_down);
+  EXPECT_EQ(when_sources_meet(Phase::none, 0, mine, Phase::reprotecting, 0xc), SourcesMeet::step_down);
+  // ... from a generation this side never had: nothing explains it.
+  EXPECT_EQ(when_sources_meet(Phase::none, 0, mine, Phase::failed_over, 0x77), SourcesMeet::neither);
+  // This side failed over, the peer did not: the peer steps down.
+  EXPECT_EQ(when_sources_meet(Phase::failed_over, 0xa, mine, Phase::none, 0), SourcesMeet::wait_for_peer);
+  EXPECT_EQ(when_sources_meet(Phase::failing_over_for_dr, 0xa, mine, Phase::none, 0), SourcesMeet::wait_for_peer);
+  // Both failed over: the peer from 0xb or 0xc, newer than this side's point 0xa: its failover
+  // came later (this side's reprotect never finished as far as it knows): step down.
+  EXPECT_EQ(when_sources_meet(Phase::reprotecting, 0xa, mine, Phase::failed_over, 0xb), SourcesMeet::step_down);
+  EXPECT_EQ(when_sources_meet(Phase::reprotecting, 0xa, mine, Phase::reprotecting, 0xc), SourcesMeet::step_down);
+  // The peer failed over from an older point than this side's: it steps down.
+  EXPECT_EQ(when_sources_meet(Phase::failed_over, 0xb, mine, Phase::failed_over, 0x9), SourcesMeet::wait_for_peer);
+  // The same point on both sides: neither can be told apart (refused by plan()).
+  EXPECT_EQ(when_sources_meet(Phase::failed_over, 0xa, mine, Phase::failed_over, 0xa), SourcesMeet::neither);
+  // Neither failed over: plain sources, refused by plan().
+  EXPECT_EQ(when_sources_meet(Phase::none, 0, mine, Phase::none, 0), SourcesMeet::neither);
+}
+
+}  // namespace
+}  // namespace tandem::replication

@@ -51,4 +51,16 @@ struct SourcePlan {
 
 SourcePlan plan(const SourceView& local, const SessionHello& peer);
 
+// Two sources meet (both say hello as sources) after a failover. The one whose failover is
+// older, or that never failed over, steps down to a destination; the other waits for it. A
+// failover is newer when it started from a generation the other side wrote after its own
+// failover point (a second unplanned failover before reprotect was seen to finish, say).
+enum class SourcesMeet : std::uint8_t {
+  step_down,      // this side demotes itself
+  wait_for_peer,  // the peer demotes itself when it sees this side's hello
+  neither,        // no failover explains it: the hello goes on to plan() (which refuses)
+};
+SourcesMeet when_sources_meet(Phase mine, std::uint64_t my_failover_gen, const std::vector<std::uint64_t>& my_history,
+                              Phase peers, std::uint64_t peer_failover_gen);
+
 }  // namespace tandem::replication
