@@ -118,7 +118,9 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
     s->start_background(s->run_planned_failover());
   } else if (s->state_.phase == Phase::reprotecting && s->state_.role == Role::source) {
     s->start_background(s->run_reprotect());
-  } else if (s->state_.phase == Phase::failing_over_for_dr && s->state_.role == Role::destination) {
+  } else if (s->state_.phase == Phase::failing_over_for_dr) {
+    // Whichever role it had reached: a crash may come after become_source() persisted the role
+    // and before the new generation was.
     auto r = co_await s->unplanned_failover();
     if (!r.ok()) co_return Error(errc::not_allowed_in_state, "session " + s->opts_.id + ": " + r.message);
   }

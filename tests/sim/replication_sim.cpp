@@ -415,7 +415,9 @@ class Simulation {
       if (!st) {
         // The only frames a session may refuse here are those the simulation corrupted: any
         // other refusal is the two sides disagreeing about the protocol.
-        if (st.error().message().find("hash mismatch") == std::string::npos && !to.env->dead) {
+        // A link that went down while the frame was handled (its answer could not be sent)
+        // is no refusal either.
+        if (st.error().message().find("hash mismatch") == std::string::npos && !to.env->dead && !c->closed) {
           violated(to.name + " refused a frame the simulation did not damage: " + st.error().message());
         }
         c->close(to.name + " refused a frame: " + st.error().message());
@@ -428,7 +430,7 @@ class Simulation {
   }
 
   void connect() {
-    if (conn_) return;
+    if (conn_ || crashed_ != nullptr) return;  // a crashed process takes no new link
     conn_ = std::make_shared<SimConnection>(clock_, rng_, corrupted_);
     ++connects_;
     a_.session->attach(std::make_shared<SimChannel>(conn_, 0));
@@ -562,6 +564,7 @@ class Simulation {
   }
 
   void act_randomly() {
+    if (crashed_ != nullptr) restart(*crashed_);  // a crash inside the last step's checks
     Site& src = *writer_;
     Site& dst = other(src);
     const auto pick = rng_() % 100;
