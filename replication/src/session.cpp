@@ -5,8 +5,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <boost/asio/co_spawn.hpp>
-
 #include "failover_test.h"
 #include "session_internal.h"
 #include "tandem/engine/errc.h"

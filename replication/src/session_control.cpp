@@ -3,12 +3,9 @@
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/co_spawn.hpp>
-#include <cstring>
 
 #include "session_internal.h"
-#include "tandem/common/hash.h"
 #include "tandem/replication/errc.h"
-#include "transfer.h"
 
 namespace tandem::replication {
 

@@ -3,7 +3,6 @@
 // commit record, the apply (observed by a failover test's image), the flush, the answer.
 #include <spdlog/spdlog.h>
 
-#include <boost/asio/co_spawn.hpp>
 #include <cstring>
 
 #include "failover_test.h"

@@ -3,11 +3,7 @@
 // blocks, and the end of a committed cycle.
 #include <spdlog/spdlog.h>
 
-#include <boost/asio/co_spawn.hpp>
-#include <cstring>
-
 #include "session_internal.h"
-#include "tandem/common/hash.h"
 #include "tandem/replication/errc.h"
 #include "tandem/replication/plan.h"
 #include "transfer.h"
@@ -105,15 +101,6 @@ TransferOutcome step_outcome(Status st) {
 }
 }  // namespace
 
-asio::awaitable<Status> Session::complete_reprotect() {
-  state_.phase = Phase::none;
-  state_.failover_gen = 0;
-  activity_ = Activity::ok;
-  TANDEM_CO_TRY(co_await persist());
-  spdlog::info("session {}: reprotect complete: replicating to {} in the new direction", opts_.id, opts_.peer_name);
-  co_return Status{};
-}
-
 asio::awaitable<void> Session::run_source() {
   while (!stopping_) {
     if (busy_) {  // the previous step is over, whichever way it left
@@ -141,19 +128,9 @@ asio::awaitable<void> Session::run_source() {
     } else if (plan_ == Plan::cycle) {
       out = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
       if (out.end == TransferEnd::committed && gen == conn_gen_) plan_ = Plan::wait;
-      if (out.end == TransferEnd::committed && state_.phase == Phase::reprotecting && exchange_done_) {
-        out = step_outcome(co_await complete_reprotect());
-      }
     } else if (plan_ == Plan::finish) {
       out = step_outcome(co_await finish_cycle(state_.transfer_cycle));
       if (out.end == TransferEnd::committed) plan_ = Plan::wait;
-      // The destination committed reprotect's cycle and only its answer was lost (it crashed
-      // after the commit): reprotect is complete here too. Left Reprotecting, this side took
-      // itself for a failed-over source and refused the next failover's new source instead of
-      // stepping down (found by the simulation, seed 190 of the crash runs).
-      if (out.end == TransferEnd::committed && state_.phase == Phase::reprotecting && exchange_done_) {
-        out = step_outcome(co_await complete_reprotect());
-      }
     } else if (sync_requested_) {
       sync_requested_ = false;
       bool dirty = false;
@@ -358,7 +335,22 @@ asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
   state_.committed_cycle = cycle;
   state_.transfer_cycle = 0;
   peer_committed_ = cycle;
+  // A cycle cut after reprotect's exchange ships the union: its commit completes reprotect, in
+  // the same write. This is the one place a commit is recorded, whether the answer came or was
+  // lost and the next hello told it (a destination that crashed after the commit: left
+  // Reprotecting, this side took itself for a failed-over source and refused the next
+  // failover's new source instead of stepping down; found by the simulation, seed 190 of the
+  // crash runs).
+  const bool reprotected = state_.phase == Phase::reprotecting && exchange_done_;
+  if (reprotected) {
+    state_.phase = Phase::none;
+    state_.failover_gen = 0;
+    activity_ = Activity::ok;
+  }
   Status st = co_await persist();
+  if (st && reprotected) {
+    spdlog::info("session {}: reprotect complete: replicating to {} in the new direction", opts_.id, opts_.peer_name);
+  }
   std::vector<std::unique_ptr<engine::PreserveLog>> logs;
   if (st) {
     for (auto& m : members_) {

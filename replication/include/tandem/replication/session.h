@@ -229,7 +229,6 @@ class Session {
   asio::awaitable<TransferOutcome> ship(TransferMode mode, std::uint64_t cycle, std::uint64_t start);
   // Before an initial sync from offset 0: the dirty maps are cut (the whole volume ships).
   asio::awaitable<Status> begin_initial();
-  asio::awaitable<Status> complete_reprotect();
   asio::awaitable<Status> cow(std::size_t mi, std::uint64_t first, std::uint64_t count);
   asio::awaitable<Status> finish_cycle(std::uint64_t cycle);
 
