@@ -8,12 +8,14 @@
 
 namespace tandem::engine {
 
-DirtyMap::DirtyMap(MetaStore& meta, DirtyMapOptions opts)
+DirtyMap::DirtyMap(MetaStore& meta, DirtyMapOptions opts, DataFlush flush_data)
     : meta_(meta),
+      flush_data_(std::move(flush_data)),
       blocks_(meta.layout().blocks),
       region_blocks_(opts.region_bytes / meta.superblock().block_bytes),
       hot_max_(opts.intent_regions_max) {
   TANDEM_ASSERT(region_blocks_ > 0 && std::has_single_bit(region_blocks_));
+  TANDEM_ASSERT(flush_data_);
   TANDEM_ASSERT(hot_max_ > 0 && hot_max_ <= MetaLayout::kIntentEntriesMax / 2);
   bits_.assign(meta.layout().bitmap_pages * (MetaLayout::kBitmapPageBytes / 8), 0);
   // Unknown until read: assume every page may hold bits.
@@ -54,6 +56,7 @@ void DirtyMap::set_bits(std::uint64_t first, std::uint64_t count) {
 
 void DirtyMap::clear(std::uint64_t first, std::uint64_t count) {
   TANDEM_ASSERT(first <= blocks_ && count <= blocks_ - first);
+  ended_at_clear_ = ended_;
   std::uint64_t b = first;
   const std::uint64_t end = first + count;
   while (b < end) {
@@ -177,7 +180,19 @@ asio::awaitable<Status> DirtyMap::begin_write(std::uint64_t first_block, std::ui
   co_return failure;
 }
 
+asio::awaitable<Status> DirtyMap::make_ended_writes_durable() {
+  // Writes ended since the last clear or cut still have their bits, which go to disk before
+  // the record: only earlier ones, whose bits may be gone, need their data durable.
+  if (flushed_mark_ >= ended_at_clear_) co_return Status{};
+  const std::uint64_t mark = ended_;
+  ++data_flushes_;
+  TANDEM_CO_TRY(co_await flush_data_());
+  data_flushed(mark);
+  co_return Status{};
+}
+
 void DirtyMap::end_write(std::uint64_t first_block, std::uint64_t count) {
+  ++ended_;
   set_bits(first_block, count);
   const auto r0 = static_cast<std::uint32_t>(first_block / region_blocks_);
   const auto r1 = static_cast<std::uint32_t>((first_block + count - 1) / region_blocks_);
@@ -211,6 +226,7 @@ asio::awaitable<Status> DirtyMap::update_intent_log() {
   // being persisted; a write that wants one again waits for the next intent record.
   for (auto r : victims) hot_.erase(r);
   if (!victims.empty()) {
+    TANDEM_CO_TRY(co_await make_ended_writes_durable());
     TANDEM_CO_TRY(co_await write_region_pages(victims));
     evictions_ += victims.size();
   }
@@ -268,7 +284,8 @@ asio::awaitable<Status> DirtyMap::cool_committed() {
   if (cold.empty()) co_return Status{};
   writing_intent_ = true;
   for (auto r : cold) hot_.erase(r);
-  Status st = co_await write_region_pages(cold);
+  Status st = co_await make_ended_writes_durable();
+  if (st) st = co_await write_region_pages(cold);
   if (st) {
     std::vector<std::uint32_t> record;
     record.reserve(hot_.size());
@@ -292,6 +309,7 @@ asio::awaitable<Result<BlockBitmap>> DirtyMap::freeze() {
   for (auto& [r, h] : hot_) TANDEM_ASSERT_MSG(h.pins == 0, "cut with writes in flight");
   TANDEM_ASSERT(wanted_.empty() && !writing_intent_);
   cut_tick_ = tick_;
+  ended_at_clear_ = ended_;
   const std::uint64_t pages = meta_.layout().bitmap_pages;
   // Every page that has bits now or had bits before (stale bits must not survive).
   for (std::uint64_t p = 0; p < pages; ++p) {

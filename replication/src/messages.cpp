@@ -3,10 +3,14 @@
 #include <cstring>
 
 #include "tandem/common/units.h"
+#include "tandem/engine/metadata.h"
 #include "tandem/replication/errc.h"
 
 namespace tandem::replication {
 namespace {
+
+// A hello carries the whole generation history a volume keeps: its limit is the superblock's.
+constexpr std::size_t kGenerationsMax = engine::Superblock::kGenerationsMax;
 
 class Writer {
  public:

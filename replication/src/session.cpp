@@ -77,8 +77,9 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
   const auto& sb = s->members_[0].m.volume->meta().superblock();
   auto st = decode_state(sb.session_blob, s->opts_.role);
   if (!st) co_return Error(st.error().code, "session " + s->opts_.id + ": " + st.error().message());
-  s->state_ = *st;
-  s->generations_ = sb.generations;
+  std::vector<engine::Volume*> volumes;
+  for (const auto& m : s->members_) volumes.push_back(m.m.volume);
+  s->store_.load(std::move(volumes), *st, sb.generations);
   if (s->state_.role != s->opts_.role) {
     spdlog::warn("session {}: configured as {} but its volumes say {}; keeping {}", s->opts_.id,
                  s->opts_.role == Role::source ? "source" : "destination",
@@ -174,28 +175,6 @@ std::pair<std::size_t, std::uint64_t> Session::locate(std::uint64_t global) cons
     if (global >= members_[i].base) return {i, global - members_[i].base};
   }
   return {0, global};
-}
-
-asio::awaitable<Status> Session::persist() {
-  // Member 0's superblock is authoritative for the session state.
-  auto& meta = members_[0].m.volume->meta();
-  engine::Superblock sb = meta.superblock();
-  sb.session_blob = encode_state(state_);
-  sb.role = state_.role == Role::source ? engine::Role::source : engine::Role::destination;
-  co_return co_await meta.write_superblock(std::move(sb));
-}
-
-asio::awaitable<Status> Session::persist_generations(std::vector<std::uint64_t> gens) {
-  // Members first, member 0 last: it is the one read on start.
-  for (std::size_t i = members_.size(); i-- > 0;) {
-    auto& meta = members_[i].m.volume->meta();
-    engine::Superblock sb = meta.superblock();
-    sb.generations = gens;
-    if (i == 0) sb.session_blob = encode_state(state_);
-    TANDEM_CO_TRY(co_await meta.write_superblock(std::move(sb)));
-  }
-  generations_ = std::move(gens);
-  co_return Status{};
 }
 
 asio::awaitable<Status> Session::recover() {

@@ -55,9 +55,10 @@ asio::awaitable<Status> Session::reply_control(const Control& c, bool ok, std::u
 }
 
 asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
-  if (!state_.paused) state_.resume_to_sync = resume_to_sync;
-  state_.paused = true;
-  TANDEM_CO_TRY(co_await persist());
+  TANDEM_CO_TRY(co_await store_.change("paused", [resume_to_sync](SessionState& s) {
+    if (!s.paused) s.resume_to_sync = resume_to_sync;
+    s.paused = true;
+  }));
   if (state_.role == Role::source) {
     // The transfer stops at the next extent boundary; wait until it has.
     wake_.notify_all();
@@ -87,10 +88,11 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
       wake_.notify_all();
       co_return co_await reply_control(c, true, 0, {});
     }
-    state_.paused = false;
-    state_.local_only_paused = false;
+    TANDEM_CO_TRY(co_await store_.change("resumed by the peer", [](SessionState& s) {
+      s.paused = false;
+      s.local_only_paused = false;
+    }));
     peer_paused_ = false;
-    TANDEM_CO_TRY(co_await persist());
     spdlog::info("session {}: resumed by the peer", opts_.id);
     wake_.notify_all();
     co_return co_await reply_control(c, true, 0, {});
@@ -109,9 +111,8 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
     // From the source, which has stopped shipping: make what arrived durable and say where
     // the transfer goes on.
     TANDEM_CO_TRY(co_await pause_here(c.resume_to_sync));
-    state_.local_only_paused = false;
+    TANDEM_CO_TRY(co_await store_.change("paused by the peer", [](SessionState& s) { s.local_only_paused = false; }));
     peer_paused_ = true;
-    TANDEM_CO_TRY(co_await persist());
     // The initial sync's checkpoint while it runs; else the staged end of the cycle in flight,
     // or 0: no cycle is staged here, so the next one starts at its beginning (the initial sync's
     // final checkpoint, the volume's end, is no place to start a cycle).
@@ -147,11 +148,12 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
       // here alone before (it could never be resumed: found by the simulation, seed 2 of the
       // failover runs).
       spdlog::warn("session {}: the peer refused the pause: {}", opts_.id, reply->message);
-      state_.paused = false;
-      state_.local_only_paused = false;
-      state_.resume_to_sync = false;
+      st = co_await store_.change("pause refused by the peer", [](SessionState& s) {
+        s.paused = false;
+        s.local_only_paused = false;
+        s.resume_to_sync = false;
+      });
       wake_.notify_all();
-      st = co_await persist();
       if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
       // The peer may still count this side as paused (a hello from when it was): tell it that
       // nothing is paused here, or it would wait for a resume that never comes (found by the
@@ -166,9 +168,9 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
     // the role change ended): nothing is paused now.
     co_return ActionResult{Verdict::failed, "pause failed: the roles changed meanwhile; the session is not paused"};
   }
-  state_.local_only_paused = !both;
-  if (both) peer_paused_ = true;
-  st = co_await persist();
+  st = co_await store_.change(both ? "pause reached the peer" : "paused here alone",
+                              [both](SessionState& s) { s.local_only_paused = !both; });
+  if (both && st) peer_paused_ = true;
   if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
   if (both) {
     spdlog::info("session {}: paused on both sites{}", opts_.id,
@@ -185,11 +187,12 @@ asio::awaitable<ActionResult> Session::do_resume() {
     std::string why = reply ? reply->message : "the peer " + opts_.peer_name + " did not answer";
     co_return ActionResult{Verdict::failed, "Operation resume failed: " + why + "."};
   }
-  state_.paused = false;
-  state_.local_only_paused = false;
-  peer_paused_ = false;
-  Status st = co_await persist();
+  Status st = co_await store_.change("resumed", [](SessionState& s) {
+    s.paused = false;
+    s.local_only_paused = false;
+  });
   if (!st) co_return ActionResult{Verdict::failed, "resume failed: " + st.error().message()};
+  peer_paused_ = false;
   spdlog::info("session {}: resumed on both sites", opts_.id);
   wake_.notify_all();
   co_return ActionResult{};
@@ -253,9 +256,10 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
       request_sync();
       co_return ActionResult{};
     case Action::failover_planned: {
-      state_.phase = Phase::failing_over;
-      state_.reverse = args.reverse;
-      Status st = co_await persist();
+      Status st = co_await store_.change("planned failover begins", [reverse = args.reverse](SessionState& s) {
+        s.phase = Phase::failing_over;
+        s.reverse = reverse;
+      });
       if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
       start_background(run_planned_failover());
       co_return ActionResult{};
@@ -267,9 +271,8 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
     case Action::stop_test:
       co_return co_await stop_test();
     case Action::reprotect: {
-      state_.phase = Phase::reprotecting;
       exchange_done_ = false;
-      Status st = co_await persist();
+      Status st = co_await store_.change("reprotect begins", [](SessionState& s) { s.phase = Phase::reprotecting; });
       if (!st) co_return ActionResult{Verdict::failed, "reprotect failed: " + st.error().message()};
       start_background(run_reprotect());
       co_return ActionResult{};

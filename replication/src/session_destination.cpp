@@ -40,12 +40,13 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
                                                std::to_string(state_.initial_offset));
       }
     }
-    state_.paired = true;
-    state_.initial = InitialState::running;
-    state_.initial_offset = m.start_offset;
-    state_.initial_compare = m.mode == TransferMode::initial_compare;
-    state_.committed_cycle = 0;
-    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    TANDEM_CO_TRY(co_await store_.change("initial sync begins", m.generations, [&m](SessionState& s) {
+      s.paired = true;
+      s.initial = InitialState::running;
+      s.initial_offset = m.start_offset;
+      s.initial_compare = m.mode == TransferMode::initial_compare;
+      s.committed_cycle = 0;
+    }));
     activity_ = Activity::initializing;
     spdlog::info("session {}: initial sync ({}) from {} at offset {}", opts_.id,
                  m.mode == TransferMode::initial_full ? "full copy" : "compare hashes", opts_.peer_name,
@@ -78,8 +79,8 @@ asio::awaitable<Status> Session::on_sync_begin(const SyncBegin& m) {
       mem.journal = std::move(j).value();
     }
     unsynced_bytes_ = 0;  // a fresh journal
-    state_.transfer_cycle = m.cycle;
-    TANDEM_CO_TRY(co_await persist());
+    TANDEM_CO_TRY(
+        co_await store_.change("cycle staging begins", [&m](SessionState& s) { s.transfer_cycle = m.cycle; }));
   }
   recv_ = std::move(r);
   if (activity_ != Activity::initializing) activity_ = Activity::synchronizing;
@@ -209,8 +210,8 @@ asio::awaitable<Status> Session::initial_checkpoint() {
   for (auto& mem : members_) TANDEM_CO_TRY(co_await mem.m.volume->flush());
   std::uint64_t durable = recv_->processed_end;
   if (!recv_->awaiting_data.empty()) durable = std::min(durable, *recv_->awaiting_data.begin());
-  state_.initial_offset = durable;
-  TANDEM_CO_TRY(co_await persist());
+  TANDEM_CO_TRY(
+      co_await store_.change("initial sync checkpoint", [durable](SessionState& s) { s.initial_offset = durable; }));
   recv_->since_checkpoint = 0;
   if (recv_->link != conn_gen_) co_return Status{};  // a transfer of a lost link (stage_flush)
   const Ack ack{opts_.id, 0, durable};
@@ -248,8 +249,8 @@ asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
       co_return Error(errc::bad_message, "initial sync ended with extents still missing");
     recv_->processed_end = total_bytes();
     TANDEM_CO_TRY(co_await initial_checkpoint());
-    state_.initial = InitialState::done;
-    TANDEM_CO_TRY(co_await persist_generations(m.generations));
+    TANDEM_CO_TRY(co_await store_.change("initial sync complete", m.generations,
+                                         [](SessionState& s) { s.initial = InitialState::done; }));
     recv_.reset();
     spdlog::info("session {}: initial sync from {} complete; consistent after the first cycle", opts_.id,
                  opts_.peer_name);
@@ -261,8 +262,8 @@ asio::awaitable<Status> Session::on_cycle_end(const CycleEnd& m) {
   if (m.cycle != recv_->cycle) co_return Error(errc::bad_message, "cycle end for another cycle");
   TANDEM_CO_TRY(co_await stage_flush());
   // The commit record: from here on the cycle is applied, whatever happens.
-  state_.applying_cycle = m.cycle;
-  TANDEM_CO_TRY(co_await persist_generations(m.generations));
+  TANDEM_CO_TRY(co_await store_.change("cycle committed (commit record)", m.generations,
+                                       [&m](SessionState& s) { s.applying_cycle = m.cycle; }));
   TANDEM_CO_TRY(co_await apply_committed(m.cycle));
   recv_.reset();
   const Committed done{opts_.id, m.cycle};
@@ -282,25 +283,30 @@ asio::awaitable<Status> Session::apply_committed(std::uint64_t cycle) {
     bytes += mem.journal->staged_bytes();
     TANDEM_CO_TRY(co_await mem.journal->apply(*mem.m.volume));
   }
-  state_.committed_cycle = cycle;
-  state_.applying_cycle = 0;
-  state_.transfer_cycle = 0;
-  if (state_.phase == Phase::reprotecting) {
-    // Reprotect's first cycle: the union of both sides' changes is in place, this side is a
-    // copy of the new source again.
-    state_.phase = Phase::none;
-    state_.failover_gen = 0;
-    spdlog::info("session {}: reprotect complete: this side is a destination of {} again", opts_.id, opts_.peer_name);
-  }
+  // Reprotect's first cycle: the union of both sides' changes is in place, this side is a
+  // copy of the new source again.
+  const bool reprotected = state_.phase == Phase::reprotecting;
   counters_.last_sync = clock_.system_now();
-  state_.last_sync_unix_ms = unix_ms(*counters_.last_sync);
   if (recv_) {
     // As the source counts it: from the transfer's start (or resume) to the cycle in place.
     const auto took = clock_.steady_now() - recv_->started;
     counters_.last_sync_ms =
         static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(took).count());
   }
-  TANDEM_CO_TRY(co_await persist());
+  TANDEM_CO_TRY(co_await store_.change("cycle applied",
+                                       [cycle, reprotected, at = unix_ms(*counters_.last_sync)](SessionState& s) {
+                                         s.committed_cycle = cycle;
+                                         s.applying_cycle = 0;
+                                         s.transfer_cycle = 0;
+                                         s.last_sync_unix_ms = at;
+                                         if (reprotected) {
+                                           s.phase = Phase::none;
+                                           s.failover_gen = 0;
+                                         }
+                                       }));
+  if (reprotected) {
+    spdlog::info("session {}: reprotect complete: this side is a destination of {} again", opts_.id, opts_.peer_name);
+  }
   for (auto& mem : members_) {
     if (mem.journal) TANDEM_CO_TRY(co_await mem.journal->remove());
     mem.journal.reset();

@@ -97,26 +97,35 @@ void Session::forget_for_role_change() {
   // found by the simulation, seed 432 of the failover runs.)
   exchange_done_ = false;
   incoming_.clear();
-  state_.paused = false;
-  state_.local_only_paused = false;
-  state_.resume_to_sync = false;
   peer_paused_ = false;
 }
 
-asio::awaitable<Status> Session::become_source() {
+namespace {
+// The durable half of forget_for_role_change(): the pause is lifted.
+void lift_pause(SessionState& s) {
+  s.paused = false;
+  s.local_only_paused = false;
+  s.resume_to_sync = false;
+}
+}  // namespace
+
+asio::awaitable<Status> Session::become_source(std::string_view transition, StateStore::Edit also) {
   for (auto& m : members_) {
     if (m.journal) (void)co_await m.journal->remove();
     m.journal.reset();
   }
   recv_.reset();
   unsynced_bytes_ = 0;
-  state_.role = Role::source;
-  state_.transfer_cycle = 0;
-  state_.applying_cycle = 0;
-  state_.initial = InitialState::done;
-  state_.next_cycle = std::max(state_.next_cycle, state_.committed_cycle + 1);
   forget_for_role_change();
-  TANDEM_CO_TRY(co_await persist());
+  TANDEM_CO_TRY(co_await store_.change(transition, [&also](SessionState& s) {
+    s.role = Role::source;
+    s.transfer_cycle = 0;
+    s.applying_cycle = 0;
+    s.initial = InitialState::done;
+    s.next_cycle = std::max(s.next_cycle, s.committed_cycle + 1);
+    lift_pause(s);
+    if (also) also(s);
+  }));
   set_source_hooks(true);
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_write);
   need_new_generation_ = false;  // the caller started one
@@ -127,10 +136,11 @@ asio::awaitable<Status> Session::become_source() {
   co_return Status{};
 }
 
-asio::awaitable<Status> Session::become_destination() {
-  // Host writes stop first; then the source loop winds down (it checks the role each turn).
+asio::awaitable<Status> Session::become_destination(std::string_view transition, StateStore::Edit also) {
+  // Host writes stop first; then the source loop winds down (it checks acting_source() each
+  // turn). The role goes to disk once it has.
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_only);
-  state_.role = Role::destination;
+  leaving_source_ = true;
   wake_.notify_all();
   if (transfer_) transfer_->interrupt();
   done_.notify_all();
@@ -152,10 +162,16 @@ asio::awaitable<Status> Session::become_destination() {
   }
   for (auto& m : members_) m.m.volume->release_writes();  // they find the volume read-only
   TANDEM_CO_TRY(st);
-  state_.transfer_cycle = 0;
-  state_.initial = InitialState::done;
   forget_for_role_change();
-  co_return co_await persist();
+  TANDEM_CO_TRY(co_await store_.change(transition, [&also](SessionState& s) {
+    s.role = Role::destination;
+    s.transfer_cycle = 0;
+    s.initial = InitialState::done;
+    lift_pause(s);
+    if (also) also(s);
+  }));
+  leaving_source_ = false;
+  co_return Status{};
 }
 
 asio::awaitable<void> Session::run_planned_failover() {
@@ -186,10 +202,12 @@ asio::awaitable<void> Session::run_planned_failover() {
     }
     auto gens = generations_;
     push_generation(gens, reply->value, engine::Superblock::kGenerationsMax);
-    state_.failover_gen = generations_.empty() ? 0 : generations_.front();
-    state_.phase = Phase::failed_over;
-    Status st = co_await become_destination();
-    if (st) st = co_await persist_generations(gens);
+    const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
+    Status st = co_await become_destination("planned failover: demoted", [from](SessionState& s) {
+      s.failover_gen = from;
+      s.phase = Phase::failed_over;
+    });
+    if (st) st = co_await store_.change("planned failover: the peer's generation", gens, {});
     if (!st) {
       spdlog::error("session {}: planned failover: cannot become the destination: {}", opts_.id, st.error().message());
       error_ = st.error().message();
@@ -208,8 +226,8 @@ asio::awaitable<void> Session::run_planned_failover() {
 }
 
 asio::awaitable<ActionResult> Session::unplanned_failover() {
-  state_.phase = Phase::failing_over_for_dr;
-  Status st = co_await persist();
+  Status st = co_await store_.change("unplanned failover begins",
+                                     [](SessionState& s) { s.phase = Phase::failing_over_for_dr; });
   if (st && conn_) conn_->close("unplanned failover");  // no more data from the old source
   // A message being handled (an apply, say) finishes first, and so do the initial sync's
   // writes: none of them may land once the volume is the host's.
@@ -230,10 +248,12 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
   auto gens = generations_;
   push_generation(gens, clock_.random_u64(), engine::Superblock::kGenerationsMax);
-  state_.failover_gen = from;
-  st = co_await become_source();  // drops the staged journal
-  state_.phase = Phase::failed_over;
-  if (st) st = co_await persist_generations(gens);
+  // Drops the staged journal.
+  st = co_await become_source("unplanned failover: promoted", [from](SessionState& s) { s.failover_gen = from; });
+  if (st) {
+    st = co_await store_.change("unplanned failover: new generation", gens,
+                                [](SessionState& s) { s.phase = Phase::failed_over; });
+  }
   if (!st) co_return ActionResult{Verdict::failed, "failover failed: " + st.error().message()};
   spdlog::warn(
       "session {}: unplanned failover: this side is the source now, writable from committed cycle {} "
@@ -244,9 +264,10 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
 }
 
 asio::awaitable<Status> Session::demote_by_hello(const SessionHello& h) {
-  state_.phase = Phase::failed_over;
-  state_.failover_gen = h.failover_gen;
-  TANDEM_CO_TRY(co_await become_destination());
+  TANDEM_CO_TRY(co_await become_destination("demoted by the peer's failover", [&h](SessionState& s) {
+    s.phase = Phase::failed_over;
+    s.failover_gen = h.failover_gen;
+  }));
   const std::uint64_t diverged = diverged_blocks();
   spdlog::warn(
       "session {}: {} failed over from generation {:016x} and is the source now; this side is its "
@@ -287,23 +308,24 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       auto gens = generations_;
       const std::uint64_t g = clock_.random_u64();
       push_generation(gens, g, engine::Superblock::kGenerationsMax);
-      state_.failover_gen = from;
-      state_.phase = Phase::failed_over;
-      state_.reverse = false;
       // The role goes to disk with the new generation, in one write of member 0's superblock:
       // a destination that crashed between the two came back a Failed_Over destination with a
       // newer generation, which its source then refused as promoted (found by the simulation,
       // seed 1214 of the crash runs). (Nothing is staged here: the check above made sure.)
-      state_.role = Role::source;
-      TANDEM_CO_TRY(co_await persist_generations(gens));
-      TANDEM_CO_TRY(co_await become_source());
+      TANDEM_CO_TRY(co_await store_.change("planned failover: promoted", gens, [from](SessionState& s) {
+        s.failover_gen = from;
+        s.phase = Phase::failed_over;
+        s.reverse = false;
+        s.role = Role::source;
+      }));
+      TANDEM_CO_TRY(co_await become_source("planned failover: source side up", {}));
       spdlog::info(
           "session {}: planned failover: this side is the source now, at committed cycle {} "
           "(generations {})",
           opts_.id, state_.committed_cycle, describe(generations_));
       if (c.value == 1) {
-        state_.phase = Phase::reprotecting;
-        TANDEM_CO_TRY(co_await persist());
+        TANDEM_CO_TRY(co_await store_.change("reprotect begins (reverse)",
+                                             [](SessionState& s) { s.phase = Phase::reprotecting; }));
         start_background(run_reprotect());
       }
       co_return co_await reply_control(c, true, 0, {}, g);
@@ -337,8 +359,8 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
           TANDEM_CO_TRY(co_await send(MsgType::changed_blocks, std::move(bytes)));
         }
       }
-      state_.phase = Phase::reprotecting;
-      TANDEM_CO_TRY(co_await persist());
+      TANDEM_CO_TRY(
+          co_await store_.change("reprotect: changes sent", [](SessionState& s) { s.phase = Phase::reprotecting; }));
       spdlog::info("session {}: reprotect: sent {} changed block(s) to {}", opts_.id, total, opts_.peer_name);
       co_return co_await reply_control(c, true, 0, {}, total);
     }
@@ -355,8 +377,8 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
       // overwrites it (apply_committed ends the phase), so it is no image to fail over to yet.
       // Found by the simulation (seed 25 of the failover runs): an unplanned failover here
       // promoted writes the first failover had discarded.
-      state_.phase = Phase::reprotecting;
-      TANDEM_CO_TRY(co_await persist());
+      TANDEM_CO_TRY(co_await store_.change("reprotect: changes handed over",
+                                           [](SessionState& s) { s.phase = Phase::reprotecting; }));
       activity_ = Activity::ok;
       co_return co_await reply_control(c, true, 0, {});
     }

@@ -4,8 +4,9 @@
 // Two sites, each with its own io_context, its volumes on the fault-injecting disk (FaultEnv)
 // and a real replication::Session (source on site A, destination on site B). Between them a
 // simulated link (SimChannel) that delivers each frame after a seeded delay, in order, and that
-// the run cuts, reconnects and corrupts (a flipped byte in an extent, which the destination
-// must catch by its hash). Time is virtual (SimClock): it moves only when every handler that is
+// the run cuts, reconnects, stalls (frames held for seconds, none lost), partitions (cut, and no
+// new link for a while) and corrupts (a flipped byte in an extent, which the destination must
+// catch by its hash). Time is virtual (SimClock): it moves only when every handler that is
 // ready has run, to the next timer's deadline, so a run is a pure function of its seed.
 //
 // A host writer on the source stamps blocks in one total order (one write at a time, some with
@@ -14,16 +15,23 @@
 // on the destination, planned failover (and failback, with or without "reverse") on the source,
 // unplanned failover on the destination, reprotect on a source that failed over. The host
 // follows the source: at once on an unplanned failover (the writes after the promoted cycle are
-// lost, and leave the history), when the roles have swapped on a planned one. Either site
-// crashes (SIGKILL) inside a random disk operation: from then on its disk operations fail and
-// its link is gone, what it wrote stays; it winds down and a new process opens the same disks
-// and recovers (a host write the crash interrupted counts if it reached the disk).
+// lost), when the roles have swapped on a planned one. Either site crashes inside a random disk
+// operation: from then on its disk operations fail and its link is gone; it winds down and a new
+// process opens the same disks and recovers. Half the crashes are a process kill (SIGKILL: what
+// it wrote stays) and half a power loss (each write no flush covered is dropped, kept or torn at
+// 512-byte sectors, on the data and the metadata alike).
+// The model is a series of epochs: an image and the writes after it, in order. An unplanned
+// failover or a power loss at the source starts a new epoch from the image the source has then
+// (a power loss keeps the older ones: the destination may hold one of their images until its
+// next cycle commits).
 // After every step the invariants are checked:
-//   - the destination's image (across every volume of the group) is the source's image after
-//     some prefix of the history: a committed cycle, never a mix, and never a write an
-//     unplanned failover discarded (once reprotect's first cycle has overwritten them);
+//   - the destination's image (across every volume of the group) is an epoch's image after some
+//     prefix of its writes: a committed cycle, never a mix, and never a write an unplanned
+//     failover discarded (once reprotect's first cycle has overwritten them); it never goes back
+//     to an older epoch or a shorter prefix;
 //   - an unplanned failover starts from such an image;
-//   - the source's image holds every write acknowledged;
+//   - the source's image holds every write acknowledged; after a power loss, every write
+//     acknowledged as durable (FUA, or before a flush of its volume that completed);
 //   - a failover test image is also a prefix, and does not change while the test runs;
 //   - a session's restart address never moves back within a transfer on one link...
 //     (checked loosely: the destination's committed cycle never goes back);
@@ -34,10 +42,12 @@
 // Usage: replication_sim [--seed N] [--seeds COUNT] [--first N] [--steps N]. A failure prints
 // the seed and the command that replays it. TANDEM_SIM_SEEDS overrides --seeds.
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -46,6 +56,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -198,6 +209,14 @@ class SimConnection : public std::enable_shared_from_this<SimConnection> {
   std::string reason;
   Direction dir[2];                               // dir[i]: frames for side i
   std::uint64_t corrupt_next_extent[2] = {0, 0};  // to side i: flip a byte in the next extent
+  std::int64_t stalled_until[2] = {0, 0};         // to side i: nothing arrives before then
+
+  // Holds every frame to side `to` until `until`, those queued and those sent meanwhile (a path
+  // that stalls): they arrive late, in order, none lost.
+  void stall(int to, std::int64_t until) {
+    stalled_until[to] = std::max(stalled_until[to], until);
+    for (auto& f : dir[to].frames) f.deliver_at = std::max(f.deliver_at, until);
+  }
 
   Status send(int from, MsgType type, std::span<const std::byte> fields, std::span<const std::byte> data) {
     if (closed) return Error(std::make_error_code(std::errc::not_connected), "link down: " + reason);
@@ -212,7 +231,8 @@ class SimConnection : public std::enable_shared_from_this<SimConnection> {
     }
     // In order: never before the frame ahead of it.
     const std::int64_t earliest = dir[to].frames.empty() ? 0 : dir[to].frames.back().deliver_at;
-    f.deliver_at = std::max(earliest, clock_.now() + static_cast<std::int64_t>(rng_() % 2'000'000));  // < 2 ms
+    f.deliver_at = std::max(
+        {earliest, stalled_until[to], clock_.now() + static_cast<std::int64_t>(rng_() % 2'000'000)});  // < 2 ms
     dir[to].frames.push_back(std::move(f));
     dir[to].arrived.notify_all();
     return {};
@@ -271,6 +291,18 @@ struct Write {
   std::uint64_t block;
 };
 
+// The model's unit: an image and the writes after it, in order.
+struct Epoch {
+  std::uint64_t id = 0;
+  std::vector<std::vector<std::byte>> base;  // per member volume
+  std::vector<Write> writes;
+  // Set when a power loss at the source ended the epoch: the image the source had after it.
+  // A destination may then hold a crash image of a prefix (a cycle cut before the loss and
+  // shipped after it): any block as the power loss left it at the source, if no write newer
+  // than the prefix shows in it.
+  std::vector<std::vector<std::byte>> survived;
+};
+
 struct Options {
   std::uint64_t seed = 1;
   int steps = 60;
@@ -286,6 +318,8 @@ class Simulation {
     a_.name = "site-a";
     b_.name = "site-b";
     for (Site* s : {&a_, &b_}) s->env->clock_override = &clock_;
+    flushed_upto_.assign(members_, 0);
+    start_epoch(std::vector<std::vector<std::byte>>(members_, std::vector<std::byte>(blocks_ * kBlock)), false);
   }
 
   void run() {
@@ -308,7 +342,9 @@ class Simulation {
            std::to_string(lost_) + " lost to unplanned failovers), " + std::to_string(connects_) + " connections, " +
            std::to_string(corrupted_) + " frames corrupted, " + std::to_string(tests_) + " failover tests, " +
            std::to_string(pauses_) + " pauses, " + std::to_string(failovers_) + " failovers, " +
-           std::to_string(reprotects_) + " reprotects, " + std::to_string(crashes_) + " crashes, virtual " +
+           std::to_string(reprotects_) + " reprotects, " + std::to_string(crashes_) + " crashes (" +
+           std::to_string(power_losses_) + " power losses), " + std::to_string(stalls_) + " stalls, " +
+           std::to_string(partitions_) + " partitions, " + std::to_string(epochs_.back().id) + " epochs, virtual " +
            std::to_string(clock_.now() / 1'000'000) + " ms";
   }
 
@@ -431,6 +467,7 @@ class Simulation {
 
   void connect() {
     if (conn_ || crashed_ != nullptr) return;  // a crashed process takes no new link
+    if (clock_.now() < partitioned_until_) return;
     conn_ = std::make_shared<SimConnection>(clock_, rng_, corrupted_);
     ++connects_;
     a_.session->attach(std::make_shared<SimChannel>(conn_, 0));
@@ -462,7 +499,7 @@ class Simulation {
       const std::uint64_t seq = sim->next_seq_++;
       const Write w{seq, vol, block};
       sim->issued_.emplace(seq, w);
-      sim->history_.push_back(w);
+      sim->epochs_.back().writes.push_back(w);
       engine::IoBuffer buf = to.env->buffers().allocate(kBlock);
       const auto data = stamp(seq, vol, block);
       std::memcpy(buf.data(), data.data(), kBlock);
@@ -480,19 +517,30 @@ class Simulation {
         break;
       }
       sim->acked_ = seq;
-      if (sim->rng_() % 8 == 0) (void)co_await to.volumes[vol]->flush();
+      if (fua) sim->fua_acked_.insert(seq);
+      if (sim->rng_() % 8 == 0) {
+        // Every write to this volume acknowledged before the flush is durable once it completes.
+        const std::uint64_t upto = sim->acked_;
+        if (co_await to.volumes[vol]->flush()) sim->flushed_upto_[vol] = std::max(sim->flushed_upto_[vol], upto);
+      }
     }
     sim->writer_busy_ = false;
   }
 
-  // Takes a write out of the history (it is not part of what the sites must hold).
+  // Takes a write out of the model (it is not part of what the sites must hold).
   void forget(std::uint64_t seq) {
-    for (auto it = history_.begin(); it != history_.end(); ++it) {
-      if (it->seq == seq) {
-        history_.erase(it);
-        return;
-      }
-    }
+    std::erase_if(epochs_.back().writes, [seq](const Write& w) { return w.seq == seq; });
+  }
+
+  // Starts a new epoch from `base`; keep_older: a destination may still hold an older one's image.
+  void start_epoch(std::vector<std::vector<std::byte>> base, bool keep_older) {
+    if (!keep_older) epochs_.clear();
+    epochs_.push_back({next_epoch_++, std::move(base), {}, {}});
+  }
+  static std::vector<std::vector<std::byte>> copy_of(const std::vector<std::span<const std::byte>>& image) {
+    std::vector<std::vector<std::byte>> out;
+    for (const auto& v : image) out.emplace_back(v.begin(), v.end());
+    return out;
   }
 
   Site& other(Site& s) { return &s == &a_ ? b_ : a_; }
@@ -501,7 +549,7 @@ class Simulation {
   void host_moves_to(Site& s) {
     writer_ = &s;
     committed_seen_ = 0;
-    dest_prefix_ = 0;
+    dest_at_ = {};
   }
 
   static asio::awaitable<void> operator_action(Simulation* sim, Site* s, Action a, replication::ActionArgs args) {
@@ -537,11 +585,12 @@ class Simulation {
   // writes after it are lost (at most a cycle's), and the host writes here from now on.
   void host_follows_unplanned_failover(Site& s) {
     ++failovers_;
-    const std::uint64_t k = check_prefix(visible(s), "the image an unplanned failover starts from");
-    const auto before = history_.size();
-    std::erase_if(history_, [k](const Write& w) { return w.seq > k; });
-    lost_ += before - history_.size();
-    acked_ = std::min(acked_, k);
+    const Match m = check_prefix(visible(s), "the image an unplanned failover starts from");
+    for (const auto& e : epochs_) {
+      if (e.id < m.epoch) continue;
+      for (const auto& w : e.writes) lost_ += w.seq > m.k ? 1 : 0;
+    }
+    start_epoch(copy_of(visible(s)), false);
     host_moves_to(s);
   }
 
@@ -575,12 +624,22 @@ class Simulation {
       }
     } else if (pick < 49) {
       spawn_action(src, Action::sync);
-    } else if (pick < 55) {
+    } else if (pick < 54) {
       if (conn_) conn_->close("the simulation cut the link");
-    } else if (pick < 65) {
+    } else if (pick < 63) {
       connect();
-    } else if (pick < 68) {
+    } else if (pick < 65) {
       if (conn_) conn_->corrupt_next_extent[rng_() % 2] += 1;
+    } else if (pick < 67) {
+      if (conn_) {
+        ++stalls_;
+        conn_->stall(static_cast<int>(rng_() % 2), clock_.now() + static_cast<std::int64_t>(rng_() % 3000) * 1'000'000);
+      }
+    } else if (pick < 68) {
+      // A partition: the link goes and no new one comes up for up to 4 s.
+      ++partitions_;
+      partitioned_until_ = clock_.now() + static_cast<std::int64_t>(rng_() % 4000) * 1'000'000;
+      if (conn_) conn_->close("the simulation partitioned the sites");
     } else if (pick < 74) {
       spawn_action(rng_() % 2 == 0 ? a_ : b_, Action::pause);
     } else if (pick < 81) {
@@ -607,12 +666,14 @@ class Simulation {
   void arm_crash(Site& s) {
     if (crashed_ != nullptr || a_.env->on_op || b_.env->on_op) return;  // one crash at a time
     const std::uint64_t at = s.env->ops + 1 + rng_() % 64;
+    power_loss_ = rng_() % 2 == 0;
     Site* site = &s;
     s.env->on_op = [this, site, at](std::uint64_t op) {
       if (op < at || site->env->dead) return;
       site->env->dead = true;
       crashed_ = site;
       ++crashes_;
+      if (power_loss_) ++power_losses_;
       if (conn_) conn_->close(site->name + " crashed");
     };
   }
@@ -633,6 +694,10 @@ class Simulation {
     s.test_image_at_start.reset();
     auto env = std::make_unique<test::FaultEnv>(2u << 20);
     env->adopt(*s.env);
+    if (power_loss_) {
+      // The disks keep what a flush made durable, and of the rest each write dropped, kept or torn.
+      for (const auto& [path, st] : s.env->disks()) env->put(path, st->crash_image(rng_));
+    }
     env->clock_override = &clock_;
     s.env = std::move(env);
     open_site(s, s.role_at_start);
@@ -640,7 +705,13 @@ class Simulation {
         s.session->status().state == replication::State::failed_over && other(s).session->role() == Role::source) {
       host_follows_unplanned_failover(s);  // it was under way when the site crashed
     }
-    if (uncertain_ != 0) {
+    if (power_loss_ && &s == writer_ && s.session->role() == Role::source) {
+      // What the host reads now is what it has: a new epoch, once every durable write is there.
+      check_durable(s);
+      epochs_.back().survived = copy_of(visible(s));
+      start_epoch(copy_of(visible(s)), true);
+      uncertain_ = 0;
+    } else if (uncertain_ != 0) {
       // The write the crash interrupted counts if it reached the disk.
       const Write w = issued_.at(uncertain_);
       const std::byte* p = s.env->disk(vol_id(w.volume) + ".data")->visible.data() + w.block * kBlock;
@@ -649,7 +720,8 @@ class Simulation {
       if (seq != w.seq || &s != writer_) forget(w.seq);
       uncertain_ = 0;
     }
-    if (opts_.verbose) spdlog::info("sim: {} restarted after a crash", s.name);
+    if (opts_.verbose) spdlog::info("sim: {} restarted after a {}", s.name, power_loss_ ? "power loss" : "crash");
+    power_loss_ = false;
   }
 
   // A planned failover completes in the background: once the roles have swapped, the host
@@ -679,21 +751,34 @@ class Simulation {
   using Image = std::vector<std::span<const std::byte>>;  // one span per member volume
   static Image view(const std::vector<std::vector<std::byte>>& copy) { return Image(copy.begin(), copy.end()); }
 
-  std::vector<std::vector<std::uint64_t>> seqs_of(const Image& image, const std::string& what) const {
-    std::vector<std::vector<std::uint64_t>> out(members_, std::vector<std::uint64_t>(blocks_, 0));
+  using Seqs = std::vector<std::vector<std::uint64_t>>;
+
+  // The image's blocks as the writes of epoch `e` they hold (0: the epoch's base content), or
+  // why none can be. A block as a power loss left it (see Epoch::survived) counts as the
+  // newest write any of its sectors holds, and is marked in `survivor`.
+  std::optional<Seqs> seqs_in(const Epoch& e, const Image& image, std::string& why, Seqs* survivor = nullptr) const {
+    Seqs out(members_, std::vector<std::uint64_t>(blocks_, 0));
+    if (survivor != nullptr) *survivor = out;
     for (std::size_t v = 0; v < members_; ++v) {
       for (std::uint64_t b = 0; b < blocks_; ++b) {
         const std::byte* p = image[v].data() + b * kBlock;
+        if (!e.survived.empty() && survivor != nullptr &&
+            std::memcmp(p, e.survived[v].data() + b * kBlock, kBlock) == 0) {
+          (*survivor)[v][b] = 1;
+          out[v][b] = newest_sector_write(e, p, v, b);
+          continue;
+        }
+        if (std::memcmp(p, e.base[v].data() + b * kBlock, kBlock) == 0) continue;
         std::uint64_t seq = 0, vol = 0, block = 0;
         std::memcpy(&seq, p, 8);
         std::memcpy(&vol, p + 8, 8);
         std::memcpy(&block, p + 16, 8);
-        if (seq == 0) continue;
         const auto it = issued_.find(seq);
         if (vol != v || block != b || it == issued_.end() || it->second.volume != v || it->second.block != b ||
             std::memcmp(p, stamp(seq, v, b).data(), kBlock) != 0) {
-          violated(what + ": " + vol_id(v) + " block " + std::to_string(b) +
-                   " holds no write this block had (torn or misplaced)");
+          why = vol_id(v) + " block " + std::to_string(b) +
+                " holds no write this block had (torn or misplaced): " + describe_sectors(p);
+          return std::nullopt;
         }
         out[v][b] = seq;
       }
@@ -701,29 +786,113 @@ class Simulation {
     return out;
   }
 
-  // Returns k: the image is the state after writes 1..k. Violation otherwise.
-  std::uint64_t check_prefix(const Image& image, const std::string& what) const {
-    const auto seqs = seqs_of(image, what);
+  // What each 512-byte sector of a block holds, as the write its first whole stamp record names.
+  static std::string describe_sectors(const std::byte* p) {
+    std::string out = "sectors hold writes";
+    for (std::size_t off = 0; off < kBlock; off += 512) {
+      const std::size_t rec = (off + 23) / 24 * 24;
+      std::uint64_t seq = 0;
+      std::memcpy(&seq, p + rec, 8);
+      out += " " + std::to_string(seq);
+    }
+    return out;
+  }
+
+  // The newest write whose stamp any 512-byte sector of the block holds (0: none; sectors of
+  // the epoch's base hold none). The sectors were checked when the power loss was (check_durable).
+  std::uint64_t newest_sector_write(const Epoch& e, const std::byte* p, std::size_t v, std::uint64_t b) const {
+    std::uint64_t newest = 0;
+    for (std::size_t off = 0; off < kBlock; off += 512) {
+      if (std::memcmp(p + off, e.base[v].data() + b * kBlock + off, 512) == 0) continue;
+      const std::size_t rec = (off + 23) / 24 * 24;  // the first whole stamp record in the sector
+      std::uint64_t seq = 0;
+      std::memcpy(&seq, p + rec, 8);
+      newest = std::max(newest, seq);
+    }
+    return newest;
+  }
+
+  // Returns k if the image is epoch e's base after its writes up to k (some blocks perhaps as a
+  // power loss left them, see Epoch::survived).
+  std::optional<std::uint64_t> prefix_in(const Epoch& e, const Image& image, std::string& why) const {
+    Seqs survivor;
+    const auto seqs = seqs_in(e, image, why, &survivor);
+    if (!seqs) return std::nullopt;
     std::uint64_t k = 0;
-    for (const auto& vol : seqs) {
+    for (const auto& vol : *seqs) {
       for (auto s : vol) k = std::max(k, s);
     }
-    std::vector<std::vector<std::uint64_t>> expect(members_, std::vector<std::uint64_t>(blocks_, 0));
-    for (const auto& w : history_) {
+    Seqs expect(members_, std::vector<std::uint64_t>(blocks_, 0));
+    for (const auto& w : e.writes) {
       if (w.seq <= k) expect[w.volume][w.block] = w.seq;
     }
-    if (seqs != expect) {
-      for (std::size_t v = 0; v < members_; ++v) {
-        for (std::uint64_t b = 0; b < blocks_; ++b) {
-          if (seqs[v][b] != expect[v][b]) {
-            violated(what + " is not the image after any prefix of the writes: after write " + std::to_string(k) +
-                     ", " + vol_id(v) + " block " + std::to_string(b) + " should hold write " +
-                     std::to_string(expect[v][b]) + " but holds " + std::to_string(seqs[v][b]));
-          }
+    for (std::size_t v = 0; v < members_; ++v) {
+      for (std::uint64_t b = 0; b < blocks_; ++b) {
+        if ((*seqs)[v][b] != expect[v][b] && survivor[v][b] == 0) {
+          why = "after write " + std::to_string(k) + ", " + vol_id(v) + " block " + std::to_string(b) +
+                " should hold write " + std::to_string(expect[v][b]) + " but holds " + std::to_string((*seqs)[v][b]);
+          return std::nullopt;
         }
       }
     }
     return k;
+  }
+
+  struct Match {
+    std::uint64_t epoch;
+    std::uint64_t k;
+    auto operator<=>(const Match&) const = default;
+  };
+  // The image is some kept epoch's image after a prefix of its writes (the newest that fits).
+  // Violation otherwise, with why it is none of each epoch's.
+  Match check_prefix(const Image& image, const std::string& what) const {
+    std::string whys;
+    for (auto it = epochs_.rbegin(); it != epochs_.rend(); ++it) {
+      std::string why;
+      if (auto k = prefix_in(*it, image, why)) return {it->id, *k};
+      whys += "; in epoch " + std::to_string(it->id) + ": " + why;
+    }
+    violated(what + " is not the image after any prefix of the writes" + whys);
+  }
+
+  // After a power loss at the source: each sector holds the last write acknowledged as durable
+  // or a later one (not durable: whole or torn); where no write was durable, the base or any
+  // write.
+  void check_durable(Site& s) {
+    const Epoch& e = epochs_.back();
+    const Image img = visible(s);
+    constexpr std::size_t kSector = 512;
+    for (std::size_t v = 0; v < members_; ++v) {
+      for (std::uint64_t b = 0; b < blocks_; ++b) {
+        std::vector<std::uint64_t> seqs;
+        std::uint64_t durable = 0;
+        for (const auto& w : e.writes) {
+          if (w.volume != v || w.block != b) continue;
+          seqs.push_back(w.seq);
+          if (w.seq <= acked_ && (fua_acked_.contains(w.seq) || w.seq <= flushed_upto_[v])) durable = w.seq;
+        }
+        if (seqs.empty()) {
+          // Nothing wrote here since the epoch began: what it began from was durable (a
+          // committed cycle, or what an earlier power loss left).
+          if (std::memcmp(img[v].data() + b * kBlock, e.base[v].data() + b * kBlock, kBlock) != 0) {
+            violated("a power loss at the source changed " + vol_id(v) + " block " + std::to_string(b) +
+                     ", which no write touched since its epoch began");
+          }
+          continue;
+        }
+        for (std::size_t off = 0; off < kBlock; off += kSector) {
+          const std::byte* got = img[v].data() + b * kBlock + off;
+          bool ok = durable == 0 && std::memcmp(got, e.base[v].data() + b * kBlock + off, kSector) == 0;
+          for (auto seq : seqs) {
+            if (seq >= durable && std::memcmp(got, stamp(seq, v, b).data() + off, kSector) == 0) ok = true;
+          }
+          if (!ok) {
+            violated("a power loss at the source lost durable write " + std::to_string(durable) + " (" + vol_id(v) +
+                     " block " + std::to_string(b) + ", sector " + std::to_string(off / kSector) + ")");
+          }
+        }
+      }
+    }
   }
 
   // The volumes' contents as the host would read them now (no copy: valid until the next I/O).
@@ -757,14 +926,16 @@ class Simulation {
     Site& dst = other(src);
     // The host's site: every acknowledged write is there (the history up to the last write
     // acknowledged, plus perhaps the one in flight).
-    const auto held = seqs_of(visible(src), "the source");
-    std::vector<std::vector<std::uint64_t>> expect(members_, std::vector<std::uint64_t>(blocks_, 0));
-    for (const auto& w : history_) {
+    std::string why;
+    const auto held = seqs_in(epochs_.back(), visible(src), why);
+    if (!held) violated("the source: " + why);
+    Seqs expect(members_, std::vector<std::uint64_t>(blocks_, 0));
+    for (const auto& w : epochs_.back().writes) {
       if (w.seq <= acked_) expect[w.volume][w.block] = w.seq;
     }
     for (std::size_t v = 0; v < members_; ++v) {
       for (std::uint64_t b = 0; b < blocks_; ++b) {
-        if (held[v][b] < expect[v][b]) {
+        if ((*held)[v][b] < expect[v][b]) {
           violated("the source lost acknowledged write " + std::to_string(expect[v][b]) + " (" + vol_id(v) + " block " +
                    std::to_string(b) + ")");
         }
@@ -776,11 +947,12 @@ class Simulation {
     const auto st = dst.session->status();
     if (dst.session->role() == Role::destination && st.committed_cycle > 0 && !in_failover(st.state) &&
         !in_failover(src.session->status().state)) {
-      const std::uint64_t k = check_prefix(visible(dst), "the destination");
+      const Match m = check_prefix(visible(dst), "the destination");
       if (st.committed_cycle < committed_seen_) violated("the destination's committed cycle went back");
       committed_seen_ = st.committed_cycle;
-      if (k < dest_prefix_) violated("the destination went back to an older prefix");
-      dest_prefix_ = k;
+      if (m < dest_at_) violated("the destination went back to an older image");
+      dest_at_ = m;
+      while (epochs_.front().id < m.epoch) epochs_.pop_front();  // it cannot go back to them
     }
     if (rng_() % 4 == 0) check_test_image(dst);  // also before every stop
     if (a_.session->role() == Role::destination && b_.session->role() == Role::destination) {
@@ -806,6 +978,7 @@ class Simulation {
   // writer idle, the destination catches up with the source.
   void settle() {
     for (Site* s : {&a_, &b_}) s->env->on_op = nullptr;  // no crash armed from here on
+    partitioned_until_ = 0;
     if (crashed_ != nullptr) restart(*crashed_);
     for (int i = 0; i < 200 && (writer_busy_ || a_.action_running || b_.action_running); ++i) run_for(100'000'000);
     for (int round = 0; round < 60; ++round) {
@@ -838,7 +1011,25 @@ class Simulation {
     }
     violated("the destination did not converge to the source after 120 s of virtual time with the link up (state " +
              std::string(replication::state_name(a_.session->status().state)) + " / " +
-             std::string(replication::state_name(b_.session->status().state)) + ")");
+             std::string(replication::state_name(b_.session->status().state)) + ")" + first_difference());
+  }
+
+  // Where the source's and the destination's images differ first, for the report.
+  std::string first_difference() {
+    Site& src = *writer_;
+    const Image x = visible(src);
+    const Image y = visible(other(src));
+    for (std::size_t v = 0; v < members_; ++v) {
+      for (std::uint64_t b = 0; b < blocks_; ++b) {
+        if (std::memcmp(x[v].data() + b * kBlock, y[v].data() + b * kBlock, kBlock) == 0) continue;
+        std::uint64_t sx = 0, sy = 0;
+        std::memcpy(&sx, x[v].data() + b * kBlock, 8);
+        std::memcpy(&sy, y[v].data() + b * kBlock, 8);
+        return ": first difference " + vol_id(v) + " block " + std::to_string(b) + ", source write " +
+               std::to_string(sx) + ", destination write " + std::to_string(sy);
+      }
+    }
+    return "";
   }
 
   void shutdown() {
@@ -864,11 +1055,15 @@ class Simulation {
   Site a_;
   Site b_;
   std::shared_ptr<SimConnection> conn_;
-  // The writes that count: issued, not refused, not lost to an unplanned failover; in order.
-  std::vector<Write> history_;
-  std::map<std::uint64_t, Write> issued_;  // every write ever issued, by sequence number
+  // The model: the writes that count (issued, not refused, not lost to an unplanned failover or
+  // a power loss), in epochs, oldest first.
+  std::deque<Epoch> epochs_;
+  std::uint64_t next_epoch_ = 1;
+  std::map<std::uint64_t, Write> issued_;    // every write ever issued, by sequence number
+  std::set<std::uint64_t> fua_acked_;        // writes acknowledged with FUA
+  std::vector<std::uint64_t> flushed_upto_;  // per volume: its writes up to here were flushed
   std::uint64_t next_seq_ = 1;
-  std::uint64_t acked_ = 0;  // the last write acknowledged (every one in history_ before it was)
+  std::uint64_t acked_ = 0;  // the last write acknowledged (every one of the model's before it was)
   Site* writer_ = &a_;       // the site the host writes to: the source
   std::uint64_t lost_ = 0;
   std::uint64_t failovers_ = 0;
@@ -876,9 +1071,14 @@ class Simulation {
   Site* crashed_ = nullptr;      // a site that crashed and waits for its restart
   std::uint64_t uncertain_ = 0;  // the host write a crash interrupted (0: none)
   std::uint64_t crashes_ = 0;
+  bool power_loss_ = false;  // the armed or fired crash is a power loss
+  std::uint64_t power_losses_ = 0;
+  std::uint64_t stalls_ = 0;
+  std::uint64_t partitions_ = 0;
+  std::int64_t partitioned_until_ = 0;
   bool writer_busy_ = false;
   std::uint64_t committed_seen_ = 0;
-  std::uint64_t dest_prefix_ = 0;
+  Match dest_at_{};  // the newest image the destination was seen at
   std::uint64_t connects_ = 0;
   std::uint64_t corrupted_ = 0;
   std::uint64_t tests_ = 0;
@@ -888,7 +1088,18 @@ class Simulation {
 }  // namespace
 }  // namespace tandem::sim
 
+namespace {
+// The seed running, for a report when the code under test aborts (a failed assertion).
+char g_replay[512] = "";
+extern "C" void report_abort(int) {
+  (void)!write(2, g_replay, std::strlen(g_replay));
+  std::signal(SIGABRT, SIG_DFL);
+  std::abort();
+}
+}  // namespace
+
 int main(int argc, char** argv) {
+  std::signal(SIGABRT, report_abort);
   using tandem::sim::Options;
   std::uint64_t first = 1;
   std::uint64_t seeds = 1;
@@ -928,6 +1139,9 @@ int main(int argc, char** argv) {
   for (std::uint64_t seed = first; seed < first + seeds; ++seed) {
     Options o = base;
     o.seed = seed;
+    std::snprintf(g_replay, sizeof g_replay,
+                  "FAIL seed %llu: aborted (see above)\n  replay: %s --seed %llu --steps %d --verbose\n",
+                  static_cast<unsigned long long>(seed), argv[0], static_cast<unsigned long long>(seed), o.steps);
     tandem::sim::Simulation sim(o);
     try {
       sim.run();

@@ -244,6 +244,53 @@ TEST(Cycle, PowerLossWhileCoolingNeverLosesAWrite) {
   }
 }
 
+// True if every byte of block b on the data disk is durable (a power loss keeps it).
+bool durable(test::FaultEnv& env, std::uint64_t b) {
+  auto d = env.disk("data");
+  return std::memcmp(d->durable.data() + b * 4096, d->visible.data() + b * 4096, 4096) == 0;
+}
+
+// A region leaves the intent log only once its writes are durable on the data disk: a peer
+// may hold a replicated block whole while a power loss drops or tears the source's copy, and
+// the block must then still count as changed. Found by the replication simulation.
+TEST(Cycle, ARegionLeavesTheIntentLogOnlyWithItsDataDurable) {
+  asio::io_context ctx;
+  test::FaultEnv env;
+  auto v = open_roomy(ctx, env);
+  const std::uint64_t rb = v->dirty().region_blocks();
+  for (std::uint64_t r = 0; r < 10; ++r) ASSERT_TRUE(write_block(ctx, env, *v, r * 3 * rb, 1).ok());
+  for (std::uint64_t r = 0; r < 10; ++r) EXPECT_FALSE(durable(env, r * 3 * rb)) << "no flush yet";
+  ASSERT_TRUE(test::run_sync(ctx, do_cut(*v)).ok());
+  const auto flushes = v->dirty().data_flushes();
+  ASSERT_TRUE(test::run_sync(ctx, v->dirty().cool_committed()).ok());
+  EXPECT_EQ(v->dirty().cooled(), 10u);
+  EXPECT_EQ(v->dirty().data_flushes(), flushes + 1);
+  for (std::uint64_t r = 0; r < 10; ++r) EXPECT_TRUE(durable(env, r * 3 * rb)) << "cooled region " << r * 3;
+  // The host's own flush counts: nothing written since, so cooling needs no other.
+  ASSERT_TRUE(write_block(ctx, env, *v, 1, 2).ok());
+  ASSERT_TRUE(test::run_sync(ctx, do_cut(*v)).ok());
+  ASSERT_TRUE(test::run_sync(ctx, v->flush()).ok());
+  ASSERT_TRUE(test::run_sync(ctx, v->dirty().cool_committed()).ok());
+  EXPECT_EQ(v->dirty().data_flushes(), flushes + 1);
+  ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
+
+  // Eviction: four hot regions at most; a fifth evicts the least recently used. Without a cut
+  // its bits go to disk and need no flush; after one, its data must be durable.
+  test::FaultEnv env2;
+  auto w = open(ctx, env2);
+  const std::uint64_t rb2 = w->dirty().region_blocks();
+  for (std::uint64_t r = 0; r < 5; ++r) ASSERT_TRUE(write_block(ctx, env2, *w, r * rb2, 1).ok());
+  EXPECT_EQ(w->dirty().evictions(), 1u);
+  EXPECT_EQ(w->dirty().data_flushes(), 0u);
+  EXPECT_FALSE(durable(env2, rb2));
+  ASSERT_TRUE(test::run_sync(ctx, do_cut(*w)).ok());
+  ASSERT_TRUE(write_block(ctx, env2, *w, 6 * rb2, 1).ok());
+  EXPECT_EQ(w->dirty().evictions(), 2u);
+  EXPECT_EQ(w->dirty().data_flushes(), 1u);
+  EXPECT_TRUE(durable(env2, rb2)) << "the evicted region's write, replicated by the cut";
+  ASSERT_TRUE(test::run_sync(ctx, w->close()).ok());
+}
+
 TEST(Cycle, HoldWritesWaitsForInFlightAndAdmitsNoneUntilRelease) {
   asio::io_context ctx;
   test::FaultEnv env;
@@ -274,6 +321,27 @@ TEST(Cycle, HoldWritesWaitsForInFlightAndAdmitsNoneUntilRelease) {
   ctx.restart();
   ctx.run();
   ASSERT_EQ(events, (std::vector<std::string>{"w1 done", "held", "release", "w2 done"}));
+  ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
+}
+
+TEST(Cycle, ASecondHoldWaitsForTheFirstsRelease) {
+  asio::io_context ctx;
+  test::FaultEnv env;
+  auto v = open(ctx, env);
+  std::vector<std::string> events;
+  auto holder = [](Volume& vol, std::vector<std::string>& ev, std::string name) -> asio::awaitable<void> {
+    co_await vol.hold_writes();
+    ev.push_back(name + " held");
+    for (int i = 0; i < 20; ++i) co_await test::yield_once();
+    ev.push_back(name + " released");
+    vol.release_writes();
+  };
+  asio::co_spawn(ctx, holder(*v, events, "a"), [](std::exception_ptr e) { EXPECT_FALSE(e); });
+  asio::co_spawn(ctx, holder(*v, events, "b"), [](std::exception_ptr e) { EXPECT_FALSE(e); });
+  ctx.restart();
+  ctx.run();
+  ASSERT_EQ(events, (std::vector<std::string>{"a held", "a released", "b held", "b released"}));
+  ASSERT_TRUE(write_block(ctx, env, *v, 0, 1).ok());  // nothing left held
   ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
 }
 

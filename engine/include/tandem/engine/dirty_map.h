@@ -9,15 +9,23 @@
 //
 // The hot set is bounded (intent_regions_max): to make room, the least recently used region
 // with no write in flight is evicted, and its bits are written to the on-disk bitmap and
-// flushed before the intent record that drops it. The extra resync work a crash can cost is
+// flushed before the intent record that drops it.
+//
+// A region leaves the intent log (evicted, or cooled once replicated) only once its writes
+// whose bits a cut or clear() took away are durable on the data device (flushed since they
+// ended): a write the disk still held in its volatile cache may be lost or torn by a power
+// loss while the peer has the whole of it, so a block whose data is not durable must stay
+// covered by the log or the bitmap. The extra resync work a crash can cost is
 // therefore at most intent_regions_max × region_bytes (docs/metadata-format.md).
 //
 // Threading: one io_context thread. Concurrent begin_write() calls that need new hot regions
 // share one intent-log write.
 #pragma once
 
+#include <algorithm>
 #include <boost/asio/awaitable.hpp>
 #include <cstdint>
+#include <functional>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -42,7 +50,9 @@ struct DirtyExtent {
 
 class DirtyMap {
  public:
-  DirtyMap(MetaStore& meta, DirtyMapOptions opts);
+  // Flushes the data device the tracked writes go to (the volume's).
+  using DataFlush = std::function<asio::awaitable<Status>()>;
+  DirtyMap(MetaStore& meta, DirtyMapOptions opts, DataFlush flush_data);
 
   // Loads the on-disk bitmap and intent log, folds every hot region into the bitmap, persists
   // the result and empties the intent log. Call once before any write.
@@ -54,6 +64,10 @@ class DirtyMap {
   // Marks the blocks dirty (the write may have reached the device, even if it failed) and
   // unpins the regions.
   void end_write(std::uint64_t first_block, std::uint64_t count);
+  // The owner flushed the data device: every write ended before writes_ended() returned
+  // `mark` is durable (spares the flush before the next intent record that drops regions).
+  [[nodiscard]] std::uint64_t writes_ended() const { return ended_; }
+  void data_flushed(std::uint64_t mark) { flushed_mark_ = std::max(flushed_mark_, mark); }
 
   // Replication forgets blocks once the peer has them durably.
   void clear(std::uint64_t first_block, std::uint64_t count);
@@ -96,6 +110,7 @@ class DirtyMap {
   [[nodiscard]] std::uint64_t cooled() const { return cooled_; }
   [[nodiscard]] std::uint32_t region_blocks() const { return region_blocks_; }
   [[nodiscard]] std::uint32_t intent_regions_max() const { return hot_max_; }
+  [[nodiscard]] std::uint64_t data_flushes() const { return data_flushes_; }
 
  private:
   struct Hot {
@@ -103,6 +118,8 @@ class DirtyMap {
     std::uint64_t last_use = 0;
   };
   void set_bits(std::uint64_t first, std::uint64_t count);
+  // Before an intent record drops regions: their writes, all ended, made durable.
+  asio::awaitable<Status> make_ended_writes_durable();
   asio::awaitable<Status> update_intent_log();
   // The bitmap pages covering `regions`, written and flushed where the disk may differ, before
   // an intent record that drops the regions.
@@ -112,6 +129,11 @@ class DirtyMap {
   [[nodiscard]] bool page_nonzero(const std::vector<std::uint64_t>& words, std::uint64_t page) const;
 
   MetaStore& meta_;
+  DataFlush flush_data_;
+  std::uint64_t ended_ = 0;           // end_write() calls so far
+  std::uint64_t flushed_mark_ = 0;    // ended_ when the last data flush began
+  std::uint64_t ended_at_clear_ = 0;  // ended_ at the last clear() or freeze()
+  std::uint64_t data_flushes_ = 0;
   std::uint64_t blocks_;
   std::uint32_t region_blocks_;
   std::uint32_t hot_max_;

@@ -105,12 +105,15 @@ class Volume {
   asio::awaitable<Status> zero_replicated(std::uint64_t offset, std::uint64_t len);
 
   // Stops admitting host writes and waits until none is in flight (a consistent cut across one
-  // or many volumes); reads go on. release_writes() lets them through again.
+  // or many volumes); reads go on. release_writes() lets them through again. A second hold
+  // waits for the first's release; holders of several volumes take them in one order.
   asio::awaitable<void> hold_writes();
   void release_writes();
   void set_write_hook(WriteHook* hook) { hook_ = hook; }
 
  private:
+  // Flushes the data device; the dirty map calls it before its intent log drops regions.
+  asio::awaitable<Status> flush_data();
   Volume(DeviceEnv& env, VolumeOptions opts) : env_(env), opts_(std::move(opts)) {}
   class OpGuard;
   class WriteGuard;

@@ -32,7 +32,6 @@ enum class MsgType : std::uint16_t {
 
 inline constexpr std::size_t kIdBytesMax = 64;
 inline constexpr std::size_t kMembersMax = 16;
-inline constexpr std::size_t kGenerationsMax = 32;
 inline constexpr std::uint32_t kExtentBytesMax = 1 << 20;  // one extent's data
 inline constexpr std::size_t kMessageTextMax = 512;
 

@@ -48,6 +48,7 @@
 #include "tandem/replication/messages.h"
 #include "tandem/replication/peer_channel.h"
 #include "tandem/replication/session_state.h"
+#include "tandem/replication/state_store.h"
 #include "tandem/transport/rate_limiter.h"
 
 namespace tandem::replication {
@@ -209,8 +210,6 @@ class Session {
 
   Session(asio::any_io_executor ex, SessionOptions opts);
   asio::awaitable<Status> recover();
-  asio::awaitable<Status> persist();
-  asio::awaitable<Status> persist_generations(std::vector<std::uint64_t> gens);
   SessionHello make_hello() const;
   std::string journal_path(const Member& m) const;
   std::string preserve_path(const Member& m) const;
@@ -249,9 +248,15 @@ class Session {
   asio::awaitable<void> retry_pause();           // before asking the peer again
   asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
   asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
-  asio::awaitable<Status> become_source();
+  // Role changes: the transition's name, and what else the caller's transition changes with
+  // the role (in the same write).
+  asio::awaitable<Status> become_source(std::string_view transition, StateStore::Edit also);
   void forget_for_role_change();
-  asio::awaitable<Status> become_destination();
+  asio::awaitable<Status> note_paired();  // durably, the first time a peer's hello is taken
+  asio::awaitable<Status> become_destination(std::string_view transition, StateStore::Edit also);
+  // A source that is not on its way to becoming a destination (become_destination() winds its
+  // loops down before the role goes to disk).
+  [[nodiscard]] bool acting_source() const { return state_.role == Role::source && !leaving_source_; }
   asio::awaitable<Status> on_failover_control(const Control& c);
   asio::awaitable<Status> on_changed_blocks(const ChangedBlocks& m);
   asio::awaitable<Status> demote_by_hello(const SessionHello& h);
@@ -305,11 +310,14 @@ class Session {
   asio::any_io_executor ex_;
   SessionOptions opts_;
   std::vector<Member> members_;
-  SessionState state_;
-  std::vector<std::uint64_t> generations_;
+  // The durable state: read through the two references, changed only by store_'s transitions.
+  StateStore store_;
+  const SessionState& state_ = store_.state();
+  const std::vector<std::uint64_t>& generations_ = store_.generations();
   std::shared_ptr<PeerChannel> conn_;
   std::uint64_t conn_gen_ = 0;
   bool stopping_ = false;
+  bool leaving_source_ = false;  // become_destination() under way
   bool running_ = false;
   WaitQueue wake_;
   WaitQueue done_;
