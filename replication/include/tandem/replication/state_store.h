@@ -4,8 +4,8 @@
 // Every change is a named transition: the edit is made to a copy, the copy is written to the
 // volumes' superblocks, and only then does the session see it. A write that fails leaves the
 // state as it was, in memory as on disk, so the session never acts on a state that a restart
-// would not find. Transitions run one at a time, in the order they were asked for, each on
-// the state the one before left.
+// would not find. Transitions run one at a time, each on the state the one before left (two
+// asked at once both take effect: neither writes over the other's copy).
 //
 // Member 0's superblock is authoritative for SessionState (its session blob, with the role in
 // the superblock proper). A new generation history goes to every member, member 0 last: it is
