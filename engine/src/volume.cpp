@@ -355,10 +355,7 @@ asio::awaitable<Status> Volume::close() {
   closing_ = true;
   while (ops_in_flight_ > 0) co_await drained_.wait();
   Status st = failure_.empty() ? Status{} : Status(Error(errc::volume_failed, failure_));
-  if (failure_.empty()) {
-    st = co_await data_->flush();
-    if (!st) st = fail(st.error());
-  }
+  if (failure_.empty()) st = co_await flush_data();
   // The dirty map is persisted even after a data failure: it only ever grows what must be
   // resynchronized.
   Status dst = co_await dirty_->persist_all();

@@ -359,8 +359,14 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
           TANDEM_CO_TRY(co_await send(MsgType::changed_blocks, std::move(bytes)));
         }
       }
-      TANDEM_CO_TRY(
-          co_await store_.change("reprotect: changes sent", [](SessionState& s) { s.phase = Phase::reprotecting; }));
+      // A pause from before the failover goes with it, as on a role change: kept, it would hold
+      // reprotect's cycle in a state where resume is not allowed (found by the simulation, seed
+      // 993 of the power-loss runs: a destination paused alone while its peer was down).
+      if (state_.paused) spdlog::info("session {}: the pause from before the failover is lifted", opts_.id);
+      TANDEM_CO_TRY(co_await store_.change("reprotect: changes sent", [](SessionState& s) {
+        s.phase = Phase::reprotecting;
+        lift_pause(s);
+      }));
       spdlog::info("session {}: reprotect: sent {} changed block(s) to {}", opts_.id, total, opts_.peer_name);
       co_return co_await reply_control(c, true, 0, {}, total);
     }
@@ -450,6 +456,7 @@ asio::awaitable<void> Session::run_reprotect() {
     spdlog::info("session {}: reprotect: {} block(s) changed here, {} there, {} to ship (the union)", opts_.id, ours,
                  theirs, uni);
     exchange_done_ = true;
+    peer_paused_ = false;  // the peer lifted any pause of its own with the exchange
     request_sync();
   }
 }

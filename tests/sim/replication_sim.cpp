@@ -199,6 +199,7 @@ struct Direction {
   WaitQueue arrived;
   std::unique_ptr<engine::Timer> delay;
   bool loop_done = false;
+  std::optional<MsgType> handling;  // the frame the session is handling now, if any
 };
 
 class SimConnection : public std::enable_shared_from_this<SimConnection> {
@@ -447,7 +448,9 @@ class Simulation {
       }
       Frame f = std::move(d.frames.front());
       d.frames.pop_front();
+      d.handling = f.type;
       Status st = co_await to.session->handle(f.type, f.bytes);
+      d.handling.reset();
       if (!st) {
         // The only frames a session may refuse here are those the simulation corrupted: any
         // other refusal is the two sides disagreeing about the protocol.
@@ -518,6 +521,8 @@ class Simulation {
       }
       sim->acked_ = seq;
       if (fua) sim->fua_acked_.insert(seq);
+      if (sim->opts_.verbose)
+        spdlog::debug("sim: write {} to {} block {}{} acknowledged", seq, vol, block, fua ? " (FUA)" : "");
       if (sim->rng_() % 8 == 0) {
         // Every write to this volume acknowledged before the flush is durable once it completes.
         const std::uint64_t upto = sim->acked_;
@@ -1011,7 +1016,22 @@ class Simulation {
     }
     violated("the destination did not converge to the source after 120 s of virtual time with the link up (state " +
              std::string(replication::state_name(a_.session->status().state)) + " / " +
-             std::string(replication::state_name(b_.session->status().state)) + ")" + first_difference());
+             std::string(replication::state_name(b_.session->status().state)) + ")" + first_difference() +
+             link_report());
+  }
+
+  // A link that never finished closing, for the report: which side still handles which frame.
+  std::string link_report() const {
+    if (!conn_) return "";
+    std::string out = "; the link is " + std::string(conn_->closed ? "closed (" + conn_->reason + ")" : "up");
+    for (int side = 0; side < 2; ++side) {
+      const Direction& d = conn_->dir[side];
+      if (d.handling) {
+        out += ", " + std::string(side == 0 ? "site-a" : "site-b") + " still handles a frame of type " +
+               std::to_string(static_cast<int>(*d.handling));
+      }
+    }
+    return out;
   }
 
   // Where the source's and the destination's images differ first, for the report.
@@ -1104,6 +1124,7 @@ int main(int argc, char** argv) {
   std::uint64_t first = 1;
   std::uint64_t seeds = 1;
   std::optional<std::uint64_t> one;
+  std::vector<std::uint64_t> list;  // --list: these seeds (the regressions)
   Options base;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -1122,21 +1143,36 @@ int main(int argc, char** argv) {
       first = next();
     } else if (a == "--steps") {
       base.steps = static_cast<int>(next());
+    } else if (a == "--list") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "--list needs seeds (1,2,3)\n");
+        return 2;
+      }
+      for (const char* p = argv[++i]; *p != '\0';) {
+        char* end = nullptr;
+        list.push_back(std::strtoull(p, &end, 10));
+        if (end == p || (*end != ',' && *end != '\0')) {
+          std::fprintf(stderr, "--list: not a list of seeds: %s\n", argv[i]);
+          return 2;
+        }
+        p = *end == ',' ? end + 1 : end;
+      }
     } else if (a == "--verbose") {
       base.verbose = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--seed N | --first N --seeds COUNT] [--steps N] [--verbose]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--seed N | --first N --seeds COUNT | --list N,N,...] [--steps N] [--verbose]\n",
+                   argv[0]);
       return 2;
     }
   }
   if (const char* env = std::getenv("TANDEM_SIM_SEEDS"); env != nullptr && !one)
     seeds = std::strtoull(env, nullptr, 10);
-  if (one) {
-    first = *one;
-    seeds = 1;
+  if (one) list = {*one};
+  if (list.empty()) {
+    for (std::uint64_t seed = first; seed < first + seeds; ++seed) list.push_back(seed);
   }
   spdlog::set_level(base.verbose ? spdlog::level::debug : spdlog::level::off);
-  for (std::uint64_t seed = first; seed < first + seeds; ++seed) {
+  for (const std::uint64_t seed : list) {
     Options o = base;
     o.seed = seed;
     std::snprintf(g_replay, sizeof g_replay,
@@ -1155,10 +1191,10 @@ int main(int argc, char** argv) {
       std::fflush(stderr);
       std::_Exit(1);
     }
-    if (seeds == 1 || base.verbose)
+    if (list.size() <= 20 || base.verbose)
       std::printf("seed %llu: ok: %s\n", static_cast<unsigned long long>(seed), sim.summary().c_str());
   }
-  std::printf("%llu seed(s) from %llu: all invariants held\n", static_cast<unsigned long long>(seeds),
-              static_cast<unsigned long long>(first));
+  std::printf("%zu seed(s) from %llu: all invariants held\n", list.size(),
+              static_cast<unsigned long long>(list.front()));
   return 0;
 }

@@ -272,6 +272,13 @@ TEST(Cycle, ARegionLeavesTheIntentLogOnlyWithItsDataDurable) {
   ASSERT_TRUE(test::run_sync(ctx, v->flush()).ok());
   ASSERT_TRUE(test::run_sync(ctx, v->dirty().cool_committed()).ok());
   EXPECT_EQ(v->dirty().data_flushes(), flushes + 1);
+  // Writing the map whole (a source becoming a destination) empties the log: the same rule.
+  ASSERT_TRUE(write_block(ctx, env, *v, 7 * rb, 4).ok());
+  ASSERT_TRUE(test::run_sync(ctx, do_cut(*v)).ok());
+  EXPECT_FALSE(durable(env, 7 * rb));
+  ASSERT_TRUE(test::run_sync(ctx, v->dirty().persist_all()).ok());
+  EXPECT_EQ(v->dirty().hot_regions(), 0u);
+  EXPECT_TRUE(durable(env, 7 * rb)) << "a block the log no longer covers";
   ASSERT_TRUE(test::run_sync(ctx, v->close()).ok());
 
   // Eviction: four hot regions at most; a fifth evicts the least recently used. Without a cut

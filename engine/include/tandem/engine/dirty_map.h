@@ -77,7 +77,8 @@ class DirtyMap {
   // Runs of dirty blocks in LBA order.
   [[nodiscard]] std::vector<DirtyExtent> extents() const;
 
-  // Writes the whole bitmap, flushes, and empties the intent log (clean shutdown).
+  // Writes the whole bitmap, flushes, and empties the intent log (clean shutdown), once the data
+  // the log covers is durable (see above).
   asio::awaitable<Status> persist_all();
 
   // A cycle cut moves every dirty bit into the frozen set of a new cycle, in two steps with

@@ -96,6 +96,9 @@ class Volume {
   // blocks read back as zeros on files and on devices that zero on discard.
   asio::awaitable<Status> trim(std::uint64_t offset, std::uint64_t len, bool fua);
   asio::awaitable<Status> flush();
+  // The same for the volume's own needs, not counted as a host flush: the dirty map before its
+  // intent log drops regions, replication before the peer commits what it shipped.
+  asio::awaitable<Status> flush_data();
   // Refuses new requests, waits for those in flight, flushes data and metadata.
   asio::awaitable<Status> close();
 
@@ -112,8 +115,6 @@ class Volume {
   void set_write_hook(WriteHook* hook) { hook_ = hook; }
 
  private:
-  // Flushes the data device; the dirty map calls it before its intent log drops regions.
-  asio::awaitable<Status> flush_data();
   Volume(DeviceEnv& env, VolumeOptions opts) : env_(env), opts_(std::move(opts)) {}
   class OpGuard;
   class WriteGuard;
