@@ -791,15 +791,18 @@ class Simulation {
     return out;
   }
 
+  // The write named by the first whole stamp record in the 512-byte sector at `off`.
+  static std::uint64_t sector_write(const std::byte* p, std::size_t off) {
+    const std::size_t rec = (off + 23) / 24 * 24;
+    std::uint64_t seq = 0;
+    std::memcpy(&seq, p + rec, 8);
+    return seq;
+  }
+
   // What each 512-byte sector of a block holds, as the write its first whole stamp record names.
   static std::string describe_sectors(const std::byte* p) {
     std::string out = "sectors hold writes";
-    for (std::size_t off = 0; off < kBlock; off += 512) {
-      const std::size_t rec = (off + 23) / 24 * 24;
-      std::uint64_t seq = 0;
-      std::memcpy(&seq, p + rec, 8);
-      out += " " + std::to_string(seq);
-    }
+    for (std::size_t off = 0; off < kBlock; off += 512) out += " " + std::to_string(sector_write(p, off));
     return out;
   }
 
@@ -809,10 +812,7 @@ class Simulation {
     std::uint64_t newest = 0;
     for (std::size_t off = 0; off < kBlock; off += 512) {
       if (std::memcmp(p + off, e.base[v].data() + b * kBlock + off, 512) == 0) continue;
-      const std::size_t rec = (off + 23) / 24 * 24;  // the first whole stamp record in the sector
-      std::uint64_t seq = 0;
-      std::memcpy(&seq, p + rec, 8);
-      newest = std::max(newest, seq);
+      newest = std::max(newest, sector_write(p, off));
     }
     return newest;
   }
