@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "receiver.h"
 #include "tandem/common/result.h"
 #include "tandem/engine/cycle_journal.h"
 #include "tandem/engine/test_image.h"
@@ -23,13 +24,6 @@
 #include "tandem/replication/session.h"
 
 namespace tandem::replication {
-
-// Sees each committed cycle's extents of a member just before they are applied to it.
-class ApplyObserver {
- public:
-  virtual ~ApplyObserver() = default;
-  virtual asio::awaitable<Status> before_apply(std::size_t member, std::span<const engine::JournalExtent> extents) = 0;
-};
 
 class FailoverTest final : public ApplyObserver {
  public:

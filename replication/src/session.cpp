@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "failover_test.h"
+#include "receiver.h"
 #include "session_internal.h"
 #include "tandem/engine/errc.h"
 #include "tandem/replication/errc.h"
@@ -80,6 +81,7 @@ asio::awaitable<Result<std::unique_ptr<Session>>> Session::open(asio::any_io_exe
   std::vector<engine::Volume*> volumes;
   for (const auto& m : s->members_) volumes.push_back(m.m.volume);
   s->store_.load(std::move(volumes), *st, sb.generations);
+  if (s->state_.role == Role::destination) s->make_receiver();
   if (s->state_.role != s->opts_.role) {
     spdlog::warn("session {}: configured as {} but its volumes say {}; keeping {}", s->opts_.id,
                  s->opts_.role == Role::source ? "source" : "destination",
@@ -195,29 +197,35 @@ asio::awaitable<Status> Session::recover() {
     }
     co_return Status{};
   }
-  if (state_.applying_cycle != 0) {
-    // A commit record without the apply finished: apply again (idempotent).
-    spdlog::info("session {}: finishing the apply of committed cycle {} after restart", opts_.id,
-                 state_.applying_cycle);
-    for (auto& m : members_) {
-      std::string path = journal_path(m);
-      auto j = co_await engine::CycleJournal::open(*m.m.env, std::move(path), state_.applying_cycle, 0, true);
-      if (!j) co_return j.error();
-      m.journal = std::move(j).value();
-    }
-    TANDEM_CO_TRY(co_await apply_committed(state_.applying_cycle));
-  } else if (state_.transfer_cycle != 0) {
-    for (auto& m : members_) {
-      std::string path = journal_path(m);
-      auto j = co_await engine::CycleJournal::open(*m.m.env, std::move(path), state_.transfer_cycle, 0, true);
-      if (!j) co_return j.error();
-      m.journal = std::move(j).value();
-    }
-    spdlog::info("session {}: cycle {} staged up to offset {} before restart", opts_.id, state_.transfer_cycle,
-                 staged_global_end());
-  }
-  co_return Status{};
+  co_return co_await receiver_->recover();
 }
+
+void Session::make_receiver() {
+  std::vector<ReceiverMember> ms;
+  for (const auto& m : members_) ms.push_back({m.m.volume, m.m.env, journal_path(m), m.base});
+  ReceiverOptions o{opts_.id, opts_.peer_name, opts_.stage_batch_bytes, opts_.initial_checkpoint_bytes};
+  ReceiverHooks hooks;
+  hooks.send = [this](MsgType t, std::vector<std::byte> bytes) { return send(t, std::move(bytes)); };
+  // Reprotect's first cycle: the union of both sides' changes is in place, this side is a copy
+  // of the new source again; the phase ends in the same write as the apply.
+  hooks.apply_also = [](SessionState& s) {
+    if (s.phase != Phase::reprotecting) return false;
+    s.phase = Phase::none;
+    s.failover_gen = 0;
+    return true;
+  };
+  hooks.applied = [this](const Applied& a) {
+    counters_.last_sync = a.at;
+    if (a.took) counters_.last_sync_ms = static_cast<std::uint64_t>(a.took->count());
+    if (a.also) {
+      spdlog::info("session {}: reprotect complete: this side is a destination of {} again", opts_.id, opts_.peer_name);
+    }
+    activity_ = Activity::ok;
+  };
+  receiver_ = std::make_unique<Receiver>(ex_, std::move(o), std::move(ms), store_, clock_, std::move(hooks));
+}
+
+std::uint64_t Session::staged_end() const { return receiver_ ? receiver_->staged_end() : 0; }
 
 SessionHello Session::make_hello() const {
   SessionHello h;
@@ -231,7 +239,7 @@ SessionHello Session::make_hello() const {
   h.blank = members_[0].m.volume->created() && members_[0].m.volume->data_created() && !state_.paired;
   h.committed_cycle = state_.committed_cycle;
   h.staged_cycle = state_.role == Role::destination ? state_.transfer_cycle : 0;
-  h.staged_offset = h.staged_cycle != 0 ? staged_global_end() : 0;
+  h.staged_offset = h.staged_cycle != 0 ? staged_end() : 0;
   h.initial = state_.initial;
   h.initial_offset = state_.initial_offset;
   h.paused = state_.paused;
@@ -239,14 +247,6 @@ SessionHello Session::make_hello() const {
   h.failover_gen = state_.failover_gen;
   h.initial_compare = state_.initial == InitialState::running && state_.initial_compare;
   return h;
-}
-
-std::uint64_t Session::staged_global_end() const {
-  std::uint64_t end = 0;
-  for (const auto& m : members_) {
-    if (m.journal && !m.journal->extents().empty()) end = std::max(end, m.base + m.journal->staged_end_offset());
-  }
-  return end;
 }
 
 asio::awaitable<Status> Session::send(MsgType t, std::vector<std::byte> payload, std::span<const std::byte> data) {
@@ -322,7 +322,7 @@ asio::awaitable<void> Session::stop() {
   // Messages being handled finish (a new one is refused now that stopping_ is set), and with
   // them the destination's apply; then nothing else uses the staged cycle or the test image.
   while (handling_ > 0) co_await handled_.wait();
-  (void)co_await dwrites_.wait();
+  if (receiver_) (void)co_await receiver_->wait_writes();
   (void)co_await sends_.wait();
   (void)co_await side_tasks_.wait();
   {
@@ -374,7 +374,7 @@ SessionStatus Session::status() const {
     }
     s.lag_bytes = lag;
   } else {
-    s.restart = {state_.transfer_cycle, state_.transfer_cycle ? staged_global_end() : state_.initial_offset};
+    s.restart = {state_.transfer_cycle, state_.transfer_cycle ? staged_end() : state_.initial_offset};
   }
   s.bytes_shipped = counters_.bytes_shipped;
   s.bytes_reshipped = counters_.bytes_reshipped;
@@ -489,27 +489,11 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       progress_.notify_all();
       co_return Status{};
     }
-    case MsgType::sync_begin: {
-      if (state_.phase == Phase::failing_over_for_dr) co_return Error(errc::not_allowed_in_state, "failing over");
-      auto m = decode_sync_begin(payload);
-      if (!m) co_return m.error();
-      co_return co_await on_sync_begin(*m);
-    }
-    case MsgType::extent: {
-      auto m = decode_extent(payload);
-      if (!m) co_return m.error();
-      co_return co_await on_extent(*m);
-    }
-    case MsgType::extent_hash: {
-      auto m = decode_extent_hash(payload);
-      if (!m) co_return m.error();
-      co_return co_await on_extent_hash(*m);
-    }
-    case MsgType::cycle_end: {
-      auto m = decode_cycle_end(payload);
-      if (!m) co_return m.error();
-      co_return co_await on_cycle_end(*m);
-    }
+    case MsgType::sync_begin:
+    case MsgType::extent:
+    case MsgType::extent_hash:
+    case MsgType::cycle_end:
+      co_return co_await on_data(type, payload);
     case MsgType::control: {
       auto m = decode_control(payload);
       if (!m) co_return m.error();
@@ -535,6 +519,36 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
     }
   }
   co_return Error(errc::bad_message, "unknown message type " + std::to_string(static_cast<int>(type)));
+}
+
+asio::awaitable<Status> Session::on_data(MsgType type, std::span<const std::byte> payload) {
+  if (!receiver_) co_return Error(errc::wrong_role, "a data frame sent to a source");
+  if (type == MsgType::sync_begin) {
+    if (state_.phase == Phase::failing_over_for_dr) co_return Error(errc::not_allowed_in_state, "failing over");
+    auto m = decode_sync_begin(payload);
+    if (!m) co_return m.error();
+    TANDEM_CO_TRY(co_await receiver_->on_sync_begin(*m, conn_gen_));
+    if (m->mode != TransferMode::cycle) {
+      activity_ = Activity::initializing;
+    } else if (activity_ != Activity::initializing) {
+      activity_ = Activity::synchronizing;
+    }
+    co_return Status{};
+  }
+  if (type == MsgType::extent) {
+    auto m = decode_extent(payload);
+    if (!m) co_return m.error();
+    co_return co_await receiver_->on_extent(*m, conn_gen_);
+  }
+  if (type == MsgType::extent_hash) {
+    auto m = decode_extent_hash(payload);
+    if (!m) co_return m.error();
+    co_return co_await receiver_->on_extent_hash(*m, conn_gen_);
+  }
+  TANDEM_ASSERT(type == MsgType::cycle_end);
+  auto m = decode_cycle_end(payload);
+  if (!m) co_return m.error();
+  co_return co_await receiver_->on_cycle_end(*m, conn_gen_);
 }
 
 }  // namespace tandem::replication

@@ -4,6 +4,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 
+#include "receiver.h"
 #include "session_internal.h"
 #include "tandem/replication/errc.h"
 
@@ -66,13 +67,8 @@ asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
   } else {
     // Not in the middle of a data message: what it stages is whole.
     auto held = co_await dest_mu_.scoped();
-    if (!recv_) co_return Status{};
     // Everything received becomes durable and acknowledged: it is the restart address.
-    if (recv_->mode == TransferMode::cycle) {
-      TANDEM_CO_TRY(co_await stage_flush());
-    } else {
-      TANDEM_CO_TRY(co_await initial_checkpoint());
-    }
+    if (receiver_) TANDEM_CO_TRY(co_await receiver_->make_durable(conn_gen_));
   }
   co_return Status{};
 }
@@ -117,7 +113,7 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
     // or 0: no cycle is staged here, so the next one starts at its beginning (the initial sync's
     // final checkpoint, the volume's end, is no place to start a cycle).
     const std::uint64_t restart = state_.initial != InitialState::done ? state_.initial_offset
-                                  : state_.transfer_cycle != 0         ? staged_global_end()
+                                  : state_.transfer_cycle != 0         ? staged_end()
                                                                        : 0;
     spdlog::info("session {}: paused by the peer; restart address offset {}", opts_.id, restart);
     co_return co_await reply_control(c, true, restart, {});

@@ -26,6 +26,7 @@
 #include <boost/asio/co_spawn.hpp>
 
 #include "failover_test.h"
+#include "receiver.h"
 #include "tandem/engine/metadata.h"
 #include "tandem/replication/errc.h"
 #include "tandem/replication/session.h"
@@ -110,12 +111,13 @@ void lift_pause(SessionState& s) {
 }  // namespace
 
 asio::awaitable<Status> Session::become_source(std::string_view transition, StateStore::Edit also) {
-  for (auto& m : members_) {
-    if (m.journal) (void)co_await m.journal->remove();
-    m.journal.reset();
+  // The destination side goes (its callers hold the destination lock: no data frame is using
+  // it); the source side is built below.
+  if (receiver_) {
+    if (test_) receiver_->unobserve(test_.get());
+    co_await receiver_->discard();
+    receiver_.reset();
   }
-  recv_.reset();
-  unsynced_bytes_ = 0;
   forget_for_role_change();
   TANDEM_CO_TRY(co_await store_.change(transition, [&also](SessionState& s) {
     s.role = Role::source;
@@ -170,6 +172,7 @@ asio::awaitable<Status> Session::become_destination(std::string_view transition,
     lift_pause(s);
     if (also) also(s);
   }));
+  make_receiver();
   leaving_source_ = false;
   co_return Status{};
 }
@@ -232,8 +235,10 @@ asio::awaitable<ActionResult> Session::unplanned_failover() {
   // A message being handled (an apply, say) finishes first, and so do the initial sync's
   // writes: none of them may land once the volume is the host's.
   auto held = co_await dest_mu_.scoped();
-  if (Status w = co_await dwrites_.wait(); st && !w) st = w;
-  if (st && state_.applying_cycle != 0) st = co_await apply_committed(state_.applying_cycle);  // it is committed
+  if (receiver_) {
+    // A committed cycle is applied; the initial sync's writes in flight land.
+    if (Status w = co_await receiver_->settle(); st && !w) st = w;
+  }
   if (st && state_.transfer_cycle != 0) {
     spdlog::warn("session {}: unplanned failover: dropping staged, uncommitted cycle {}", opts_.id,
                  state_.transfer_cycle);
@@ -301,7 +306,8 @@ asio::awaitable<Status> Session::on_failover_control(const Control& c) {
         std::string why = state_.role != Role::destination ? "this side is not a destination" : kTestRunningHere;
         co_return co_await reply_control(c, false, 0, std::move(why));
       }
-      if (state_.initial != InitialState::done || recv_ || state_.transfer_cycle != 0 || state_.applying_cycle != 0) {
+      if (state_.initial != InitialState::done || (receiver_ && receiver_->receiving()) || state_.transfer_cycle != 0 ||
+          state_.applying_cycle != 0) {
         co_return co_await reply_control(c, false, 0, "a transfer is still under way here");
       }
       const std::uint64_t from = generations_.empty() ? 0 : generations_.front();
@@ -490,6 +496,7 @@ asio::awaitable<Status> Session::open_test(bool resume) {
   auto t = co_await FailoverTest::open(opts_.id, opts_.members, resume);
   if (!t) co_return t.error();
   test_ = std::move(t).value();
+  receiver_->observe(test_.get());  // it keeps what the apply overwrites
   Status st;
   if (opts_.export_test) st = co_await opts_.export_test(test_->exports());
   if (!st) co_await close_test_volumes();  // withdraws what was exported, closes the images
@@ -498,6 +505,7 @@ asio::awaitable<Status> Session::open_test(bool resume) {
 
 asio::awaitable<void> Session::close_test_volumes() {
   if (opts_.unexport_test) co_await opts_.unexport_test();
+  if (receiver_ && test_) receiver_->unobserve(test_.get());
   if (test_) co_await test_->close();
   test_.reset();
 }

@@ -55,6 +55,7 @@ namespace tandem::replication {
 
 class Transfer;
 class FailoverTest;
+class Receiver;
 
 // How a transfer ended: committed (the destination said so), paused (an operator's pause
 // stopped it at an extent boundary), link lost (or the session stopping), or failed (an I/O
@@ -203,7 +204,6 @@ class Session {
     std::uint64_t base = 0;  // global offset of the member's first byte
     std::optional<engine::BlockBitmap> frozen;
     std::unique_ptr<engine::PreserveLog> preserve;
-    std::unique_ptr<engine::CycleJournal> journal;
     std::unique_ptr<CowHook> hook;
   };
   enum class Plan { wait, initial, cycle, finish, refused };
@@ -295,17 +295,15 @@ class Session {
   bool control_busy_ = false;  // one control action at a time
   WaitQueue control_idle_;
 
-  // Destination.
-  asio::awaitable<Status> on_sync_begin(const SyncBegin& m);
-  asio::awaitable<Status> on_extent(const Extent& m);
-  asio::awaitable<Status> on_extent_hash(const ExtentHash& m);
-  asio::awaitable<Status> on_cycle_end(const CycleEnd& m);
-  asio::awaitable<Status> stage_flush();  // write what is pending, sync the journal, acknowledge
-  asio::awaitable<Status> stage_write();  // write what is pending as journal records, no sync
-  std::uint64_t unsynced_bytes_ = 0;      // staged in records, not yet synced/acknowledged
-  asio::awaitable<Status> initial_checkpoint();
-  asio::awaitable<Status> apply_committed(std::uint64_t cycle);
-  std::uint64_t staged_global_end() const;
+  // Destination: the receiving side (receiver.h), present while this side is a destination.
+  // Built by make_receiver() when the role becomes destination, destroyed when it becomes
+  // source; the destination lock (dest_mu_) is held by whoever uses or swaps it.
+  std::unique_ptr<Receiver> receiver_;
+  void make_receiver();
+  // The frames of the destination's data path, handed to the receiver.
+  asio::awaitable<Status> on_data(MsgType type, std::span<const std::byte> payload);
+  // Up to where the staged cycle is durable here (0: none, or not a destination).
+  [[nodiscard]] std::uint64_t staged_end() const;
 
   asio::any_io_executor ex_;
   SessionOptions opts_;
@@ -362,34 +360,6 @@ class Session {
     std::uint64_t last_sync_ms = 0;
   } counters_;
 
-  // Destination: the transfer being received, from its sync_begin to its end (nullopt: none).
-  // A new sync_begin replaces it whole.
-  struct Pending {
-    std::size_t member;
-    engine::JournalExtent e;
-    engine::IoBuffer data;
-  };
-  struct Receiving {
-    TransferMode mode = TransferMode::cycle;
-    std::uint64_t cycle = 0;
-    std::uint64_t link = 0;           // conn_gen_ of the link it came on
-    std::uint64_t next = 0;           // where the next extent must start (at least)
-    std::uint64_t processed_end = 0;  // initial sync: everything below is written or matched
-    std::uint64_t since_checkpoint = 0;
-    std::uint64_t batch = 0;       // staged bytes per acknowledgement (within the source's window)
-    std::uint64_t checkpoint = 0;  // initial-sync bytes per checkpoint
-    // When it began here: the destination's last_sync_duration runs from it to the apply.
-    std::chrono::steady_clock::time_point started;
-    std::vector<Pending> pending;  // received, not yet written to the journal
-    std::uint64_t pending_bytes = 0;
-    std::set<std::uint64_t> awaiting_data;  // compare mode: extents that differed, not received yet
-  };
-  std::optional<Receiving> recv_;
-  std::uint64_t received_high_ = 0;  // furthest initial-sync byte received since this process started
-  // Initial-sync writes in flight: the receive loop goes on to the next frame while they run;
-  // a checkpoint (and every change of transfer) waits for them first.
-  static constexpr std::size_t kDestWritesMax = 16;
-  TaskGroup dwrites_{ex_};
   // Short coroutines started beside the caller (the hello on attach, a pause the peer asked
   // for); stop() waits for them, as they use the session.
   TaskGroup side_tasks_{ex_};
