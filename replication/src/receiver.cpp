@@ -74,12 +74,14 @@ asio::awaitable<Status> Receiver::recover() {
 }
 
 asio::awaitable<Status> Receiver::make_durable(std::uint64_t link) {
+  TANDEM_ASSERT(state_.role == Role::destination);
   if (!recv_) co_return Status{};
   if (recv_->mode == TransferMode::cycle) co_return co_await stage_flush(link);
   co_return co_await initial_checkpoint(link);
 }
 
 asio::awaitable<Status> Receiver::settle() {
+  TANDEM_ASSERT(state_.role == Role::destination);
   TANDEM_CO_TRY(co_await writes_.wait());
   if (state_.applying_cycle != 0) TANDEM_CO_TRY(co_await apply_committed(state_.applying_cycle));  // it is committed
   co_return Status{};
@@ -163,6 +165,7 @@ asio::awaitable<Status> Receiver::on_sync_begin(const SyncBegin& m, std::uint64_
 }
 
 asio::awaitable<Status> Receiver::on_extent(const Extent& m, std::uint64_t link) {
+  TANDEM_ASSERT(state_.role == Role::destination);
   if (!recv_ || recv_->link != link) co_return Error(errc::bad_message, "extent outside a transfer");
   if (m.offset < recv_->next || m.offset + m.length > total_bytes()) {
     if (recv_->mode != TransferMode::initial_compare || !recv_->awaiting_data.contains(m.offset)) {
@@ -295,6 +298,7 @@ asio::awaitable<Status> Receiver::initial_checkpoint(std::uint64_t link) {
 }
 
 asio::awaitable<Status> Receiver::on_extent_hash(const ExtentHash& m, std::uint64_t link) {
+  TANDEM_ASSERT(state_.role == Role::destination);
   if (!recv_ || recv_->link != link || recv_->mode != TransferMode::initial_compare)
     co_return Error(errc::bad_message, "hash outside a compare");
   if (m.offset < recv_->next || m.offset + m.length > total_bytes())
@@ -317,6 +321,7 @@ asio::awaitable<Status> Receiver::on_extent_hash(const ExtentHash& m, std::uint6
 }
 
 asio::awaitable<Status> Receiver::on_cycle_end(const CycleEnd& m, std::uint64_t link) {
+  TANDEM_ASSERT(state_.role == Role::destination);
   if (!recv_ || recv_->link != link) co_return Error(errc::bad_message, "cycle end outside a transfer");
   if (recv_->mode != TransferMode::cycle) {
     if (!recv_->awaiting_data.empty())

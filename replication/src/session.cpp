@@ -258,10 +258,10 @@ asio::awaitable<Status> Session::send(MsgType t, std::vector<std::byte> payload,
 void Session::attach(std::shared_ptr<PeerChannel> conn) {
   conn_ = std::move(conn);
   ++conn_gen_;
-  peer_ready_ = false;
-  plan_ = Plan::wait;
-  if (transfer_) transfer_->interrupt();  // one still running on the old link ends
-  transfer_.reset();
+  src_.peer_ready = false;
+  src_.plan = Plan::wait;
+  if (src_.transfer) src_.transfer->interrupt();  // one still running on the old link ends
+  src_.transfer.reset();
   side_tasks_.spawn([](Session* self, std::uint64_t gen) -> asio::awaitable<Status> {
     // Named locals: GCC 12 destroys temporaries inside co_await expressions twice.
     const SessionHello hello = self->make_hello();
@@ -281,14 +281,14 @@ void Session::detach(const std::string& reason) {
   spdlog::info("session {}: link to {} lost: {}", opts_.id, opts_.peer_name, reason);
   conn_.reset();
   ++conn_gen_;
-  peer_ready_ = false;
+  src_.peer_ready = false;
   // Writes from now on happen without the peer: the first one starts a new generation.
-  if (state_.role == Role::source) need_new_generation_ = true;
+  if (state_.role == Role::source) src_.need_new_generation = true;
   if (activity_ != Activity::refused) activity_ = Activity::link_lost;
   // Control requests in flight will get no answer on this link.
   for (auto& [id, p] : control_waits_) p->lost = true;
   for (auto& [id, p] : control_waits_) p->wq.notify_all();
-  if (transfer_) transfer_->interrupt();
+  if (src_.transfer) src_.transfer->interrupt();
   done_.notify_all();
   wake_.notify_all();
   note_state();
@@ -315,7 +315,7 @@ asio::awaitable<void> Session::stop() {
   if (timer_) timer_->cancel();
   if (pacing_ != nullptr) pacing_->cancel();
   wake_.notify_all();
-  if (transfer_) transfer_->interrupt();
+  if (src_.transfer) src_.transfer->interrupt();
   done_.notify_all();
   progress_.notify_all();
   while (running_ || background_ > 0 || timer_running_) co_await done_.wait();
@@ -360,13 +360,13 @@ SessionStatus Session::status() const {
   s.local_only_paused = state_.paused && state_.local_only_paused;
   s.test_running = test_running();
   s.peer_paused = peer_paused_;
-  s.initial_sync =
-      state_.role == Role::source ? (plan_ == Plan::initial || !state_.paired) : state_.initial != InitialState::done;
+  s.initial_sync = state_.role == Role::source ? (src_.plan == Plan::initial || !state_.paired)
+                                               : state_.initial != InitialState::done;
   s.transferring = busy_;
   s.committed_cycle = state_.committed_cycle;
   s.transfer_cycle = state_.transfer_cycle;
   if (state_.role == Role::source) {
-    s.restart = {state_.transfer_cycle, restart_.offset};
+    s.restart = {state_.transfer_cycle, src_.restart.offset};
     std::uint64_t lag = 0;
     for (const auto& m : members_) {
       lag += m.m.volume->dirty().dirty_blocks() * kBlock;
@@ -461,31 +461,31 @@ asio::awaitable<Status> Session::handle(MsgType type, std::span<const std::byte>
       auto a = decode_ack(payload);
       if (!a) co_return a.error();
       if (state_.role != Role::source) co_return Error(errc::bad_message, "ack sent to a destination");
-      if (!transfer_) {
+      if (!src_.transfer) {
         co_return Error(errc::bad_message,
                         "ack for cycle " + std::to_string(a->cycle) + " with no transfer begun on this link");
       }
-      if (std::string why = transfer_->on_ack(*a); !why.empty()) co_return Error(errc::bad_message, why);
-      restart_ = {transfer_->cycle(), transfer_->acked_offset()};
+      if (std::string why = src_.transfer->on_ack(*a); !why.empty()) co_return Error(errc::bad_message, why);
+      src_.restart = {src_.transfer->cycle(), src_.transfer->acked_offset()};
       co_return Status{};
     }
     case MsgType::hash_result: {
       auto r = decode_hash_result(payload);
       if (!r) co_return r.error();
-      if (!transfer_) {
+      if (!src_.transfer) {
         co_return Error(errc::bad_message,
                         "hash result at offset " + std::to_string(r->offset) + " with no hash asked");
       }
-      if (std::string why = transfer_->on_hash_result(*r); !why.empty()) co_return Error(errc::bad_message, why);
+      if (std::string why = src_.transfer->on_hash_result(*r); !why.empty()) co_return Error(errc::bad_message, why);
       co_return Status{};
     }
     case MsgType::committed: {
       auto c = decode_committed(payload);
       if (!c) co_return c.error();
-      if (!transfer_) {
+      if (!src_.transfer) {
         co_return Error(errc::bad_message, "committed cycle " + std::to_string(c->cycle) + " with no cycle end sent");
       }
-      if (std::string why = transfer_->on_committed(*c); !why.empty()) co_return Error(errc::bad_message, why);
+      if (std::string why = src_.transfer->on_committed(*c); !why.empty()) co_return Error(errc::bad_message, why);
       progress_.notify_all();
       co_return Status{};
     }

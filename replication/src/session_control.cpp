@@ -136,8 +136,8 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
   if (conn_) {
     auto reply = co_await request(ControlOp::pause, state_.resume_to_sync);
     both = reply && reply->ok;
-    if (both && state_.role == Role::source && (plan_ == Plan::initial || plan_ == Plan::cycle)) {
-      plan_start_ = reply->restart_offset;  // the destination's durable point: resume there
+    if (both && state_.role == Role::source && (src_.plan == Plan::initial || src_.plan == Plan::cycle)) {
+      src_.plan_start = reply->restart_offset;  // the destination's durable point: resume there
     }
     if (reply && !reply->ok) {
       // The peer is in a failover: no pause holds on either side now, not even one that held
@@ -267,7 +267,7 @@ asio::awaitable<ActionResult> Session::act(Action a, ActionArgs args) {
     case Action::stop_test:
       co_return co_await stop_test();
     case Action::reprotect: {
-      exchange_done_ = false;
+      src_.exchange_done = false;
       Status st = co_await store_.change("reprotect begins", [](SessionState& s) { s.phase = Phase::reprotecting; });
       if (!st) co_return ActionResult{Verdict::failed, "reprotect failed: " + st.error().message()};
       start_background(run_reprotect());

@@ -47,7 +47,7 @@ bool Session::replication_held() const {
     case Phase::failed_over:
       return true;
     case Phase::reprotecting:
-      return !exchange_done_;
+      return !src_.exchange_done;
     case Phase::none:
     case Phase::failing_over:
       return false;
@@ -93,12 +93,13 @@ void Session::forget_for_role_change() {
   // reprotect's cycles while the state shows the failover phase, where resume is not allowed:
   // reprotect would never finish. Found by the simulation (seed 12 of the failover runs).
   if (state_.paused) spdlog::info("session {}: the pause from before the role change is lifted", opts_.id);
-  // So is the last reprotect's exchange: the next reprotect asks the peer again. (Kept, a
-  // failback with "reverse" skipped the exchange and left the old source Failed_Over for good:
-  // found by the simulation, seed 432 of the failover runs.)
-  exchange_done_ = false;
-  incoming_.clear();
   peer_paused_ = false;
+  // The source's run state goes whole, and with it the last reprotect's exchange: the next
+  // reprotect asks the peer again. (Kept, a failback with "reverse" skipped the exchange and
+  // left the old source Failed_Over for good: found by the simulation, seed 432 of the failover
+  // runs.) A source's loops have wound down by now (become_destination() waits for them); a
+  // destination runs none.
+  src_ = SourceSide{};
 }
 
 namespace {
@@ -130,10 +131,8 @@ asio::awaitable<Status> Session::become_source(std::string_view transition, Stat
   }));
   set_source_hooks(true);
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_write);
-  need_new_generation_ = false;  // the caller started one
-  peer_committed_ = state_.committed_cycle;
-  plan_ = Plan::wait;
-  peer_ready_ = false;
+  src_.need_new_generation = false;  // the caller started one
+  src_.peer_committed = state_.committed_cycle;
   start_source_tasks();
   co_return Status{};
 }
@@ -144,7 +143,7 @@ asio::awaitable<Status> Session::become_destination(std::string_view transition,
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_only);
   leaving_source_ = true;
   wake_.notify_all();
-  if (transfer_) transfer_->interrupt();
+  if (src_.transfer) src_.transfer->interrupt();
   done_.notify_all();
   if (timer_) timer_->cancel();
   while (running_ || busy_) co_await done_.wait();
@@ -185,11 +184,11 @@ asio::awaitable<void> Session::run_planned_failover() {
   for (auto& m : members_) m.m.volume->release_writes();
   spdlog::info("session {}: planned failover: host writes refused; shipping the rest", opts_.id);
   while (!stopping_ && state_.phase == Phase::failing_over && state_.role == Role::source) {
-    if (!conn_ || !peer_ready_ || state_.paused || peer_paused_) {
+    if (!conn_ || !src_.peer_ready || state_.paused || peer_paused_) {
       co_await progress_.wait();
       continue;
     }
-    bool left = state_.transfer_cycle != 0 || plan_ != Plan::wait || busy_;
+    bool left = state_.transfer_cycle != 0 || src_.plan != Plan::wait || busy_;
     for (auto& m : members_) left = left || m.m.volume->dirty().dirty_blocks() > 0;
     if (left) {
       request_sync();
@@ -407,11 +406,11 @@ asio::awaitable<Status> Session::on_changed_blocks(const ChangedBlocks& m) {
     co_return Error(errc::bad_message, "changed blocks outside a reprotect");
   }
   if (m.member >= members_.size()) co_return Error(errc::bad_message, "changed blocks of an unknown member");
-  if (incoming_.size() != members_.size()) {
-    incoming_.clear();
-    for (const auto& mem : members_) incoming_.emplace_back(mem.m.volume->dirty().blocks());
+  if (src_.incoming.size() != members_.size()) {
+    src_.incoming.clear();
+    for (const auto& mem : members_) src_.incoming.emplace_back(mem.m.volume->dirty().blocks());
   }
-  auto& bm = incoming_[m.member];
+  auto& bm = src_.incoming[m.member];
   for (const auto& r : m.runs) {
     if (r.first_block + r.blocks > bm.blocks())
       co_return Error(errc::bad_message, "changed blocks past the volume end");
@@ -423,16 +422,16 @@ asio::awaitable<Status> Session::on_changed_blocks(const ChangedBlocks& m) {
 asio::awaitable<void> Session::run_reprotect() {
   spdlog::info("session {}: reprotect: waiting for {} to exchange changed blocks", opts_.id, opts_.peer_name);
   while (!stopping_ && state_.role == Role::source && state_.phase == Phase::reprotecting) {
-    if (exchange_done_) {
+    if (src_.exchange_done) {
       // The union is in our dirty map; the cycles of the run loop ship it. OK once one commits.
       co_await progress_.wait();
       continue;
     }
-    if (!conn_ || !peer_ready_) {
+    if (!conn_ || !src_.peer_ready) {
       co_await progress_.wait();
       continue;
     }
-    incoming_.clear();
+    src_.incoming.clear();
     auto reply = co_await request(ControlOp::reprotect);
     if (!reply || !reply->ok) {
       if (reply) spdlog::warn("session {}: reprotect: the peer refused: {}", opts_.id, reply->message);
@@ -445,9 +444,9 @@ asio::awaitable<void> Session::run_reprotect() {
     for (std::size_t i = 0; i < members_.size() && st; ++i) {
       auto& dm = members_[i].m.volume->dirty();
       ours += dm.dirty_blocks();
-      if (i < incoming_.size()) {
-        theirs += incoming_[i].count();
-        dm.merge(incoming_[i]);
+      if (i < src_.incoming.size()) {
+        theirs += src_.incoming[i].count();
+        dm.merge(src_.incoming[i]);
       }
       st = co_await dm.persist_all();
     }
@@ -461,7 +460,7 @@ asio::awaitable<void> Session::run_reprotect() {
     if (!commit || !commit->ok) continue;  // asked again on the next connection; merging twice is harmless
     spdlog::info("session {}: reprotect: {} block(s) changed here, {} there, {} to ship (the union)", opts_.id, ours,
                  theirs, uni);
-    exchange_done_ = true;
+    src_.exchange_done = true;
     peer_paused_ = false;  // the peer lifted any pause of its own with the exchange
     request_sync();
   }

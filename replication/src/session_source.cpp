@@ -25,7 +25,7 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
     case SourcePlan::Kind::refuse: {
       error_ = p.why;
       activity_ = Activity::refused;
-      plan_ = Plan::refused;
+      src_.plan = Plan::refused;
       spdlog::error("session {}: refusing to replicate to {}: {}", opts_.id, opts_.peer_name, p.why);
       const Refuse msg{opts_.id, static_cast<std::uint16_t>(p.code), p.why};
       std::vector<std::byte> bytes = encode(msg);
@@ -35,35 +35,35 @@ asio::awaitable<Status> Session::on_peer_hello(const SessionHello& h) {
     case SourcePlan::Kind::await_reprotect:
       spdlog::info("session {}: connected to {} after a failover ({}): waiting for reprotect", opts_.id,
                    opts_.peer_name, state_.phase == Phase::failed_over ? "Failed_Over" : "Reprotecting");
-      plan_ = Plan::wait;
-      peer_ready_ = true;
+      src_.plan = Plan::wait;
+      src_.peer_ready = true;
       activity_ = Activity::ok;  // shown as the phase until reprotect completes
-      peer_committed_ = std::max<std::uint64_t>(peer_committed_, 1);
+      src_.peer_committed = std::max<std::uint64_t>(src_.peer_committed, 1);
       wake_.notify_all();
       co_return co_await note_paired();
     case SourcePlan::Kind::initial:
-      plan_ = Plan::initial;
-      plan_mode_ = p.mode;
-      plan_start_ = p.start;
+      src_.plan = Plan::initial;
+      src_.plan_mode = p.mode;
+      src_.plan_start = p.start;
       break;
     case SourcePlan::Kind::cycle:
-      plan_ = Plan::cycle;
-      plan_start_ = p.start;
+      src_.plan = Plan::cycle;
+      src_.plan_start = p.start;
       break;
     case SourcePlan::Kind::finish:
       // Only the run loop touches the cycle's frozen sets and preserve logs: it finishes it.
-      plan_ = Plan::finish;
+      src_.plan = Plan::finish;
       break;
     case SourcePlan::Kind::idle:
-      plan_ = Plan::wait;
+      src_.plan = Plan::wait;
       if (p.cut_now) sync_requested_ = true;
       break;
   }
   error_.clear();
-  need_new_generation_ = false;  // connected: writes are tracked for this peer
-  peer_committed_ = h.committed_cycle;
-  peer_ready_ = true;
-  if (activity_ != Activity::initializing) activity_ = plan_ == Plan::wait ? Activity::ok : Activity::synchronizing;
+  src_.need_new_generation = false;  // connected: writes are tracked for this peer
+  src_.peer_committed = h.committed_cycle;
+  src_.peer_ready = true;
+  if (activity_ != Activity::initializing) activity_ = src_.plan == Plan::wait ? Activity::ok : Activity::synchronizing;
   wake_.notify_all();
   co_return co_await note_paired();
 }
@@ -113,34 +113,34 @@ asio::awaitable<void> Session::run_source() {
     progress_.notify_all();  // whoever waits for a step to end (failover, reprotect)
     note_state();
     if (!acting_source()) break;
-    if (!peer_ready_ || plan_ == Plan::refused || state_.paused || peer_paused_ || replication_held()) {
+    if (!src_.peer_ready || src_.plan == Plan::refused || state_.paused || peer_paused_ || replication_held()) {
       co_await wake_.wait();
       continue;
     }
     const std::uint64_t gen = conn_gen_;
     TransferOutcome out;
     busy_ = true;
-    if (plan_ == Plan::initial) {
-      out = co_await ship(plan_mode_, 0, plan_start_);
+    if (src_.plan == Plan::initial) {
+      out = co_await ship(src_.plan_mode, 0, src_.plan_start);
       if (out.end == TransferEnd::committed && gen == conn_gen_) {
         const std::uint64_t at = counters_.last_sync ? unix_ms(*counters_.last_sync) : 0;
         out = step_outcome(co_await store_.change("initial sync complete", [at](SessionState& s) {
           s.initial = InitialState::done;
           if (at != 0) s.last_sync_unix_ms = at;
         }));
-        plan_ = Plan::wait;
+        src_.plan = Plan::wait;
         sync_requested_ = true;  // the first cycle makes the destination consistent
       }
-    } else if (plan_ == Plan::cycle) {
-      out = co_await ship(TransferMode::cycle, state_.transfer_cycle, plan_start_);
-      if (out.end == TransferEnd::committed && gen == conn_gen_) plan_ = Plan::wait;
-    } else if (plan_ == Plan::finish) {
+    } else if (src_.plan == Plan::cycle) {
+      out = co_await ship(TransferMode::cycle, state_.transfer_cycle, src_.plan_start);
+      if (out.end == TransferEnd::committed && gen == conn_gen_) src_.plan = Plan::wait;
+    } else if (src_.plan == Plan::finish) {
       out = step_outcome(co_await finish_cycle(state_.transfer_cycle));
       if (out.end == TransferEnd::committed) {
         // The destination had committed it before the link went: nothing left to ship (the
         // hello showed this side Synchronizing until now; found by the simulation, seed 191 of
         // the power-loss runs).
-        plan_ = Plan::wait;
+        src_.plan = Plan::wait;
         if (activity_ == Activity::synchronizing) activity_ = Activity::ok;
       }
     } else if (sync_requested_) {
@@ -149,15 +149,15 @@ asio::awaitable<void> Session::run_source() {
       for (auto& m : members_) dirty = dirty || m.m.volume->dirty().dirty_blocks() > 0;
       // Reprotect ends with a cycle even when nothing changed on either side since the
       // failover: its commit is what tells the destination its image is a copy again.
-      const bool reprotect_due = state_.phase == Phase::reprotecting && exchange_done_;
-      if (!dirty && peer_committed_ > 0 && !reprotect_due) {
+      const bool reprotect_due = state_.phase == Phase::reprotecting && src_.exchange_done;
+      if (!dirty && src_.peer_committed > 0 && !reprotect_due) {
         counters_.last_sync = clock_.system_now();
         continue;
       } else {
         out = step_outcome(co_await cut());
         if (out.end == TransferEnd::committed) {
-          plan_ = Plan::cycle;
-          plan_start_ = 0;
+          src_.plan = Plan::cycle;
+          src_.plan_start = 0;
           continue;
         }
       }
@@ -173,7 +173,8 @@ asio::awaitable<void> Session::run_source() {
       case TransferEnd::paused:
         // Stopped at an extent boundary for a pause: the link stays; the pause handshake asks
         // the destination for the restart address.
-        spdlog::info("session {}: transfer paused at offset {}", opts_.id, transfer_ ? transfer_->sent_end() : 0);
+        spdlog::info("session {}: transfer paused at offset {}", opts_.id,
+                     src_.transfer ? src_.transfer->sent_end() : 0);
         break;
       case TransferEnd::link_lost:
         break;  // the next connection's hello says where to go on
@@ -184,7 +185,7 @@ asio::awaitable<void> Session::run_source() {
         error_ = out.error.error().message();
         if (conn_) conn_->close("transfer failed: " + out.error.error().message());
         // Nothing more until the next connection's hello: never retry on a dead link.
-        peer_ready_ = false;
+        src_.peer_ready = false;
         break;
     }
   }
@@ -257,10 +258,10 @@ asio::awaitable<Status> Session::cut() {
 
 asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::uint64_t count) {
   if (state_.role != Role::source) co_return Status{};
-  if (need_new_generation_ && state_.paired) {
+  if (src_.need_new_generation && state_.paired) {
     // The first write without the peer starts a new generation, durably, before it lands.
     while (bumping_) co_await bump_done_.wait();
-    if (need_new_generation_) {
+    if (src_.need_new_generation) {
       bumping_ = true;
       auto gens = generations_;
       push_generation(gens, clock_.random_u64(), engine::Superblock::kGenerationsMax);
@@ -268,7 +269,7 @@ asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::u
       bumping_ = false;
       bump_done_.notify_all();
       if (!st) co_return st;
-      need_new_generation_ = false;
+      src_.need_new_generation = false;
       spdlog::info("session {}: written without the peer: new generation {}", opts_.id, describe(generations_));
     }
   }
@@ -277,7 +278,8 @@ asio::awaitable<Status> Session::cow(std::size_t mi, std::uint64_t first, std::u
   engine::IoBuffer buf;
   for (std::uint64_t b = first; b < first + count; ++b) {
     if (!m.frozen->test(b) || m.preserve->contains(b)) continue;
-    if (m.base + b * kBlock < restart_.offset && restart_.cycle == state_.transfer_cycle) continue;  // durable there
+    if (m.base + b * kBlock < src_.restart.offset && src_.restart.cycle == state_.transfer_cycle)
+      continue;  // durable there
     if (!buf) buf = m.m.env->buffers().allocate(kBlock);
     TANDEM_CO_TRY(co_await m.m.volume->read(b * kBlock, kBlock, buf));
     TANDEM_CO_TRY(co_await m.preserve->preserve(b, buf.data()));
@@ -317,8 +319,8 @@ asio::awaitable<TransferOutcome> Session::ship(TransferMode mode, std::uint64_t 
   }
   const auto started = clock_.steady_now();
   auto t = std::make_shared<Transfer>(*this, mode, cycle, start);
-  transfer_ = t;
-  restart_ = {cycle, start};
+  src_.transfer = t;
+  src_.restart = {cycle, start};
   TransferOutcome out = co_await t->run();
   if (out.end != TransferEnd::committed) co_return out;
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(clock_.steady_now() - started);
@@ -344,14 +346,14 @@ asio::awaitable<Status> Session::finish_cycle(std::uint64_t cycle) {
   // Host writes may be inside the copy-on-write hook, using the preserve logs: let them finish
   // and hold new ones while the cycle's frozen sets and logs go away.
   for (auto& m : members_) co_await m.m.volume->hold_writes();
-  peer_committed_ = cycle;
+  src_.peer_committed = cycle;
   // A cycle cut after reprotect's exchange ships the union: its commit completes reprotect, in
   // the same write. This is the one place a commit is recorded, whether the answer came or was
   // lost and the next hello told it (a destination that crashed after the commit: left
   // Reprotecting, this side took itself for a failed-over source and refused the next
   // failover's new source instead of stepping down; found by the simulation, seed 190 of the
   // crash runs).
-  const bool reprotected = state_.phase == Phase::reprotecting && exchange_done_;
+  const bool reprotected = state_.phase == Phase::reprotecting && src_.exchange_done;
   const std::uint64_t at = counters_.last_sync ? unix_ms(*counters_.last_sync) : 0;
   Status st = co_await store_.change("cycle committed", [cycle, reprotected, at](SessionState& s) {
     s.committed_cycle = cycle;

@@ -249,11 +249,13 @@ class Session {
   asio::awaitable<void> run_planned_failover();  // source, phase failing_over: until the roles swap
   asio::awaitable<void> run_reprotect();         // new source, phase reprotecting: until OK
   // Role changes: the transition's name, and what else the caller's transition changes with
-  // the role (in the same write).
+  // the role (in the same write). Each swaps the sides: the old role's side goes whole (the
+  // receiver is destroyed, or the source's loops wind down), the new one is built fresh.
   asio::awaitable<Status> become_source(std::string_view transition, StateStore::Edit also);
+  asio::awaitable<Status> become_destination(std::string_view transition, StateStore::Edit also);
+  // What neither side keeps across a role change: the pause, the peer's pause, the source's run state.
   void forget_for_role_change();
   asio::awaitable<Status> note_paired();  // durably, the first time a peer's hello is taken
-  asio::awaitable<Status> become_destination(std::string_view transition, StateStore::Edit also);
   // A source that is not on its way to becoming a destination (become_destination() winds its
   // loops down before the role goes to disk).
   [[nodiscard]] bool acting_source() const { return state_.role == Role::source && !leaving_source_; }
@@ -273,10 +275,8 @@ class Session {
   // The failover test running here (destination), or nullptr. It observes the apply.
   std::unique_ptr<FailoverTest> test_;
   [[nodiscard]] bool test_running() const { return test_ != nullptr; }
-  bool exchange_done_ = false;                 // reprotect: the peer's changed blocks are in our dirty map
-  std::vector<engine::BlockBitmap> incoming_;  // reprotect: the peer's changed blocks, per member
-  WaitQueue progress_;                         // a cycle committed, a hello arrived, a phase changed
-  std::size_t background_ = 0;                 // failover/reprotect tasks running
+  WaitQueue progress_;          // a cycle committed, a hello arrived, a phase changed
+  std::size_t background_ = 0;  // failover/reprotect tasks running
   bool timer_running_ = false;
   // Destination: the staged cycle, its apply and the failover test's image are used across
   // co_awaits by the receive loop (data messages), by operators' actions (pause, failover,
@@ -326,21 +326,29 @@ class Session {
   Activity activity_ = Activity::initializing;  // what the shown state derives from (shown_state())
   std::optional<State> logged_state_;           // note_state()
 
-  // Source run state.
-  Plan plan_ = Plan::wait;
-  TransferMode plan_mode_ = TransferMode::cycle;
-  std::uint64_t plan_start_ = 0;
-  std::uint64_t peer_committed_ = 0;
-  bool peer_ready_ = false;
-  bool need_new_generation_ = true;  // until the first hello: writes before it bump
+  // The source's run state: what it plans on its destination's last hello, the transfer under
+  // way, reprotect's exchange. A role change replaces it whole (become_source() and
+  // become_destination()), so nothing of the old role's replication is carried into the new
+  // one; attach() and detach() reset what belongs to one link.
+  struct SourceSide {
+    Plan plan = Plan::wait;
+    TransferMode plan_mode = TransferMode::cycle;
+    std::uint64_t plan_start = 0;
+    std::uint64_t peer_committed = 0;
+    bool peer_ready = false;
+    bool need_new_generation = true;  // until the first hello: writes before it bump
+    // The transfer begun on this link (nullptr: none since it came up). The destination's
+    // answers go to it; anything they say about another transfer is refused.
+    std::shared_ptr<Transfer> transfer;
+    // Where the destination durably has the transfer up to (its restart address), kept after
+    // the transfer ends: host writes below it in the same cycle need no copy-on-write.
+    RestartAddress restart;
+    bool exchange_done = false;                 // reprotect: the peer's changed blocks are in our dirty map
+    std::vector<engine::BlockBitmap> incoming;  // reprotect: the peer's changed blocks, per member
+  };
+  SourceSide src_;
   bool bumping_ = false;
   WaitQueue bump_done_;
-  // The transfer begun on this link (nullptr: none since it came up). The destination's
-  // answers go to it; anything they say about another transfer is refused.
-  std::shared_ptr<Transfer> transfer_;
-  // Where the destination durably has the transfer up to (its restart address), kept after the
-  // transfer ends: host writes below it in the same cycle need no copy-on-write.
-  RestartAddress restart_;
   engine::Timer* pacing_ = nullptr;  // pace()'s wait, while there is one
   transport::RateLimiter limiter_;   // SessionOptions::rate_limit_bytes_per_s, on extent data
   asio::awaitable<void> pace(std::uint64_t bytes);
