@@ -4,6 +4,10 @@
 #include <sys/stat.h>
 #include <toml++/toml.h>
 
+#include <cerrno>
+#include <climits>
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -107,6 +111,87 @@ class Reader {
   if (!var##_r.ok()) return var##_r.error(); \
   auto var = std::move(var##_r).value()
 
+// One [[volume]] table (of the config file, of the run-time volumes' file, or of an API
+// request), checked against the volumes already known (`others`): ids, paths, metadata files,
+// sockets and ports are each used once.
+Result<VolumeConfig> parse_volume(const toml::table& t, std::string where, const std::string& state_dir,
+                                  const std::vector<VolumeConfig>& others) {
+  Reader pre(t, where);
+  CFG_TRY_ASSIGN(id, pre.str("id"));
+  if (!id) return config_error(where + ": id is required");
+  if (!valid_id(*id))
+    return config_error(where + ": id \"" + *id + "\": use letters, digits, '-', '_' and '.' (at most 64)");
+  where += " (" + *id + ")";
+  Reader r(t, where);
+  TANDEM_TRY(r.only(
+      {"id", "path", "size", "meta_path", "nbd_socket", "nbd_listen", "intent_region_size", "intent_regions_max"}));
+  const auto used = [&others](auto field, const std::string& value) {
+    return std::any_of(others.begin(), others.end(), [&](const VolumeConfig& o) { return field(o) == value; });
+  };
+  VolumeConfig v;
+  v.id = *id;
+  if (used([](const VolumeConfig& o) { return o.id; }, v.id)) return config_error(where + ": duplicate volume id");
+  CFG_TRY_ASSIGN(path, r.str("path"));
+  if (!path || path->empty() || path->front() != '/') {
+    return config_error(where + ".path: an absolute path to a block device or file is required");
+  }
+  v.path = *path;
+  if (used([](const VolumeConfig& o) { return o.path; }, v.path))
+    return config_error(where + ".path: used by another volume");
+  CFG_TRY_ASSIGN(size, r.bytes("size"));
+  if (size) {
+    if (*size == 0 || *size % 4096 != 0) {
+      return config_error(where + ".size: must be a non-zero multiple of 4096 bytes");
+    }
+    v.size_bytes = *size;
+  }
+  CFG_TRY_ASSIGN(meta, r.str("meta_path"));
+  v.meta_path = meta ? *meta : state_dir + "/" + v.id + ".meta";
+  if (v.meta_path.empty() || v.meta_path.front() != '/')
+    return config_error(where + ".meta_path: must be an absolute path");
+  if (v.meta_path == v.path) return config_error(where + ".meta_path: must differ from path");
+  if (used([](const VolumeConfig& o) { return o.meta_path; }, v.meta_path))
+    return config_error(where + ".meta_path: used by another volume");
+  CFG_TRY_ASSIGN(sock, r.str("nbd_socket"));
+  if (sock) {
+    if (sock->empty() || sock->front() != '/') return config_error(where + ".nbd_socket: must be an absolute path");
+    if (sock->size() >= 108) return config_error(where + ".nbd_socket: longer than a Unix socket path may be (107)");
+    if (used([](const VolumeConfig& o) { return o.nbd_socket; }, *sock))
+      return config_error(where + ".nbd_socket: used by another volume");
+    v.nbd_socket = *sock;
+  }
+  CFG_TRY_ASSIGN(listen, r.endpoint("nbd_listen", EndpointUse::listen));
+  if (listen) {
+    // Port 0 asks for a free port, so any number of volumes may ask for it.
+    const std::string mine = listen->endpoint.to_string();
+    const auto same = [&mine](const VolumeConfig& o) {
+      if (o.nbd_listen.empty()) return false;
+      auto ep = parse_endpoint(o.nbd_listen, EndpointUse::listen);
+      return ep && ep->port != 0 && ep->to_string() == mine;
+    };
+    if (listen->endpoint.port != 0 && std::any_of(others.begin(), others.end(), same)) {
+      return config_error(where + ".nbd_listen: used by another volume");
+    }
+    v.nbd_listen = listen->text;
+  }
+  if (v.nbd_socket.empty() && v.nbd_listen.empty()) {
+    return config_error(where + ": needs nbd_socket or nbd_listen (how hosts reach the volume)");
+  }
+  CFG_TRY_ASSIGN(region, r.bytes("intent_region_size"));
+  if (region) {
+    if (*region < 4096 || *region > (1u << 30) || (*region & (*region - 1)) != 0) {
+      return config_error(where + ".intent_region_size: must be a power of two from 4KiB to 1GiB");
+    }
+    v.intent_region_bytes = static_cast<std::uint32_t>(*region);
+  }
+  CFG_TRY_ASSIGN(hot, r.integer("intent_regions_max"));
+  if (hot) {
+    if (*hot < 1 || *hot > 8000) return config_error(where + ".intent_regions_max: must be from 1 to 8000");
+    v.intent_regions_max = static_cast<std::uint32_t>(*hot);
+  }
+  return v;
+}
+
 }  // namespace
 
 Result<Config> parse_config(std::string_view text, std::string_view source) {
@@ -176,74 +261,15 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   const toml::node* vols = root.get("volume");
   if (vols == nullptr) return config_error(src + ": no [[volume]] is configured");
   if (!vols->is_array_of_tables()) return config_error(src + ": 'volume' must be written as [[volume]] tables");
-  std::set<std::string> ids, paths, sockets, listens, metas;
   std::size_t index = 0;
   for (const auto& el : *vols->as_array()) {
-    const auto& t = *el.as_table();
-    std::string where = src + ": volume[" + std::to_string(index++) + "]";
-    Reader pre(t, where);
-    CFG_TRY_ASSIGN(id, pre.str("id"));
-    if (!id) return config_error(where + ": id is required");
-    if (!valid_id(*id))
-      return config_error(where + ": id \"" + *id + "\": use letters, digits, '-', '_' and '.' (at most 64)");
-    where += " (" + *id + ")";
-    Reader r(t, where);
-    TANDEM_TRY(r.only(
-        {"id", "path", "size", "meta_path", "nbd_socket", "nbd_listen", "intent_region_size", "intent_regions_max"}));
-    VolumeConfig v;
-    v.id = *id;
-    if (!ids.insert(v.id).second) return config_error(where + ": duplicate volume id");
-    CFG_TRY_ASSIGN(path, r.str("path"));
-    if (!path || path->empty() || path->front() != '/') {
-      return config_error(where + ".path: an absolute path to a block device or file is required");
-    }
-    v.path = *path;
-    if (!paths.insert(v.path).second) return config_error(where + ".path: used by another volume");
-    CFG_TRY_ASSIGN(size, r.bytes("size"));
-    if (size) {
-      if (*size == 0 || *size % 4096 != 0) {
-        return config_error(where + ".size: must be a non-zero multiple of 4096 bytes");
-      }
-      v.size_bytes = *size;
-    }
-    CFG_TRY_ASSIGN(meta, r.str("meta_path"));
-    v.meta_path = meta ? *meta : cfg.node.state_dir + "/" + v.id + ".meta";
-    if (v.meta_path.empty() || v.meta_path.front() != '/')
-      return config_error(where + ".meta_path: must be an absolute path");
-    if (v.meta_path == v.path) return config_error(where + ".meta_path: must differ from path");
-    if (!metas.insert(v.meta_path).second) return config_error(where + ".meta_path: used by another volume");
-    CFG_TRY_ASSIGN(sock, r.str("nbd_socket"));
-    if (sock) {
-      if (sock->empty() || sock->front() != '/') return config_error(where + ".nbd_socket: must be an absolute path");
-      if (sock->size() >= 108) return config_error(where + ".nbd_socket: longer than a Unix socket path may be (107)");
-      if (!sockets.insert(*sock).second) return config_error(where + ".nbd_socket: used by another volume");
-      v.nbd_socket = *sock;
-    }
-    CFG_TRY_ASSIGN(listen, r.endpoint("nbd_listen", EndpointUse::listen));
-    if (listen) {
-      // Port 0 asks for a free port, so any number of volumes may ask for it.
-      if (listen->endpoint.port != 0 && !listens.insert(listen->endpoint.to_string()).second) {
-        return config_error(where + ".nbd_listen: used by another volume");
-      }
-      v.nbd_listen = listen->text;
-    }
-    if (v.nbd_socket.empty() && v.nbd_listen.empty()) {
-      return config_error(where + ": needs nbd_socket or nbd_listen (how hosts reach the volume)");
-    }
-    CFG_TRY_ASSIGN(region, r.bytes("intent_region_size"));
-    if (region) {
-      if (*region < 4096 || *region > (1u << 30) || (*region & (*region - 1)) != 0) {
-        return config_error(where + ".intent_region_size: must be a power of two from 4KiB to 1GiB");
-      }
-      v.intent_region_bytes = static_cast<std::uint32_t>(*region);
-    }
-    CFG_TRY_ASSIGN(hot, r.integer("intent_regions_max"));
-    if (hot) {
-      if (*hot < 1 || *hot > 8000) return config_error(where + ".intent_regions_max: must be from 1 to 8000");
-      v.intent_regions_max = static_cast<std::uint32_t>(*hot);
-    }
-    cfg.volumes.push_back(std::move(v));
+    auto v = parse_volume(*el.as_table(), src + ": volume[" + std::to_string(index++) + "]", cfg.node.state_dir,
+                          cfg.volumes);
+    if (!v) return v.error();
+    cfg.volumes.push_back(std::move(v).value());
   }
+  std::set<std::string> ids;
+  for (const auto& v : cfg.volumes) ids.insert(v.id);
   if (cfg.volumes.empty()) return config_error(src + ": no [[volume]] is configured");
 
   // Replication: [tls], [peer] and [[session]] go together.
@@ -536,6 +562,96 @@ Result<Config> load_config(const std::string& path) {
   const std::string text = ss.str();
   if (text.size() > kConfigBytesMax) return config_error(path + ": larger than 1 MiB; is this really a config?");
   return parse_config(text, path);
+}
+
+}  // namespace tandem::daemon
+
+namespace tandem::daemon {
+
+std::string runtime_volumes_path(const Config& cfg) { return cfg.node.state_dir + "/volumes.toml"; }
+
+Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, std::string_view source,
+                                                        const Config& cfg) {
+  const std::string src(source);
+  toml::table root;
+  try {
+    root = toml::parse(text, src);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    return config_error(os.str());
+  }
+  TANDEM_TRY(Reader(root, src).only({"volume"}));
+  std::vector<VolumeConfig> out;
+  const toml::node* vols = root.get("volume");
+  if (vols == nullptr) return out;
+  if (!vols->is_array_of_tables()) return config_error(src + ": 'volume' must be written as [[volume]] tables");
+  std::vector<VolumeConfig> known = cfg.volumes;
+  std::size_t index = 0;
+  for (const auto& el : *vols->as_array()) {
+    auto v = parse_volume(*el.as_table(), src + ": volume[" + std::to_string(index++) + "]", cfg.node.state_dir, known);
+    if (!v) return v.error();
+    known.push_back(*v);
+    out.push_back(std::move(v).value());
+  }
+  return out;
+}
+
+Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg) {
+  const std::string path = runtime_volumes_path(cfg);
+  std::ifstream in(path);
+  if (!in) {
+    if (errno == ENOENT) return std::vector<VolumeConfig>{};
+    return Error(std::error_code(errno, std::generic_category()), "cannot read " + path);
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_runtime_volumes(ss.str(), path, cfg);
+}
+
+Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Config& cfg,
+                                          const std::vector<VolumeConfig>& existing) {
+  const auto j = nlohmann::json::parse(json_body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return config_error("volume: the body must be a JSON object");
+  // The same rules as a [[volume]] of the configuration file: the object becomes such a table.
+  toml::table t;
+  for (const auto& [key, value] : j.items()) {
+    if (value.is_string()) {
+      t.insert(key, value.get<std::string>());
+    } else if (value.is_number_unsigned() || value.is_number_integer()) {
+      if (value.is_number_unsigned() && value.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))
+        return config_error("volume." + key + ": too large");
+      t.insert(key, value.get<std::int64_t>());
+    } else if (value.is_null()) {
+      continue;  // the same as leaving it out
+    } else {
+      return config_error("volume." + key + ": must be a string or an integer");
+    }
+  }
+  return parse_volume(t, "volume", cfg.node.state_dir, existing);
+}
+
+std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes) {
+  toml::array list;
+  for (const auto& v : volumes) {
+    toml::table t;
+    t.insert("id", v.id);
+    t.insert("path", v.path);
+    if (v.size_bytes) t.insert("size", static_cast<std::int64_t>(*v.size_bytes));
+    t.insert("meta_path", v.meta_path);
+    if (!v.nbd_socket.empty()) t.insert("nbd_socket", v.nbd_socket);
+    if (!v.nbd_listen.empty()) t.insert("nbd_listen", v.nbd_listen);
+    t.insert("intent_region_size", static_cast<std::int64_t>(v.intent_region_bytes));
+    t.insert("intent_regions_max", static_cast<std::int64_t>(v.intent_regions_max));
+    list.push_back(std::move(t));
+  }
+  toml::table root;
+  root.insert("volume", std::move(list));
+  std::ostringstream os;
+  os << "# Volumes created at run time through the control API (POST /api/rest/volume).\n"
+     << "# tandemd writes this file; it opens these volumes at start beside the configured ones.\n\n"
+     << root << "\n";
+  return os.str();
 }
 
 }  // namespace tandem::daemon

@@ -251,3 +251,78 @@ TEST(Config, MissingFileIsAClearError) {
 
 }  // namespace
 }  // namespace tandem::daemon
+
+namespace tandem::daemon {
+namespace {
+
+// Volumes created at run time: the API's body is held to the [[volume]] rules and checked
+// against the volumes that exist; the file that keeps them across restarts reads back exactly
+// what was written, and refuses what conflicts with the configuration.
+TEST(RuntimeVolumes, ARequestIsHeldToTheVolumeRules) {
+  auto c = parse_config(kGood, "t.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  auto v = parse_volume_request(
+      R"({"id": "db0", "path": "/srv/db0.img", "size": "64MiB", "nbd_socket": "/run/tandem/db0.nbd", "nbd_listen": null})",
+      *c, c->volumes);
+  ASSERT_TRUE(v.ok()) << v.error().message();
+  EXPECT_EQ(v->id, "db0");
+  EXPECT_EQ(v->size_bytes, 64ull << 20);
+  EXPECT_EQ(v->meta_path, "/var/lib/tandem/db0.meta");
+  EXPECT_TRUE(v->nbd_listen.empty());
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"[]", "must be a JSON object"},
+      {"{\"id\": ", "must be a JSON object"},
+      {R"({"path": "/srv/x.img", "nbd_socket": "/run/x.nbd"})", "id is required"},
+      {R"({"id": "a b", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd"})", "use letters"},
+      {R"({"id": "x", "path": "srv/x.img", "nbd_socket": "/run/x.nbd"})", "absolute path"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd", "colour": "red"})", "unknown key 'colour'"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd", "size": true})", "volume.size: must be"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd", "size": 1000})", "multiple of 4096"},
+      {R"({"id": "x", "path": "/srv/x.img"})", "needs nbd_socket or nbd_listen"},
+      {R"({"id": "vol0", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd"})", "duplicate volume id"},
+      {R"({"id": "x", "path": "/srv/vol1.img", "nbd_socket": "/run/x.nbd"})", "path: used by another volume"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/tandem/vol0.nbd"})", "nbd_socket: used by another"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_listen": "127.0.0.1:10809"})", "nbd_listen: used by another"},
+  };
+  for (const auto& [body, expect] : bad) {
+    auto r = parse_volume_request(body, *c, c->volumes);
+    ASSERT_FALSE(r.ok()) << body;
+    EXPECT_NE(r.error().message().find(expect), std::string::npos) << body << " -> " << r.error().message();
+  }
+}
+
+TEST(RuntimeVolumes, TheFileReadsBackWhatWasWrittenAndRefusesConflicts) {
+  auto c = parse_config(kGood, "t.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message();
+  std::vector<VolumeConfig> made;
+  for (const char* body :
+       {R"({"id": "db0", "path": "/srv/db \"0\".img", "size": 1048576, "nbd_socket": "/run/db0.nbd"})",
+        R"({"id": "db1", "path": "/dev/vg/db1", "nbd_listen": "127.0.0.1:0", "intent_regions_max": 9})"}) {
+    std::vector<VolumeConfig> existing = c->volumes;
+    existing.insert(existing.end(), made.begin(), made.end());
+    auto v = parse_volume_request(body, *c, existing);
+    ASSERT_TRUE(v.ok()) << v.error().message();
+    made.push_back(*v);
+  }
+  const std::string text = render_runtime_volumes(made);
+  auto back = parse_runtime_volumes(text, "volumes.toml", *c);
+  ASSERT_TRUE(back.ok()) << back.error().message() << "\n" << text;
+  EXPECT_EQ(*back, made);
+  auto none = parse_runtime_volumes("", "volumes.toml", *c);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  // The configuration gained a volume with the same id since: named, not silently shadowed.
+  auto grown = parse_config(
+      std::string(kGood) + "\n[[volume]]\nid = \"db1\"\npath = \"/srv/other\"\nnbd_socket = \"/run/o.nbd\"\n",
+      "t.toml");
+  ASSERT_TRUE(grown.ok()) << grown.error().message();
+  auto clash = parse_runtime_volumes(text, "volumes.toml", *grown);
+  ASSERT_FALSE(clash.ok());
+  EXPECT_NE(clash.error().message().find("volumes.toml: volume[1] (db1): duplicate volume id"), std::string::npos)
+      << clash.error().message();
+  auto junk = parse_runtime_volumes("[[volume]]\nid = 3\n", "volumes.toml", *c);
+  EXPECT_FALSE(junk.ok());
+}
+
+}  // namespace
+}  // namespace tandem::daemon

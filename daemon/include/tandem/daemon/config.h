@@ -104,6 +104,21 @@ Status check_files(const Config& cfg);
 // StateDirectory (/var/lib/tandem) and RuntimeDirectory (/run/tandem).
 std::string systemd_dropin(const Config& cfg);
 
+// Volumes created at run time (POST /api/rest/volume) are kept across restarts in their own
+// file, <state_dir>/volumes.toml, as [[volume]] tables with the configuration file's keys and
+// rules; tandemd writes it and opens its volumes at start beside the configured ones. A volume
+// there may use no id, path, metadata file, socket or port that a configured one uses.
+std::string runtime_volumes_path(const Config& cfg);
+Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, std::string_view source,
+                                                        const Config& cfg);
+// The file's volumes (none when it does not exist).
+Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg);
+std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes);
+// The body of POST /api/rest/volume, a JSON object with the keys of a [[volume]] table, checked
+// by the same rules and against the volumes that exist (`existing`).
+Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Config& cfg,
+                                          const std::vector<VolumeConfig>& existing);
+
 // Parses and validates configuration text. `source` names it in error messages.
 Result<Config> parse_config(std::string_view text, std::string_view source);
 // Reads and parses a file.
