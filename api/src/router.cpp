@@ -229,6 +229,26 @@ std::optional<HttpResponse> parse_flags(std::string_view content_type, std::stri
   return std::nullopt;
 }
 
+// A body that must be a JSON object (creating a resource): its fields are checked by whoever
+// creates it.
+std::optional<HttpResponse> check_json_object(std::string_view content_type, std::string_view body) {
+  if (content_type.rfind("application/json", 0) != 0) {
+    return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
+                          {std::string(content_type)});
+  }
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
+  if (!j.is_object()) return error_response(ErrorKind::wrong_type, "The request body must be a JSON object.");
+  return std::nullopt;
+}
+
+json volume_object(const VolumeView& v) {
+  return {
+      {"id", v.id},           {"size", v.size_bytes},
+      {"access", v.access},   {"exports", v.exports},
+      {"backing", v.backing}, {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
+}
+
 HttpResponse json_response(const json& j) {
   HttpResponse r;
   r.body = dump(j);
@@ -256,7 +276,9 @@ std::vector<std::string> routes() {
   std::vector<std::string> r = {"GET /metrics",
                                 "GET /api/rest/openapi.json",
                                 "GET /api/rest/volume",
+                                "POST /api/rest/volume",
                                 "GET /api/rest/volume/{id}",
+                                "DELETE /api/rest/volume/{id}",
                                 "GET /api/rest/replication_session",
                                 "GET /api/rest/replication_session/{id}"};
   for (const auto verb : action_verbs()) r.push_back("POST /api/rest/replication_session/{id}/" + std::string(verb));
@@ -344,15 +366,25 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
     co_return r;
   }
   if (p[2] == "volume" && p.size() <= 4) {
-    if (!get) co_return method_not_allowed("GET");
+    if (p.size() == 3 && post) {
+      if (!ctx_.create_volume) co_return method_not_allowed("GET");
+      if (auto bad = check_json_object(req.content_type, req.body)) co_return std::move(*bad);
+      auto made = co_await ctx_.create_volume(req.body);
+      if (auto* r = std::get_if<HttpResponse>(&made)) co_return std::move(*r);
+      HttpResponse r = json_response(volume_object(std::get<VolumeView>(made)));
+      r.status = 201;
+      co_return r;
+    }
+    if (p.size() == 4 && req.method == "DELETE") {
+      if (!ctx_.delete_volume) co_return method_not_allowed("GET");
+      auto refused = co_await ctx_.delete_volume(p[3]);
+      if (refused) co_return std::move(*refused);
+      co_return no_content();
+    }
+    if (!get) co_return method_not_allowed(p.size() == 3 ? "GET, POST" : "GET, DELETE");
     json all = json::array();
     for (const VolumeView& v : ctx_.volumes()) {
-      json j = {{"id", v.id},
-                {"size", v.size_bytes},
-                {"access", v.access},
-                {"exports", v.exports},
-                {"backing", v.backing},
-                {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
+      json j = volume_object(v);
       if (p.size() == 4 && v.id == p[3]) co_return json_response(j);
       all.push_back(std::move(j));
     }

@@ -646,7 +646,7 @@ std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes) {
     list.push_back(std::move(t));
   }
   toml::table root;
-  root.insert("volume", std::move(list));
+  if (!list.empty()) root.insert("volume", std::move(list));
   std::ostringstream os;
   os << "# Volumes created at run time through the control API (POST /api/rest/volume).\n"
      << "# tandemd writes this file; it opens these volumes at start beside the configured ones.\n\n"

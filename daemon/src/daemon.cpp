@@ -7,6 +7,7 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include <fcntl.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -15,14 +16,17 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <cstdio>
 #include <cstdlib>
+
 #include <filesystem>
 #include <iostream>
+#include <list>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "tandem/api/router.h"
 #include "tandem/api/server.h"
+#include "tandem/common/async.h"
 #include "tandem/common/endpoint.h"
 #include "tandem/common/probe.h"
 #include "tandem/common/units.h"
@@ -40,7 +44,8 @@ namespace asio = boost::asio;
 namespace fs = std::filesystem;
 
 struct VolumeRuntime {
-  const VolumeConfig* cfg = nullptr;
+  const VolumeConfig* cfg = nullptr;  // in the daemon's configuration, or its run-time volumes
+  bool runtime = false;               // created through the API (kept in <state_dir>/volumes.toml)
   std::unique_ptr<engine::DeviceEnv> env;
   std::unique_ptr<engine::Volume> volume;
   std::unique_ptr<frontend::NbdServer> nbd;
@@ -137,6 +142,30 @@ class Daemon {
                    sb.generations.empty() ? 0 : sb.generations.front(), v.volume->created() ? " (new)" : "",
                    v.volume->dirty().dirty_blocks());
     }
+    // Volumes created at run time (POST /api/rest/volume) by an earlier run.
+    auto made = load_runtime_volumes(cfg_);
+    if (!made) {
+      spdlog::error("{}", made.error().message());
+      exit_code_ = 1;
+      co_await shutdown();
+      co_return;
+    }
+    for (auto& vc : *made) {
+      runtime_cfgs_.push_back(std::move(vc));
+      const VolumeConfig& c = runtime_cfgs_.back();
+      starting("opening volume " + c.id + " (" + c.path + ")");
+      auto rt = co_await open_volume(ctx_, c);
+      if (!rt) {
+        spdlog::error("{} (created at run time; kept in {})", rt.error().message(), runtime_volumes_path(cfg_));
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+      rt->runtime = true;
+      volumes_.push_back(std::move(rt).value());
+      spdlog::info("volume {}: {} ({}), created at run time", c.id, c.path,
+                   format_bytes(volumes_.back().volume->size_bytes()));
+    }
     // Sessions before exports: a destination's volumes turn read-only and a source's get their
     // copy-on-write hook before any host can write.
     for (const auto& sc : cfg_.sessions) {
@@ -171,30 +200,11 @@ class Daemon {
       sessions_.push_back(std::move(s).value());
     }
     for (auto& v : volumes_) {
-      const auto& vc = *v.cfg;
-      v.nbd = std::make_unique<frontend::NbdServer>(ctx_.get_executor());
-      v.nbd->add_export(vc.id, *v.volume);
-      if (!vc.nbd_socket.empty()) {
-        auto st = ensure_dir(fs::path(vc.nbd_socket).parent_path().string(),
-                             fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
-        if (st) st = v.nbd->listen_unix(vc.nbd_socket);
-        if (!st) {
-          spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_socket, st.error().message());
-          exit_code_ = 1;
-          co_await shutdown();
-          co_return;
-        }
-        spdlog::info("volume {}: NBD export on unix socket {}", vc.id, vc.nbd_socket);
-      }
-      if (!vc.nbd_listen.empty()) {
-        auto st = v.nbd->listen_tcp(vc.nbd_listen);
-        if (!st) {
-          spdlog::error("volume {}: cannot export on {}: {}", vc.id, vc.nbd_listen, st.error().message());
-          exit_code_ = 1;
-          co_await shutdown();
-          co_return;
-        }
-        spdlog::info("volume {}: NBD export on tcp {} (port {})", vc.id, vc.nbd_listen, v.nbd->tcp_port());
+      if (auto st = export_volume(v); !st) {
+        spdlog::error("{}", st.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
       }
     }
     if (!sessions_.empty()) {
@@ -230,6 +240,8 @@ class Daemon {
       };
       actx.volumes = [this] { return volume_views(); };
       actx.extra_metrics = [this] { return nbd_metrics(); };
+      actx.create_volume = [this](std::string body) { return create_volume(std::move(body)); };
+      actx.delete_volume = [this](std::string id) { return delete_volume(std::move(id)); };
       router_ = std::make_unique<api::Router>(std::move(actx));
       auto st = ensure_dir(fs::path(cfg_.node.api_socket).parent_path().string(),
                            fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
@@ -315,6 +327,173 @@ class Daemon {
                          st.role == replication::Role::source ? ", lag " + format_bytes(st.lag_bytes) : std::string());
     }
     return out;
+  }
+
+  // The volume's NBD export on its socket and/or TCP listener.
+  Status export_volume(VolumeRuntime& v) {
+    const auto& vc = *v.cfg;
+    v.nbd = std::make_unique<frontend::NbdServer>(ctx_.get_executor());
+    v.nbd->add_export(vc.id, *v.volume);
+    if (!vc.nbd_socket.empty()) {
+      auto st = ensure_dir(fs::path(vc.nbd_socket).parent_path().string(),
+                           fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+      if (st) st = v.nbd->listen_unix(vc.nbd_socket);
+      if (!st)
+        return Error(st.error().code,
+                     "volume " + vc.id + ": cannot export on " + vc.nbd_socket + ": " + st.error().message());
+      spdlog::info("volume {}: NBD export on unix socket {}", vc.id, vc.nbd_socket);
+    }
+    if (!vc.nbd_listen.empty()) {
+      auto st = v.nbd->listen_tcp(vc.nbd_listen);
+      if (!st)
+        return Error(st.error().code,
+                     "volume " + vc.id + ": cannot export on " + vc.nbd_listen + ": " + st.error().message());
+      spdlog::info("volume {}: NBD export on tcp {} (port {})", vc.id, vc.nbd_listen, v.nbd->tcp_port());
+    }
+    return {};
+  }
+
+  // <state_dir>/volumes.toml, replaced whole: written beside, synced, renamed over, and the
+  // directory synced, so a crash leaves the old list or the new one.
+  Status persist_runtime_volumes() {
+    const std::vector<VolumeConfig> list(runtime_cfgs_.begin(), runtime_cfgs_.end());
+    const std::string path = runtime_volumes_path(cfg_);
+    const std::string tmp = path + ".new";
+    TANDEM_TRY(ensure_dir(cfg_.node.state_dir, fs::perms::owner_all));
+    const std::string text = render_runtime_volumes(list);
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return errno_error(errno, "cannot write " + tmp);
+    std::size_t done = 0;
+    while (done < text.size()) {
+      const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        const int e = errno;
+        ::close(fd);
+        return errno_error(e, "cannot write " + tmp);
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    if (::fsync(fd) != 0) {
+      const int e = errno;
+      ::close(fd);
+      return errno_error(e, "cannot sync " + tmp);
+    }
+    ::close(fd);
+    if (::rename(tmp.c_str(), path.c_str()) != 0) return errno_error(errno, "cannot rename " + tmp + " to " + path);
+    const int dfd = ::open(cfg_.node.state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+      (void)::fsync(dfd);
+      ::close(dfd);
+    }
+    return {};
+  }
+
+  std::vector<VolumeConfig> all_volume_configs() const {
+    std::vector<VolumeConfig> out = cfg_.volumes;
+    out.insert(out.end(), runtime_cfgs_.begin(), runtime_cfgs_.end());
+    return out;
+  }
+
+  std::optional<api::VolumeView> view_of(const std::string& id) const {
+    for (auto& w : volume_views()) {
+      if (w.id == id) return w;
+    }
+    return std::nullopt;
+  }
+
+  // POST /api/rest/volume. Nothing is left behind when it fails: a file or metadata this call
+  // created is removed again, and the list on disk changes only once the export is up.
+  asio::awaitable<std::variant<api::VolumeView, api::HttpResponse>> create_volume(std::string body) {
+    auto held = co_await volume_change_.scoped();
+    if (shutting_down_) co_return api::error_response(api::ErrorKind::not_allowed, "tandemd is shutting down.");
+    auto parsed = parse_volume_request(body, cfg_, all_volume_configs());
+    if (!parsed) co_return api::error_response(api::ErrorKind::bad_request, parsed.error().message() + ".");
+    runtime_cfgs_.push_back(std::move(parsed).value());
+    const VolumeConfig& vc = runtime_cfgs_.back();
+    auto failed = [this](const std::string& why) {
+      spdlog::error("volume {}: not created: {}", runtime_cfgs_.back().id, why);
+      runtime_cfgs_.pop_back();
+      return api::error_response(api::ErrorKind::failed, "Volume not created: " + why + ".");
+    };
+    auto rt = co_await open_volume(ctx_, vc);
+    if (!rt) co_return failed(rt.error().message());
+    rt->runtime = true;
+    Status st = export_volume(*rt);
+    if (st) st = persist_runtime_volumes();
+    if (!st) {
+      if (rt->nbd) co_await rt->nbd->stop();
+      (void)co_await rt->volume->close();
+      const bool made_data = rt->volume->data_created();
+      const bool made_meta = rt->volume->created();
+      rt->nbd.reset();
+      rt->volume.reset();
+      rt->env->stop();
+      std::error_code ec;
+      if (made_data) fs::remove(vc.path, ec);
+      if (made_meta) fs::remove(vc.meta_path, ec);
+      if (!vc.nbd_socket.empty()) fs::remove(vc.nbd_socket, ec);
+      co_return failed(st.error().message());
+    }
+    volumes_.push_back(std::move(rt).value());
+    spdlog::info("volume {}: created at run time: {} ({}){}", vc.id, vc.path,
+                 format_bytes(volumes_.back().volume->size_bytes()),
+                 volumes_.back().volume->data_created() ? ", new file" : "");
+    co_return *view_of(vc.id);
+  }
+
+  // DELETE /api/rest/volume/{id}: only a volume created at run time, and only while nothing
+  // uses it. Its data and metadata stay where they are.
+  asio::awaitable<std::optional<api::HttpResponse>> delete_volume(std::string id) {
+    auto held = co_await volume_change_.scoped();
+    auto it = std::find_if(volumes_.begin(), volumes_.end(), [&id](const VolumeRuntime& v) { return v.cfg->id == id; });
+    if (it == volumes_.end()) {
+      co_return api::error_response(api::ErrorKind::unknown_volume, "Volume " + id + " does not exist.", {id});
+    }
+    auto refuse = [&id](const std::string& why) {
+      return api::error_response(api::ErrorKind::not_allowed, "Volume " + id + " cannot be removed: " + why + ".",
+                                 {id});
+    };
+    if (shutting_down_) co_return refuse("tandemd is shutting down");
+    if (!it->runtime) {
+      co_return refuse("it is defined in the configuration file " + config_path_ +
+                       "; remove it there and restart tandemd");
+    }
+    for (const auto& sc : cfg_.sessions) {
+      if (std::find(sc.volumes.begin(), sc.volumes.end(), id) != sc.volumes.end()) {
+        co_return refuse("replication session " + sc.id + " uses it");
+      }
+    }
+    if (it->nbd && it->nbd->counters().connections_open > 0) {
+      co_return refuse(std::to_string(it->nbd->counters().connections_open) +
+                       " NBD client(s) are connected; disconnect them first");
+    }
+    VolumeRuntime v = std::move(*it);
+    volumes_.erase(it);
+    if (v.nbd) co_await v.nbd->stop();
+    Status closed = co_await v.volume->close();
+    v.nbd.reset();
+    v.volume.reset();
+    v.env->stop();
+    if (!v.cfg->nbd_socket.empty()) {
+      std::error_code ec;
+      fs::remove(v.cfg->nbd_socket, ec);
+    }
+    const auto gone =
+        std::find_if(runtime_cfgs_.begin(), runtime_cfgs_.end(), [&id](const VolumeConfig& c) { return c.id == id; });
+    const std::string path = gone->path;
+    runtime_cfgs_.erase(gone);
+    Status st = persist_runtime_volumes();
+    if (!closed) spdlog::error("volume {}: close: {}", id, closed.error().message());
+    if (!st) {
+      spdlog::error("volume {}: removed, but the list of run-time volumes could not be written: {}", id,
+                    st.error().message());
+      co_return api::error_response(
+          api::ErrorKind::failed,
+          "Volume " + id + " was removed but " + st.error().message() + "; it comes back at the next start.", {id});
+    }
+    spdlog::info("volume {}: removed (its data stays in {})", id, path);
+    co_return std::nullopt;
   }
 
   // SIGHUP: re-read the configuration file and apply what can change at run time.
@@ -408,6 +587,11 @@ class Daemon {
     tick_.cancel();
     start_tick_.cancel();
   }
+
+  // Run-time volumes' configurations (a list: each volume keeps a pointer to its own), and one
+  // create or delete at a time.
+  std::list<VolumeConfig> runtime_cfgs_;
+  AsyncMutex volume_change_;
 
   struct TestExport {
     std::string volume_id;  // the destination volume it is an image of

@@ -281,6 +281,15 @@ int main(int argc, char** argv) {
   volume->add_subcommand("list", "every volume on this node");
   auto* vshow = volume->add_subcommand("show", "one volume");
   vshow->add_option("id", id, "volume id")->required();
+  std::string vpath, vsize, vsocket, vlisten;
+  auto* vcreate = volume->add_subcommand("create", "open (or create) a volume and export it, without a restart");
+  vcreate->add_option("id", id, "volume id")->required();
+  vcreate->add_option("--path", vpath, "the block device or file (absolute)")->required();
+  vcreate->add_option("--size", vsize, "create the file with this size (\"20GiB\"); without it, it must exist");
+  vcreate->add_option("--nbd-socket", vsocket, "Unix socket of the NBD export");
+  vcreate->add_option("--nbd-listen", vlisten, "host:port of the NBD export over TCP");
+  auto* vdelete = volume->add_subcommand("delete", "withdraw a volume created at run time (its data stays)");
+  vdelete->add_option("id", id, "volume id")->required();
   std::string wait_state = "OK";
   auto* wt =
       session->add_subcommand("wait",
@@ -308,6 +317,34 @@ int main(int argc, char** argv) {
     }
     return json::parse(r->body, nullptr, false);
   };
+  if (vcreate->parsed() || vdelete->parsed()) {
+    json body = json::object();
+    if (vcreate->parsed()) {
+      body = {{"id", id}, {"path", vpath}};
+      if (!vsize.empty()) body["size"] = vsize;
+      if (!vsocket.empty()) body["nbd_socket"] = vsocket;
+      if (!vlisten.empty()) body["nbd_listen"] = vlisten;
+    }
+    auto r = vcreate->parsed() ? call(socket, "POST", "/api/rest/volume", body.dump(), err)
+                               : call(socket, "DELETE", "/api/rest/volume/" + id, "", err);
+    if (!r) {
+      std::cerr << "tandemctl: " << err << "\n";
+      return kUnreachable;
+    }
+    if (r->status != 201 && r->status != 204) {
+      if (as_json) std::cout << r->body << "\n";
+      std::cerr << "tandemctl: " << message_of(*r) << "\n";
+      return kRefused;
+    }
+    if (as_json && r->status == 201) {
+      std::cout << json::parse(r->body, nullptr, false).dump(2) << "\n";
+    } else if (r->status == 201) {
+      print_volumes(json::array({json::parse(r->body, nullptr, false)}));
+    } else if (!as_json) {
+      std::cout << "volume " << id << ": removed (its data stays)\n";
+    }
+    return 0;
+  }
   if (volume->parsed()) {
     const bool one = vshow->parsed();
     auto j = get(one ? "/api/rest/volume/" + id : "/api/rest/volume");

@@ -1,5 +1,7 @@
-// Fuzzer for the TOML configuration parser: any bytes give a Config or an Error with a message,
-// never a crash, a hang or an exception escaping parse_config.
+// Fuzzer for the configuration parsers: the TOML configuration file, the run-time volumes' file
+// and the JSON body of POST /api/rest/volume. Any bytes give a result or an Error with a
+// message, never a crash, a hang or an exception escaping the parser; a run-time volumes' file
+// that parses reads back the same after it is written again.
 #include <string>
 #include <string_view>
 
@@ -20,6 +22,27 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } else {
     TANDEM_ASSERT(!r.error().message().empty());
   }
+  static const tandem::daemon::Config base = [] {
+    auto c = tandem::daemon::parse_config(
+        "[node]\nname = \"a\"\n[[volume]]\nid = \"vol0\"\npath = \"/d/vol0\"\nnbd_socket = \"/run/v.nbd\"\n",
+        "base.toml");
+    TANDEM_ASSERT(c.ok());
+    return *c;
+  }();
+  auto made = tandem::daemon::parse_runtime_volumes(text, "volumes.toml", base);
+  if (made.ok()) {
+    auto again = tandem::daemon::parse_runtime_volumes(tandem::daemon::render_runtime_volumes(*made), "again", base);
+    TANDEM_ASSERT(again.ok() && *again == *made);
+  } else {
+    TANDEM_ASSERT(!made.error().message().empty());
+  }
+  auto asked = tandem::daemon::parse_volume_request(text, base, base.volumes);
+  if (asked.ok()) {
+    TANDEM_ASSERT(asked->id != "vol0" && !asked->path.empty());
+    TANDEM_ASSERT(!asked->nbd_socket.empty() || !asked->nbd_listen.empty());
+  } else {
+    TANDEM_ASSERT(!asked.error().message().empty());
+  }
   return 0;
 }
 
@@ -31,5 +54,8 @@ std::vector<std::string> tandem::fuzz::seeds() {
       "intent_region_size=\"1MiB\"\nintent_regions_max=64\n[[volume]]\nid=\"w\"\npath=\"/y\"\nsize=8192\n"
       "nbd_socket=\"/s\"\nmeta_path=\"/m\"\n",
       "[node]\nname = 'a'\n[[volume]]\nid = \"v\"\npath = \"/x\"\nsize = 4096\nnbd_listen = \"h:1\"\n",
+      "[[volume]]\nid = \"db0\"\npath = \"/srv/db0\"\nsize = 1048576\nnbd_socket = \"/run/db0.nbd\"\n",
+      R"({"id": "db0", "path": "/srv/db0.img", "size": "64MiB", "nbd_socket": "/run/db0.nbd", "meta_path": null})",
+      R"({"id": "db1", "path": "/dev/vg/db1", "nbd_listen": "127.0.0.1:0", "intent_regions_max": 9})",
   };
 }

@@ -309,6 +309,14 @@ class Api(unittest.TestCase):
                     concrete = path.replace("{id}", "vol0" if "/volume/" in path else SID)
                     code, body = p.a.api("GET", concrete)
                     self.assertEqual(code, 200, (path, body))
+                elif path == "/api/rest/volume":
+                    # Creating a volume from an empty object: the route is there (the body is
+                    # refused, not the path), and nothing is created.
+                    m = self.expect_error(p.a, method, path, 400, body="{}")
+                    self.assertIn("id is required", m["message_l10n"])
+                elif path == "/api/rest/volume/{id}":
+                    m = self.expect_error(p.a, method, path.replace("{id}", "no-such-volume"), 404)
+                    self.assertEqual(m["code"], "0xE04040030001", (path, m))
                 else:
                     # An action on a session that does not exist: the route is there (the
                     # unknown-session error, not no-such-path), and nothing happens to s-vol0.

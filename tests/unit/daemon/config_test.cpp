@@ -311,6 +311,10 @@ TEST(RuntimeVolumes, TheFileReadsBackWhatWasWrittenAndRefusesConflicts) {
   auto none = parse_runtime_volumes("", "volumes.toml", *c);
   ASSERT_TRUE(none.ok());
   EXPECT_TRUE(none->empty());
+  // The last one deleted: the file written then reads back as none.
+  auto emptied = parse_runtime_volumes(render_runtime_volumes({}), "volumes.toml", *c);
+  ASSERT_TRUE(emptied.ok()) << emptied.error().message();
+  EXPECT_TRUE(emptied->empty());
   // The configuration gained a volume with the same id since: named, not silently shadowed.
   auto grown = parse_config(
       std::string(kGood) + "\n[[volume]]\nid = \"db1\"\npath = \"/srv/other\"\nnbd_socket = \"/run/o.nbd\"\n",

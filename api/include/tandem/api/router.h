@@ -8,6 +8,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -31,13 +32,6 @@ struct VolumeView {
   std::string session_id;            // the session it belongs to, or empty
 };
 
-struct ApiContext {
-  std::string node_name;
-  std::function<std::vector<replication::Session*>()> sessions;
-  std::function<std::vector<VolumeView>()> volumes;
-  std::function<std::string()> extra_metrics;  // more Prometheus text (NBD counters), may be empty
-};
-
 struct HttpRequest {
   std::string method;  // "GET", "POST", ...
   std::string target;  // path and query
@@ -49,6 +43,18 @@ struct HttpResponse {
   unsigned status = 200;
   std::string content_type = "application/json";
   std::string body;
+};
+
+struct ApiContext {
+  std::string node_name;
+  std::function<std::vector<replication::Session*>()> sessions;
+  std::function<std::vector<VolumeView>()> volumes;
+  std::function<std::string()> extra_metrics;  // more Prometheus text (NBD counters), may be empty
+  // POST /api/rest/volume: the body is a JSON object (the router checked that much; the daemon
+  // holds it to the rules of a configured volume). The new volume, or the error to answer.
+  std::function<asio::awaitable<std::variant<VolumeView, HttpResponse>>(std::string body)> create_volume;
+  // DELETE /api/rest/volume/{id}: nothing, or the error to answer.
+  std::function<asio::awaitable<std::optional<HttpResponse>>(std::string id)> delete_volume;
 };
 
 // Stable codes per error kind (docs/api.md lists them).
