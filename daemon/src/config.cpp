@@ -398,10 +398,10 @@ void differs(std::vector<std::string>& out, const T& a, const T& b, std::string 
 }
 
 // Pairs the entries of `running` and `next` by id: `both(name, a, b)` for each id in both
-// ("<kind> <id>" as name); one removed or added is a restart, named in `restart`.
+// ("<kind> <id>" as name); the ids of those removed and added go to `removed` and `added`.
 template <class T, class Both>
 void by_id(const std::vector<T>& running, const std::vector<T>& next, const std::string& kind,
-           std::vector<std::string>& restart, Both both) {
+           std::vector<std::string>& removed, std::vector<std::string>& added, Both both) {
   auto find = [](const std::vector<T>& in, const std::string& id) -> const T* {
     for (const auto& x : in) {
       if (x.id == id) return &x;
@@ -411,13 +411,13 @@ void by_id(const std::vector<T>& running, const std::vector<T>& next, const std:
   for (const auto& a : running) {
     const T* b = find(next, a.id);
     if (b == nullptr) {
-      restart.push_back(kind + " " + a.id + " (removed)");
+      removed.push_back(a.id);
     } else {
       both(kind + " " + a.id, a, *b);
     }
   }
   for (const auto& b : next) {
-    if (find(running, b.id) == nullptr) restart.push_back(kind + " " + b.id + " (added)");
+    if (find(running, b.id) == nullptr) added.push_back(b.id);
   }
 }
 
@@ -436,7 +436,7 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
   differs(r, a.api_listen, b.api_listen, "[node] api_listen");
   differs(r, a.api_token, b.api_token, "[node] api_token");
 
-  by_id(running.volumes, next.volumes, "volume", r,
+  by_id(running.volumes, next.volumes, "volume", p.volumes_removed, p.volumes_added,
         [&r](const std::string& name, const VolumeConfig& va, const VolumeConfig& vb) {
           differs(r, va.path, vb.path, name + " path");
           differs(r, va.size_bytes, vb.size_bytes, name + " size");
@@ -470,7 +470,7 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
     differs(r, pa.peer_timeout_ms, pb.peer_timeout_ms, "[peer] peer_timeout_ms");
   }
 
-  by_id(running.sessions, next.sessions, "session", r,
+  by_id(running.sessions, next.sessions, "session", p.sessions_removed, p.sessions_added,
         [&r, &p](const std::string& name, const SessionConfig& sa, const SessionConfig& sb) {
           if (sa.rpo_seconds != sb.rpo_seconds) {
             p.applied.push_back(name + " rpo_seconds: " + std::to_string(sa.rpo_seconds) + " -> " +
@@ -486,6 +486,22 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
           differs(r, sa.window_bytes, sb.window_bytes, name + " window");
         });
   return p;
+}
+
+Status check_volume_unique(const VolumeConfig& v, const std::vector<VolumeConfig>& others) {
+  for (const auto& o : others) {
+    if (o.id == v.id) return config_error("volume " + v.id + ": its id is used by another volume");
+    if (o.path == v.path) return config_error("volume " + v.id + ": path " + v.path + " is used by volume " + o.id);
+    if (o.meta_path == v.meta_path)
+      return config_error("volume " + v.id + ": meta_path " + v.meta_path + " is used by volume " + o.id);
+    if (!v.nbd_socket.empty() && o.nbd_socket == v.nbd_socket)
+      return config_error("volume " + v.id + ": nbd_socket " + v.nbd_socket + " is used by volume " + o.id);
+    auto mine = parse_endpoint(v.nbd_listen, EndpointUse::listen);
+    auto theirs = parse_endpoint(o.nbd_listen, EndpointUse::listen);
+    if (mine && theirs && mine->port != 0 && mine->to_string() == theirs->to_string())
+      return config_error("volume " + v.id + ": nbd_listen " + v.nbd_listen + " is used by volume " + o.id);
+  }
+  return {};
 }
 
 Status check_files(const Config& cfg) {

@@ -44,8 +44,8 @@ namespace asio = boost::asio;
 namespace fs = std::filesystem;
 
 struct VolumeRuntime {
-  const VolumeConfig* cfg = nullptr;  // in the daemon's configuration, or its run-time volumes
-  bool runtime = false;               // created through the API (kept in <state_dir>/volumes.toml)
+  std::shared_ptr<const VolumeConfig> cfg;  // from the configuration file, or created at run time
+  bool runtime = false;                     // created through the API (kept in <state_dir>/volumes.toml)
   std::unique_ptr<engine::DeviceEnv> env;
   std::unique_ptr<engine::Volume> volume;
   std::unique_ptr<frontend::NbdServer> nbd;
@@ -76,7 +76,7 @@ engine::VolumeOptions volume_options(const VolumeConfig& v) {
 
 asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const VolumeConfig& vc) {
   VolumeRuntime rt;
-  rt.cfg = &vc;
+  rt.cfg = std::make_shared<const VolumeConfig>(vc);
   auto env = engine::make_uring_env(ctx);
   if (!env) co_return Error(env.error().code, "volume " + vc.id + ": " + env.error().message());
   rt.env = std::move(env).value();
@@ -169,25 +169,7 @@ class Daemon {
     // Sessions before exports: a destination's volumes turn read-only and a source's get their
     // copy-on-write hook before any host can write.
     for (const auto& sc : cfg_.sessions) {
-      replication::SessionOptions so;
-      so.id = sc.id;
-      so.role = sc.role == "source" ? replication::Role::source : replication::Role::destination;
-      so.remote_volumes = sc.remote_volumes;
-      so.peer_name = cfg_.peer->name;
-      so.rpo_seconds = sc.rpo_seconds;
-      so.window_bytes = sc.window_bytes;
-      so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
-      so.corrupt_extent_every = probe::value("corrupt_extent_every");  // TANDEM_PROBES, tests only
-      so.export_test = [this,
-                        sid = sc.id](std::vector<replication::TestImageExport> images) -> asio::awaitable<Status> {
-        co_return export_test_images(sid, std::move(images));
-      };
-      so.unexport_test = [this, sid = sc.id]() -> asio::awaitable<void> { co_await unexport_test_images(sid); };
-      for (const auto& vid : sc.volumes) {
-        for (auto& v : volumes_) {
-          if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});
-        }
-      }
+      replication::SessionOptions so = session_options(sc);
       asio::any_io_executor ex = ctx_.get_executor();
       starting("loading session " + sc.id + " (a cycle the destination had committed is applied first)");
       auto s = co_await replication::Session::open(std::move(ex), std::move(so));
@@ -329,6 +311,86 @@ class Daemon {
     return out;
   }
 
+  replication::SessionOptions session_options(const SessionConfig& sc) {
+    replication::SessionOptions so;
+    so.id = sc.id;
+    so.role = sc.role == "source" ? replication::Role::source : replication::Role::destination;
+    so.remote_volumes = sc.remote_volumes;
+    so.peer_name = cfg_.peer->name;
+    so.rpo_seconds = sc.rpo_seconds;
+    so.window_bytes = sc.window_bytes;
+    so.rate_limit_bytes_per_s = sc.rate_limit_bytes_per_s;
+    so.corrupt_extent_every = probe::value("corrupt_extent_every");  // TANDEM_PROBES, tests only
+    so.export_test = [this, sid = sc.id](std::vector<replication::TestImageExport> images) -> asio::awaitable<Status> {
+      co_return export_test_images(sid, std::move(images));
+    };
+    so.unexport_test = [this, sid = sc.id]() -> asio::awaitable<void> { co_await unexport_test_images(sid); };
+    for (const auto& vid : sc.volumes) {
+      for (auto& v : volumes_) {
+        if (v.cfg->id == vid) so.members.push_back({v.volume.get(), v.env.get(), cfg_.node.state_dir});
+      }
+    }
+    return so;
+  }
+
+  // SIGHUP's sessions removed from the file: each leaves the link (no frame is being handed to
+  // it any more) and stops as at shutdown, its restart address kept in its volumes' metadata.
+  // Its volumes stay open and exported, writable as after a restart without the session.
+  asio::awaitable<void> reload_sessions_removed(const ReloadPlan& plan) {
+    for (const auto& id : plan.sessions_removed) {
+      auto it = std::find_if(sessions_.begin(), sessions_.end(), [&id](const auto& s) { return s->id() == id; });
+      if (it == sessions_.end()) continue;
+      std::unique_ptr<replication::Session> s = std::move(*it);
+      sessions_.erase(it);
+      if (replicator_) co_await replicator_->remove_session(s.get());
+      co_await s->stop();
+      for (const auto& m : s->options().members) m.volume->set_access(engine::Access::read_write);
+      s.reset();
+      std::erase_if(cfg_.sessions, [&id](const SessionConfig& c) { return c.id == id; });
+      spdlog::info("SIGHUP: applied session {} (removed): it no longer replicates; its volumes stay exported", id);
+    }
+  }
+
+  // SIGHUP's sessions added to the file: opened over their volumes (open by now) and joined to
+  // the link to the peer, which must already run with the same [peer] and [tls].
+  asio::awaitable<void> reload_sessions_added(const Config& next, const ReloadPlan& plan) {
+    for (const auto& id : plan.sessions_added) {
+      const auto sc = std::find_if(next.sessions.begin(), next.sessions.end(),
+                                   [&id](const SessionConfig& c) { return c.id == id; });
+      std::string why;
+      if (!replicator_ || !cfg_.peer || !cfg_.tls) {
+        why = "no link to a peer runs yet ([peer] and [tls] take a restart)";
+      } else if (next.peer != cfg_.peer || next.tls != cfg_.tls) {
+        why = "[peer] or [tls] changed as well, which takes a restart";
+      }
+      for (const auto& vid : sc->volumes) {
+        if (!why.empty()) break;
+        const auto v =
+            std::find_if(volumes_.begin(), volumes_.end(), [&vid](const VolumeRuntime& x) { return x.cfg->id == vid; });
+        if (v == volumes_.end()) why = "its volume " + vid + " is not open";
+        for (const auto& other : cfg_.sessions) {
+          if (why.empty() && std::find(other.volumes.begin(), other.volumes.end(), vid) != other.volumes.end())
+            why = "its volume " + vid + " is in session " + other.id;
+        }
+      }
+      if (!why.empty()) {
+        spdlog::warn("SIGHUP: session {} (added) not started: {}", id, why);
+        continue;
+      }
+      asio::any_io_executor ex = ctx_.get_executor();
+      auto s = co_await replication::Session::open(std::move(ex), session_options(*sc));
+      if (!s) {
+        spdlog::error("SIGHUP: session {} (added) not started: {}", id, s.error().message());
+        continue;
+      }
+      sessions_.push_back(std::move(s).value());
+      cfg_.sessions.push_back(*sc);
+      replicator_->add_session(sessions_.back().get());
+      sessions_.back()->note_state();
+      spdlog::info("SIGHUP: applied session {} (added)", id);
+    }
+  }
+
   // The volume's NBD export on its socket and/or TCP listener.
   Status export_volume(VolumeRuntime& v) {
     const auto& vc = *v.cfg;
@@ -402,25 +464,19 @@ class Daemon {
     return std::nullopt;
   }
 
-  // POST /api/rest/volume. Nothing is left behind when it fails: a file or metadata this call
-  // created is removed again, and the list on disk changes only once the export is up.
-  asio::awaitable<std::variant<api::VolumeView, api::HttpResponse>> create_volume(std::string body) {
-    auto held = co_await volume_change_.scoped();
-    if (shutting_down_) co_return api::error_response(api::ErrorKind::not_allowed, "tandemd is shutting down.");
-    auto parsed = parse_volume_request(body, cfg_, all_volume_configs());
-    if (!parsed) co_return api::error_response(api::ErrorKind::bad_request, parsed.error().message() + ".");
-    runtime_cfgs_.push_back(std::move(parsed).value());
-    const VolumeConfig& vc = runtime_cfgs_.back();
-    auto failed = [this](const std::string& why) {
-      spdlog::error("volume {}: not created: {}", runtime_cfgs_.back().id, why);
-      runtime_cfgs_.pop_back();
-      return api::error_response(api::ErrorKind::failed, "Volume not created: " + why + ".");
-    };
+  // Opens a volume and exports it; one created at run time joins the list kept on disk, which
+  // is written before this returns. Nothing is left behind when it fails: a file or metadata
+  // this call created is removed again. The caller holds volume_change_.
+  asio::awaitable<Status> add_volume(const VolumeConfig& vc, bool runtime) {
     auto rt = co_await open_volume(ctx_, vc);
-    if (!rt) co_return failed(rt.error().message());
-    rt->runtime = true;
+    if (!rt) co_return rt.error();
+    rt->runtime = runtime;
     Status st = export_volume(*rt);
-    if (st) st = persist_runtime_volumes();
+    if (st && runtime) {
+      runtime_cfgs_.push_back(vc);
+      st = persist_runtime_volumes();
+      if (!st) runtime_cfgs_.pop_back();
+    }
     if (!st) {
       if (rt->nbd) co_await rt->nbd->stop();
       (void)co_await rt->volume->close();
@@ -433,17 +489,67 @@ class Daemon {
       if (made_data) fs::remove(vc.path, ec);
       if (made_meta) fs::remove(vc.meta_path, ec);
       if (!vc.nbd_socket.empty()) fs::remove(vc.nbd_socket, ec);
-      co_return failed(st.error().message());
+      co_return st;
     }
     volumes_.push_back(std::move(rt).value());
-    spdlog::info("volume {}: created at run time: {} ({}){}", vc.id, vc.path,
-                 format_bytes(volumes_.back().volume->size_bytes()),
+    spdlog::info("volume {}: {} ({}){}, exported", vc.id, vc.path, format_bytes(volumes_.back().volume->size_bytes()),
                  volumes_.back().volume->data_created() ? ", new file" : "");
-    co_return *view_of(vc.id);
+    co_return Status{};
+  }
+
+  // Why a volume cannot be withdrawn now (a session or an NBD client uses it), or empty.
+  std::string in_use(const VolumeRuntime& v) const {
+    for (const auto& sc : cfg_.sessions) {
+      if (std::find(sc.volumes.begin(), sc.volumes.end(), v.cfg->id) != sc.volumes.end()) {
+        return "replication session " + sc.id + " uses it";
+      }
+    }
+    if (v.nbd && v.nbd->counters().connections_open > 0) {
+      return std::to_string(v.nbd->counters().connections_open) + " NBD client(s) are connected; disconnect them first";
+    }
+    return {};
+  }
+
+  // Withdraws the export and closes the volume; its data and metadata stay. A run-time volume
+  // leaves the list on disk. The caller holds volume_change_ and checked in_use().
+  asio::awaitable<Status> withdraw_volume(std::vector<VolumeRuntime>::iterator it) {
+    VolumeRuntime v = std::move(*it);
+    volumes_.erase(it);
+    if (v.nbd) co_await v.nbd->stop();
+    Status closed = co_await v.volume->close();
+    v.nbd.reset();
+    v.volume.reset();
+    v.env->stop();
+    std::error_code ec;
+    if (!v.cfg->nbd_socket.empty()) fs::remove(v.cfg->nbd_socket, ec);
+    const std::string& id = v.cfg->id;
+    if (!closed) spdlog::error("volume {}: close: {}", id, closed.error().message());
+    if (v.runtime) {
+      runtime_cfgs_.remove_if([&id](const VolumeConfig& c) { return c.id == id; });
+      if (Status st = persist_runtime_volumes(); !st) {
+        co_return Error(st.error().code, "the list of run-time volumes could not be written (" + st.error().message() +
+                                             "); it comes back at the next start");
+      }
+    }
+    spdlog::info("volume {}: withdrawn (its data stays in {})", id, v.cfg->path);
+    co_return Status{};
+  }
+
+  // POST /api/rest/volume.
+  asio::awaitable<std::variant<api::VolumeView, api::HttpResponse>> create_volume(std::string body) {
+    auto held = co_await volume_change_.scoped();
+    if (shutting_down_) co_return api::error_response(api::ErrorKind::not_allowed, "tandemd is shutting down.");
+    auto parsed = parse_volume_request(body, cfg_, all_volume_configs());
+    if (!parsed) co_return api::error_response(api::ErrorKind::bad_request, parsed.error().message() + ".");
+    if (Status st = co_await add_volume(*parsed, true); !st) {
+      spdlog::error("volume {}: not created: {}", parsed->id, st.error().message());
+      co_return api::error_response(api::ErrorKind::failed, "Volume not created: " + st.error().message() + ".");
+    }
+    co_return *view_of(parsed->id);
   }
 
   // DELETE /api/rest/volume/{id}: only a volume created at run time, and only while nothing
-  // uses it. Its data and metadata stay where they are.
+  // uses it.
   asio::awaitable<std::optional<api::HttpResponse>> delete_volume(std::string id) {
     auto held = co_await volume_change_.scoped();
     auto it = std::find_if(volumes_.begin(), volumes_.end(), [&id](const VolumeRuntime& v) { return v.cfg->id == id; });
@@ -456,57 +562,61 @@ class Daemon {
     };
     if (shutting_down_) co_return refuse("tandemd is shutting down");
     if (!it->runtime) {
-      co_return refuse("it is defined in the configuration file " + config_path_ +
-                       "; remove it there and restart tandemd");
+      co_return refuse("it is defined in the configuration file " + config_path_ + "; remove it there and reload");
     }
-    for (const auto& sc : cfg_.sessions) {
-      if (std::find(sc.volumes.begin(), sc.volumes.end(), id) != sc.volumes.end()) {
-        co_return refuse("replication session " + sc.id + " uses it");
-      }
+    if (std::string why = in_use(*it); !why.empty()) co_return refuse(why);
+    if (Status st = co_await withdraw_volume(it); !st) {
+      co_return api::error_response(api::ErrorKind::failed,
+                                    "Volume " + id + " was removed but " + st.error().message() + ".", {id});
     }
-    if (it->nbd && it->nbd->counters().connections_open > 0) {
-      co_return refuse(std::to_string(it->nbd->counters().connections_open) +
-                       " NBD client(s) are connected; disconnect them first");
-    }
-    VolumeRuntime v = std::move(*it);
-    volumes_.erase(it);
-    if (v.nbd) co_await v.nbd->stop();
-    Status closed = co_await v.volume->close();
-    v.nbd.reset();
-    v.volume.reset();
-    v.env->stop();
-    if (!v.cfg->nbd_socket.empty()) {
-      std::error_code ec;
-      fs::remove(v.cfg->nbd_socket, ec);
-    }
-    const auto gone =
-        std::find_if(runtime_cfgs_.begin(), runtime_cfgs_.end(), [&id](const VolumeConfig& c) { return c.id == id; });
-    const std::string path = gone->path;
-    runtime_cfgs_.erase(gone);
-    Status st = persist_runtime_volumes();
-    if (!closed) spdlog::error("volume {}: close: {}", id, closed.error().message());
-    if (!st) {
-      spdlog::error("volume {}: removed, but the list of run-time volumes could not be written: {}", id,
-                    st.error().message());
-      co_return api::error_response(
-          api::ErrorKind::failed,
-          "Volume " + id + " was removed but " + st.error().message() + "; it comes back at the next start.", {id});
-    }
-    spdlog::info("volume {}: removed (its data stays in {})", id, path);
     co_return std::nullopt;
   }
 
+  // SIGHUP's volumes: those removed from the file are withdrawn (unless in use: named and
+  // kept), those added are opened and exported.
+  asio::awaitable<void> reload_volumes(const Config& next, const ReloadPlan& plan) {
+    auto held = co_await volume_change_.scoped();
+    if (shutting_down_) co_return;
+    for (const auto& id : plan.volumes_removed) {
+      auto it = std::find_if(volumes_.begin(), volumes_.end(),
+                             [&id](const VolumeRuntime& v) { return !v.runtime && v.cfg->id == id; });
+      if (it == volumes_.end()) continue;
+      if (std::string why = in_use(*it); !why.empty()) {
+        spdlog::warn("SIGHUP: volume {} was removed from the file but {}; still running", id, why);
+        continue;
+      }
+      if (Status st = co_await withdraw_volume(it); !st)
+        spdlog::error("SIGHUP: volume {}: {}", id, st.error().message());
+      std::erase_if(cfg_.volumes, [&id](const VolumeConfig& c) { return c.id == id; });
+      spdlog::info("SIGHUP: applied volume {} (removed): its export is withdrawn", id);
+    }
+    for (const auto& id : plan.volumes_added) {
+      const auto nv =
+          std::find_if(next.volumes.begin(), next.volumes.end(), [&id](const VolumeConfig& c) { return c.id == id; });
+      Status st = check_volume_unique(*nv, all_volume_configs());
+      if (st) st = co_await add_volume(*nv, false);
+      if (!st) {
+        spdlog::error("SIGHUP: volume {} (added) not opened: {}; fix the file and reload again", id,
+                      st.error().message());
+        continue;
+      }
+      cfg_.volumes.push_back(*nv);
+      spdlog::info("SIGHUP: applied volume {} (added)", id);
+    }
+  }
+
   // SIGHUP: re-read the configuration file and apply what can change at run time.
-  void reload() {
+  asio::awaitable<void> reload() {
     notify("RELOADING=1");
     auto next = load_config(config_path_);
     if (!next) {
       spdlog::error("SIGHUP: {}; keeping the running configuration", next.error().message());
       notify("READY=1");
-      return;
+      co_return;
     }
     const ReloadPlan plan = plan_reload(cfg_, *next);
-    if (plan.applied.empty() && plan.needs_restart.empty()) {
+    if (plan.applied.empty() && plan.needs_restart.empty() && plan.volumes_added.empty() &&
+        plan.volumes_removed.empty() && plan.sessions_added.empty() && plan.sessions_removed.empty()) {
       spdlog::info("SIGHUP: {} unchanged", config_path_);
     }
     if (cfg_.node.log_level != next->node.log_level) {
@@ -533,6 +643,9 @@ class Daemon {
     for (const auto& r : plan.needs_restart) {
       spdlog::warn("SIGHUP: {} changed: this needs a restart; still running with the old value", r);
     }
+    co_await reload_sessions_removed(plan);
+    co_await reload_volumes(*next, plan);
+    co_await reload_sessions_added(*next, plan);
     notify("READY=1");
   }
 
@@ -541,7 +654,7 @@ class Daemon {
       auto [ec, sig] = co_await signals_.async_wait(asio::as_tuple(asio::use_awaitable));
       if (ec) co_return;
       if (sig == SIGHUP) {
-        if (!shutting_down_) reload();
+        if (!shutting_down_) co_await reload();
         continue;
       }
       spdlog::info("signal {}: shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -559,6 +672,8 @@ class Daemon {
     shutting_down_ = true;
     notify("STOPPING=1\nSTATUS=" + cfg_.node.name + ": shutting down");
     if (api_) co_await api_->stop();
+    // A volume being created, removed or reloaded finishes first (later ones see shutting_down_).
+    auto held = co_await volume_change_.scoped();
     for (auto& v : volumes_) {
       if (v.nbd) co_await v.nbd->stop();
     }

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <array>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -54,6 +55,33 @@ Status Replicator::start() {
   return link_->start();
 }
 
+void Replicator::add_session(Session* s) {
+  sessions_.push_back(s);
+  if (!conn_ || !conn_->is_open() || !channel_) return;
+  s->attach(channel_);
+  auto it = unclaimed_hellos_.find(s->id());
+  if (it == unclaimed_hellos_.end()) return;
+  std::vector<std::byte> hello = std::move(it->second);
+  unclaimed_hellos_.erase(it);
+  ++loops_;  // stop() waits for it as for a receive loop
+  asio::co_spawn(ex_, replay_hello(s, std::move(hello)), abort_on_exception);
+}
+
+asio::awaitable<void> Replicator::replay_hello(Session* s, std::vector<std::byte> hello) {
+  in_handle_.push_back(s);
+  Status st = co_await s->handle(MsgType::session_hello, hello);
+  in_handle_.erase(std::find(in_handle_.begin(), in_handle_.end(), s));
+  handled_.notify_all();
+  if (!st && conn_) conn_->close("session " + s->id() + ": " + st.error().message());
+  --loops_;
+  loops_done_.notify_all();
+}
+
+asio::awaitable<void> Replicator::remove_session(Session* s) {
+  std::erase(sessions_, s);
+  while (std::find(in_handle_.begin(), in_handle_.end(), s) != in_handle_.end()) co_await handled_.wait();
+}
+
 std::uint16_t Replicator::listen_port() const { return link_ ? link_->listen_port() : 0; }
 
 void Replicator::set_rate_limit(std::uint64_t bytes_per_s) {
@@ -70,18 +98,25 @@ void Replicator::on_connected(std::shared_ptr<transport::Connection> c) {
   conn_ = c;
   const std::uint64_t gen = ++gen_;
   spdlog::info("replication link to {} up ({})", opts_.peer_name, c->peer_address());
-  const auto channel = std::make_shared<ConnectionChannel>(c);
-  for (auto* s : sessions_) s->attach(channel);
+  channel_ = std::make_shared<ConnectionChannel>(c);
+  unclaimed_hellos_.clear();  // the peer says hello again on this link
+  unknown_warned_.clear();
+  for (auto* s : sessions_) s->attach(channel_);
   ++loops_;
   asio::co_spawn(ex_, receive_loop(std::move(c), gen), abort_on_exception);
 }
 
-Session* Replicator::find(std::span<const std::byte> payload) const {
+std::string Replicator::session_id_of(std::span<const std::byte> payload) {
   // Every replication message starts with the session id (u16 length, bytes).
-  if (payload.size() < 2) return nullptr;
+  if (payload.size() < 2) return {};
   const std::size_t n = std::to_integer<std::size_t>(payload[0]) | (std::to_integer<std::size_t>(payload[1]) << 8);
-  if (n == 0 || n > kIdBytesMax || payload.size() < 2 + n) return nullptr;
-  const std::string id(reinterpret_cast<const char*>(payload.data() + 2), n);
+  if (n == 0 || n > kIdBytesMax || payload.size() < 2 + n) return {};
+  return std::string(reinterpret_cast<const char*>(payload.data() + 2), n);
+}
+
+Session* Replicator::find(std::span<const std::byte> payload) const {
+  const std::string id = session_id_of(payload);
+  if (id.empty()) return nullptr;
   for (auto* s : sessions_) {
     if (s->id() == id) return s;
   }
@@ -104,11 +139,26 @@ asio::awaitable<void> Replicator::receive_loop(std::shared_ptr<transport::Connec
     }
     Session* s = find(f->payload);
     if (s == nullptr) {
-      // A session the peer has and we do not: say so once per frame type, keep the link for others.
-      spdlog::warn("replication: {} sent a frame for a session this node does not have", opts_.peer_name);
+      // A session the peer has and we do not: said once per session and link; the link stays
+      // for the others. Its hello is kept for a session of that id added here later (at most a
+      // few dozen are kept).
+      const std::string id = session_id_of(f->payload);
+      if (unknown_warned_.size() < 64 && unknown_warned_.insert(id).second) {
+        spdlog::warn("replication: {} sent frames for session '{}', which this node does not have", opts_.peer_name,
+                     id);
+      }
+      if (f->type == static_cast<std::uint16_t>(MsgType::session_hello)) {
+        auto h = decode_session_hello(f->payload);
+        if (h && (unclaimed_hellos_.size() < 64 || unclaimed_hellos_.contains(h->session_id))) {
+          unclaimed_hellos_[h->session_id].assign(f->payload.begin(), f->payload.end());
+        }
+      }
       continue;
     }
+    in_handle_.push_back(s);
     Status st = co_await s->handle(static_cast<MsgType>(f->type), f->payload);
+    in_handle_.erase(std::find(in_handle_.begin(), in_handle_.end(), s));
+    handled_.notify_all();
     if (!st) {
       reason = "session " + s->id() + ": " + st.error().message();
       spdlog::warn("replication link to {}: closing: {}", opts_.peer_name, reason);
@@ -119,6 +169,7 @@ asio::awaitable<void> Replicator::receive_loop(std::shared_ptr<transport::Connec
   if (gen == gen_) {
     for (auto* s : sessions_) s->detach(reason);
     conn_.reset();
+    channel_.reset();
   }
   --loops_;
   loops_done_.notify_all();

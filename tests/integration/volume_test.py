@@ -7,6 +7,9 @@
   before the answer), with its data; DELETE then removes the export and keeps the data, and the
   volume is not back after a restart; created again over the same file without a size, it opens
   the file as it is.
+- SIGHUP: a [[volume]] added to the file is opened and exported, one removed is withdrawn, but
+  not while an NBD client uses it (named, kept); one that collides with a run-time volume is
+  refused by name; added back, it has its data.
 - Refusals, each a clear error_response, nothing created or changed, the daemon up: a body that
   is not JSON, not an object, with an unknown key, a relative path, an id or path or socket of
   another volume, no size for a file that does not exist (no metadata left behind), deleting a
@@ -171,6 +174,105 @@ class RuntimeVolumes(unittest.TestCase):
         p = run("volume", "delete", "db2")
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(self.ids(), ["vol0"])
+
+    def test_sighup_adds_and_removes_configured_volumes(self):
+        import signal
+        base = self.d.base_config
+
+        def reload(extra, expect):
+            n = self.d.log().count(expect)
+            with open(self.d.config, "w") as f:
+                f.write(base + "\n" + extra + "\n")
+            self.d.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: self.d.log().count(expect) > n, "SIGHUP: " + expect)
+
+        vol1 = ('[[volume]]\nid = "vol1"\npath = "%s"\nsize = 2097152\nnbd_socket = "%s"\n'
+                % (self.d.image("vol1"), self.d.socket("vol1")))
+        reload(vol1, "applied volume vol1 (added)")
+        self.assertEqual(self.ids(), ["vol0", "vol1"])
+        h = nbd.NBD()
+        h.connect_uri(self.d.uri("vol1"))
+        h.pwrite(b"\x5a" * 4096, 8192)
+        h.flush()
+        # Taken out of the file while a client uses it: named and kept.
+        reload("", "volume vol1 was removed from the file but 1 NBD client(s) are connected")
+        self.assertEqual(self.ids(), ["vol0", "vol1"])
+        self.assertEqual(h.pread(4096, 8192), b"\x5a" * 4096)
+        h.shutdown()
+        reload("", "applied volume vol1 (removed)")
+        self.assertEqual(self.ids(), ["vol0"])
+        self.assertFalse(os.path.exists(self.d.socket("vol1")))
+        # A volume of the file that collides with one created at run time is refused, by name.
+        self.create(self.body("db0", "1MiB"))
+        clash = ('[[volume]]\nid = "vol2"\npath = "%s"\nsize = 1048576\nnbd_socket = "%s"\n'
+                 % (os.path.join(self.wd.path, "db0.img"), self.d.socket("vol2")))
+        reload(clash, "volume vol2 (added) not opened")
+        self.assertIn("is used by volume db0", self.d.log())
+        self.assertEqual(self.ids(), ["db0", "vol0"])
+        # Back in the file as it was: the same data.
+        reload(vol1, "applied volume vol1 (added)")
+        h = nbd.NBD()
+        h.connect_uri(self.d.uri("vol1"))
+        self.assertEqual(h.pread(4096, 8192), b"\x5a" * 4096)
+        h.shutdown()
+
+
+class ReloadSessions(unittest.TestCase):
+    """SIGHUP on a replicating pair: a session (and its volume) added to both files starts and
+    replicates over the running link, beside the one already there; removed again, it stops on
+    both sites, its volume stays exported (writable on the old destination), and the first
+    session goes on."""
+
+    def test_a_session_added_and_removed_by_sighup(self):
+        import signal
+        from harness import Pair, wait_identical, write_random
+        with Workdir() as wd:
+            p = Pair(wd.path, 8 * MiB).start()
+            try:
+                wait_until(lambda: p.b.session()["state"] == "OK", "s-vol0 OK")
+                added = {}
+                for d, role in ((p.a, "source"), (p.b, "destination")):
+                    added[d] = ('[[volume]]\nid = "vol1"\npath = "%s"\nsize = 4194304\nnbd_socket = "%s"\n'
+                                '[[session]]\nid = "s-vol1"\nvolumes = ["vol1"]\nremote_volumes = ["vol1"]\n'
+                                'role = "%s"\nrpo_seconds = 2\n' % (d.image("vol1"), d.socket("vol1"), role))
+                base = {d: d.base_config + "\n" + d.extra_config for d in (p.a, p.b)}
+
+                def reload(d, extra, expect):
+                    n = d.log().count(expect)
+                    with open(d.config, "w") as f:
+                        f.write(base[d] + "\n" + extra + "\n")
+                    d.proc.send_signal(signal.SIGHUP)
+                    wait_until(lambda: d.log().count(expect) > n, "SIGHUP on %s: %s" % (d.name, expect))
+
+                for d in (p.b, p.a):
+                    reload(d, added[d], "applied session s-vol1 (added)")
+                wait_until(lambda: p.b.session("s-vol1")["state"] == "OK", "s-vol1 OK", timeout_s=120)
+                write_random(p.a.uri("vol1"), 7, 4 * MiB, count=16)
+                code, _ = p.a.api("POST", "/api/rest/replication_session/s-vol1/sync")
+                self.assertEqual(code, 204)
+                wait_identical(p, volumes=("vol0", "vol1"))
+                self.assertEqual(p.a.session("s-vol0")["state"], "OK")
+
+                for d in (p.a, p.b):
+                    reload(d, added[d].split("[[session]]")[0], "applied session s-vol1 (removed)")
+                for d in (p.a, p.b):
+                    code, _ = d.api("GET", "/api/rest/replication_session/s-vol1")
+                    self.assertEqual(code, 404)
+                    code, v = d.api("GET", "/api/rest/volume/vol1")
+                    self.assertEqual((code, v["access"]), (200, "read-write"))
+                h = nbd.NBD()
+                h.connect_uri(p.b.uri("vol1"))
+                h.pwrite(b"\x11" * 4096, 0)
+                h.shutdown()
+                wait_until(lambda: p.b.session("s-vol0")["state"] == "OK", "s-vol0 still OK")
+            except BaseException:
+                for d in (p.a, p.b):
+                    lines = [x for x in d.log().splitlines() if "s-vol1" in x or "SIGHUP" in x or "vol1" in x]
+                    print("--- %s:\n%s" % (d.name, "\n".join(lines[-40:])), file=sys.stderr)
+                raise
+            finally:
+                rcs = p.stop()
+            self.assertEqual(rcs, [0, 0])
 
 
 if __name__ == "__main__":

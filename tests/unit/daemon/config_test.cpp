@@ -228,9 +228,14 @@ TEST(Config, ReloadAppliesRuntimeKeysAndNamesTheRest) {
   EXPECT_TRUE(has(m.needs_restart, "[peer] address"));
   EXPECT_TRUE(has(m.needs_restart, "[tls] key"));
   EXPECT_TRUE(has(m.needs_restart, "session s0 window"));
-  EXPECT_TRUE(has(m.needs_restart, "session s1 (added)"));
-  EXPECT_TRUE(has(m.needs_restart, "volume vol1 (added)"));
-  EXPECT_EQ(m.needs_restart.size(), 6u);
+  EXPECT_EQ(m.needs_restart.size(), 4u);
+  EXPECT_EQ(m.sessions_added, std::vector<std::string>{"s1"});
+  // A volume added is applied at run time, not a restart.
+  EXPECT_EQ(m.volumes_added, std::vector<std::string>{"vol1"});
+  EXPECT_TRUE(m.volumes_removed.empty());
+  const ReloadPlan back = plan_reload(parsed(moved), running);
+  EXPECT_EQ(back.volumes_removed, std::vector<std::string>{"vol1"});
+  EXPECT_EQ(back.sessions_removed, std::vector<std::string>{"s1"});
 }
 
 TEST(Config, SystemdDropinOpensWhatTheConfigUses) {

@@ -83,12 +83,19 @@ struct Config {
 
 // What a reload (SIGHUP) may change at run time, and what it may not.
 //
-// Reloadable: node.log_level, peer.rate_limit, and each session's rpo_seconds and rate_limit.
-// Everything else (volumes, sockets, certificates, the peer's address, session membership...)
-// takes a restart: a reload keeps the running value and names the key.
+// Reloadable: node.log_level, peer.rate_limit, each session's rpo_seconds and rate_limit,
+// volumes added or removed (the daemon opens and exports, or withdraws and closes, them; it
+// refuses to remove one a session or an NBD client uses), and sessions added or removed (an
+// added one joins the running link to the peer). Everything else (a volume's keys, sockets,
+// certificates, the peer's address, a session's volumes or role...) takes a restart: a reload
+// keeps the running value and names the key.
 struct ReloadPlan {
-  std::vector<std::string> applied;        // "session s-vol0 rpo_seconds: 10 -> 4"
-  std::vector<std::string> needs_restart;  // "volume vol0 path", "[tls] cert", "session s-x (added)"
+  std::vector<std::string> applied;           // "session s-vol0 rpo_seconds: 10 -> 4"
+  std::vector<std::string> needs_restart;     // "volume vol0 path", "[tls] cert", "session s-x (added)"
+  std::vector<std::string> volumes_added;     // ids, in the next configuration's order
+  std::vector<std::string> volumes_removed;   // ids
+  std::vector<std::string> sessions_added;    // ids
+  std::vector<std::string> sessions_removed;  // ids
 };
 ReloadPlan plan_reload(const Config& running, const Config& next);
 
@@ -118,6 +125,9 @@ std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes);
 // by the same rules and against the volumes that exist (`existing`).
 Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Config& cfg,
                                           const std::vector<VolumeConfig>& existing);
+
+// Whether `v` uses an id, path, metadata file, socket or (non-zero) port of one of `others`.
+Status check_volume_unique(const VolumeConfig& v, const std::vector<VolumeConfig>& others);
 
 // Parses and validates configuration text. `source` names it in error messages.
 Result<Config> parse_config(std::string_view text, std::string_view source);

@@ -14,7 +14,9 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -42,7 +44,12 @@ class Replicator {
  public:
   Replicator(asio::any_io_executor ex, ReplicatorOptions opts);
   ~Replicator();
-  void add_session(Session* s) { sessions_.push_back(s); }
+  // A session joins the link (at start, or added at run time: it says hello at once if the
+  // link is up).
+  void add_session(Session* s);
+  // A session leaves the link: frames for it are no longer handed to it, and this returns once
+  // none is being handled any more, so the caller may stop and destroy it.
+  asio::awaitable<void> remove_session(Session* s);
   Status start();
   asio::awaitable<void> stop();
   [[nodiscard]] std::uint16_t listen_port() const;
@@ -53,12 +60,21 @@ class Replicator {
   void on_connected(std::shared_ptr<transport::Connection> c);
   asio::awaitable<void> receive_loop(std::shared_ptr<transport::Connection> c, std::uint64_t gen);
   Session* find(std::span<const std::byte> payload) const;
+  static std::string session_id_of(std::span<const std::byte> payload);  // empty: none
+  asio::awaitable<void> replay_hello(Session* s, std::vector<std::byte> hello);
 
   asio::any_io_executor ex_;
   ReplicatorOptions opts_;
   std::vector<Session*> sessions_;
   std::unique_ptr<transport::Link> link_;
   std::shared_ptr<transport::Connection> conn_;
+  std::shared_ptr<PeerChannel> channel_;  // conn_ as the sessions see it
+  std::vector<Session*> in_handle_;       // the sessions receive loops are handing a frame to
+  // The peer's hellos on this link for sessions this node does not have (yet): one added at run
+  // time gets its peer's hello from here, as the peer sent it only once.
+  std::map<std::string, std::vector<std::byte>> unclaimed_hellos_;
+  std::set<std::string> unknown_warned_;  // sessions this link's frames named that we lack, said once
+  WaitQueue handled_;
   std::uint64_t gen_ = 0;
   bool stopping_ = false;
   // Receive loops still running (a closed connection's loop may be inside a session's handle(),
