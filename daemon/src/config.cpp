@@ -156,6 +156,8 @@ Result<VolumeConfig> parse_volume(const toml::table& t, std::string where, const
   if (sock) {
     if (sock->empty() || sock->front() != '/') return config_error(where + ".nbd_socket: must be an absolute path");
     if (sock->size() >= 108) return config_error(where + ".nbd_socket: longer than a Unix socket path may be (107)");
+    if (*sock == v.path || *sock == v.meta_path)
+      return config_error(where + ".nbd_socket: must differ from path and meta_path");
     if (used([](const VolumeConfig& o) { return o.nbd_socket; }, *sock))
       return config_error(where + ".nbd_socket: used by another volume");
     v.nbd_socket = *sock;
@@ -491,7 +493,8 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
 Status check_volume_unique(const VolumeConfig& v, const std::vector<VolumeConfig>& others) {
   for (const auto& o : others) {
     if (o.id == v.id) return config_error("volume " + v.id + ": its id is used by another volume");
-    if (o.path == v.path) return config_error("volume " + v.id + ": path " + v.path + " is used by volume " + o.id);
+    if (o.path == v.path || o.meta_path == v.path || o.nbd_socket == v.path)
+      return config_error("volume " + v.id + ": path " + v.path + " is used by volume " + o.id);
     if (o.meta_path == v.meta_path)
       return config_error("volume " + v.id + ": meta_path " + v.meta_path + " is used by volume " + o.id);
     if (!v.nbd_socket.empty() && o.nbd_socket == v.nbd_socket)
@@ -587,7 +590,7 @@ namespace tandem::daemon {
 std::string runtime_volumes_path(const Config& cfg) { return cfg.node.state_dir + "/volumes.toml"; }
 
 Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, std::string_view source,
-                                                        const Config& cfg) {
+                                                        const Config& cfg, std::vector<std::string>* skipped) {
   const std::string src(source);
   toml::table root;
   try {
@@ -602,18 +605,23 @@ Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, s
   const toml::node* vols = root.get("volume");
   if (vols == nullptr) return out;
   if (!vols->is_array_of_tables()) return config_error(src + ": 'volume' must be written as [[volume]] tables");
-  std::vector<VolumeConfig> known = cfg.volumes;
   std::size_t index = 0;
   for (const auto& el : *vols->as_array()) {
-    auto v = parse_volume(*el.as_table(), src + ": volume[" + std::to_string(index++) + "]", cfg.node.state_dir, known);
+    const std::string where = src + ": volume[" + std::to_string(index++) + "]";
+    auto v = parse_volume(*el.as_table(), where, cfg.node.state_dir, out);
     if (!v) return v.error();
-    known.push_back(*v);
+    if (Status clash = check_volume_unique(*v, cfg.volumes); !clash) {
+      // The configuration file took the id (or the path, a socket...) since: the file wins.
+      if (skipped == nullptr) return config_error(where + ": " + clash.error().message());
+      skipped->push_back(clash.error().message());
+      continue;
+    }
     out.push_back(std::move(v).value());
   }
   return out;
 }
 
-Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg) {
+Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg, std::vector<std::string>* skipped) {
   const std::string path = runtime_volumes_path(cfg);
   std::ifstream in(path);
   if (!in) {
@@ -622,7 +630,7 @@ Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg) {
   }
   std::stringstream ss;
   ss << in.rdbuf();
-  return parse_runtime_volumes(ss.str(), path, cfg);
+  return parse_runtime_volumes(ss.str(), path, cfg, skipped);
 }
 
 Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Config& cfg,

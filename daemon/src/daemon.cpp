@@ -143,7 +143,12 @@ class Daemon {
                    v.volume->dirty().dirty_blocks());
     }
     // Volumes created at run time (POST /api/rest/volume) by an earlier run.
-    auto made = load_runtime_volumes(cfg_);
+    std::vector<std::string> skipped;
+    auto made = load_runtime_volumes(cfg_, &skipped);
+    for (const auto& why : skipped) {
+      spdlog::error("{}: a volume created at run time is not opened: {} (the configuration file defines it now)",
+                    runtime_volumes_path(cfg_), why);
+    }
     if (!made) {
       spdlog::error("{}", made.error().message());
       exit_code_ = 1;
@@ -343,9 +348,16 @@ class Daemon {
       std::unique_ptr<replication::Session> s = std::move(*it);
       sessions_.erase(it);
       if (replicator_) co_await replicator_->remove_session(s.get());
+      // Host writes inside the session's copy-on-write hook finish first, and new ones wait,
+      // until the session is stopped and gone (its hook with it).
+      const auto members = s->options().members;
+      for (const auto& m : members) co_await m.volume->hold_writes();
       co_await s->stop();
-      for (const auto& m : s->options().members) m.volume->set_access(engine::Access::read_write);
       s.reset();
+      for (const auto& m : members) {
+        m.volume->set_access(engine::Access::read_write);
+        m.volume->release_writes();
+      }
       std::erase_if(cfg_.sessions, [&id](const SessionConfig& c) { return c.id == id; });
       spdlog::info("SIGHUP: applied session {} (removed): it no longer replicates; its volumes stay exported", id);
     }
@@ -367,7 +379,11 @@ class Daemon {
         if (!why.empty()) break;
         const auto v =
             std::find_if(volumes_.begin(), volumes_.end(), [&vid](const VolumeRuntime& x) { return x.cfg->id == vid; });
-        if (v == volumes_.end()) why = "its volume " + vid + " is not open";
+        if (v == volumes_.end()) {
+          why = "its volume " + vid + " is not open";
+        } else if (v->nbd && v->nbd->counters().connections_open > 0) {
+          why = "its volume " + vid + " has NBD clients connected; add the session before hosts use the volume";
+        }
         for (const auto& other : cfg_.sessions) {
           if (why.empty() && std::find(other.volumes.begin(), other.volumes.end(), vid) != other.volumes.end())
             why = "its volume " + vid + " is in session " + other.id;
@@ -442,7 +458,11 @@ class Daemon {
       return errno_error(e, "cannot sync " + tmp);
     }
     ::close(fd);
-    if (::rename(tmp.c_str(), path.c_str()) != 0) return errno_error(errno, "cannot rename " + tmp + " to " + path);
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      const int e = errno;
+      ::unlink(tmp.c_str());
+      return errno_error(e, "cannot rename " + tmp + " to " + path);
+    }
     const int dfd = ::open(cfg_.node.state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd >= 0) {
       (void)::fsync(dfd);
@@ -468,8 +488,20 @@ class Daemon {
   // is written before this returns. Nothing is left behind when it fails: a file or metadata
   // this call created is removed again. The caller holds volume_change_.
   asio::awaitable<Status> add_volume(const VolumeConfig& vc, bool runtime) {
+    // What is there before: only what this call creates is removed when it fails.
+    std::error_code ec;
+    const bool had_data = fs::exists(vc.path, ec);
+    const bool had_meta = fs::exists(vc.meta_path, ec);
+    auto remove_made = [&] {
+      std::error_code rec;
+      if (!had_data && fs::is_regular_file(vc.path, rec)) fs::remove(vc.path, rec);
+      if (!had_meta && fs::is_regular_file(vc.meta_path, rec)) fs::remove(vc.meta_path, rec);
+    };
     auto rt = co_await open_volume(ctx_, vc);
-    if (!rt) co_return rt.error();
+    if (!rt) {
+      remove_made();
+      co_return rt.error();
+    }
     rt->runtime = runtime;
     Status st = export_volume(*rt);
     if (st && runtime) {
@@ -478,17 +510,12 @@ class Daemon {
       if (!st) runtime_cfgs_.pop_back();
     }
     if (!st) {
-      if (rt->nbd) co_await rt->nbd->stop();
+      if (rt->nbd) co_await rt->nbd->stop();  // removes the sockets it made, and only those
       (void)co_await rt->volume->close();
-      const bool made_data = rt->volume->data_created();
-      const bool made_meta = rt->volume->created();
       rt->nbd.reset();
       rt->volume.reset();
       rt->env->stop();
-      std::error_code ec;
-      if (made_data) fs::remove(vc.path, ec);
-      if (made_meta) fs::remove(vc.meta_path, ec);
-      if (!vc.nbd_socket.empty()) fs::remove(vc.nbd_socket, ec);
+      remove_made();
       co_return st;
     }
     volumes_.push_back(std::move(rt).value());
@@ -520,8 +547,6 @@ class Daemon {
     v.nbd.reset();
     v.volume.reset();
     v.env->stop();
-    std::error_code ec;
-    if (!v.cfg->nbd_socket.empty()) fs::remove(v.cfg->nbd_socket, ec);
     const std::string& id = v.cfg->id;
     if (!closed) spdlog::error("volume {}: close: {}", id, closed.error().message());
     if (v.runtime) {

@@ -60,7 +60,13 @@ void Replicator::add_session(Session* s) {
   if (!conn_ || !conn_->is_open() || !channel_) return;
   s->attach(channel_);
   auto it = unclaimed_hellos_.find(s->id());
-  if (it == unclaimed_hellos_.end()) return;
+  if (it == unclaimed_hellos_.end()) {
+    // The peer's hello for it went by before it existed here, or never came (the peer's side
+    // was running all along: re-added here). Both sides say hello again on a new link; the
+    // other sessions resume from their restart addresses.
+    conn_->close("session " + s->id() + " added here; saying hello again");
+    return;
+  }
   std::vector<std::byte> hello = std::move(it->second);
   unclaimed_hellos_.erase(it);
   ++loops_;  // stop() waits for it as for a receive loop
@@ -80,6 +86,9 @@ asio::awaitable<void> Replicator::replay_hello(Session* s, std::vector<std::byte
 asio::awaitable<void> Replicator::remove_session(Session* s) {
   std::erase(sessions_, s);
   while (std::find(in_handle_.begin(), in_handle_.end(), s) != in_handle_.end()) co_await handled_.wait();
+  // The peer's side of it hears of the removal as a lost link (it shows System_Paused rather
+  // than waiting on a transfer nobody answers); the other sessions resume on the next link.
+  if (conn_ && conn_->is_open()) conn_->close("session " + s->id() + " removed here");
 }
 
 std::uint16_t Replicator::listen_port() const { return link_ ? link_->listen_port() : 0; }

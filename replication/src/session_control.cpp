@@ -75,6 +75,11 @@ asio::awaitable<Status> Session::pause_here(bool resume_to_sync) {
 
 asio::awaitable<Status> Session::on_control(const Control& c) {
   if (c.op == ControlOp::resume) {
+    if (pausing_) {
+      // This site's pause crossed the peer's resume: the pause wins on both sites. Found by the
+      // simulation (seed 1517, the mirror case).
+      co_return co_await reply_control(c, false, 0, "a pause asked on " + opts_.peer_name + " is under way");
+    }
     if (!state_.paused) {
       // Already running here: a resume whose answer was lost with the link (this side resumed,
       // the asker did not hear it) is asked again, and must not leave the asker paused for good.
@@ -103,6 +108,7 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
     std::string why = "this side is " + std::string(state_name(state())) + ": no pause during a failover";
     co_return co_await reply_control(c, false, 0, std::move(why));
   }
+  ++peer_pauses_;
   if (state_.role == Role::destination) {
     // From the source, which has stopped shipping: make what arrived durable and say where
     // the transfer goes on.
@@ -130,6 +136,13 @@ asio::awaitable<Status> Session::on_control(const Control& c) {
 }
 
 asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
+  struct Pausing {
+    bool& flag;
+    explicit Pausing(bool& f) : flag(f) { flag = true; }
+    ~Pausing() { flag = false; }
+    Pausing(const Pausing&) = delete;
+    Pausing& operator=(const Pausing&) = delete;
+  } pausing{pausing_};
   Status st = co_await pause_here(resume_to_sync);
   if (!st) co_return ActionResult{Verdict::failed, "pause failed: " + st.error().message()};
   bool both = false;
@@ -178,10 +191,19 @@ asio::awaitable<ActionResult> Session::do_pause(bool resume_to_sync) {
 }
 
 asio::awaitable<ActionResult> Session::do_resume() {
+  const std::uint64_t pauses_before = peer_pauses_;
   auto reply = co_await request(ControlOp::resume, false);
   if (!reply || !reply->ok) {
     std::string why = reply ? reply->message : "the peer " + opts_.peer_name + " did not answer";
     co_return ActionResult{Verdict::failed, "Operation resume failed: " + why + "."};
+  }
+  if (peer_pauses_ != pauses_before) {
+    // The peer resumed, then paused again before this side did (its pause was handled while
+    // the answer was on its way): the later pause holds on both sites. Found by the
+    // simulation (seed 1517: the source stayed paused, the destination resumed).
+    spdlog::info("session {}: resume overtaken by a pause from {}; paused on both sites", opts_.id, opts_.peer_name);
+    co_return ActionResult{Verdict::failed, "Operation resume was overtaken: " + opts_.peer_name +
+                                                " paused the session again meanwhile; it stays paused."};
   }
   Status st = co_await store_.change("resumed", [](SessionState& s) {
     s.paused = false;

@@ -120,7 +120,7 @@ asio::awaitable<Status> Session::become_source(std::string_view transition, Stat
     receiver_.reset();
   }
   forget_for_role_change();
-  TANDEM_CO_TRY(co_await store_.change(transition, [&also](SessionState& s) {
+  Status changed = co_await store_.change(transition, [&also](SessionState& s) {
     s.role = Role::source;
     s.transfer_cycle = 0;
     s.applying_cycle = 0;
@@ -128,7 +128,11 @@ asio::awaitable<Status> Session::become_source(std::string_view transition, Stat
     s.next_cycle = std::max(s.next_cycle, s.committed_cycle + 1);
     lift_pause(s);
     if (also) also(s);
-  }));
+  });
+  if (!changed) {
+    make_receiver();  // still a destination: one that receives (its staged cycle is gone)
+    co_return changed;
+  }
   set_source_hooks(true);
   for (auto& m : members_) m.m.volume->set_access(engine::Access::read_write);
   src_.need_new_generation = false;  // the caller started one

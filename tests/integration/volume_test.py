@@ -144,6 +144,16 @@ class RuntimeVolumes(unittest.TestCase):
         self.assertIn("db1.img", msg)
         self.assertFalse(os.path.exists(os.path.join(self.state, "db1.meta")), "metadata left behind")
         self.assertFalse(os.path.exists(os.path.join(self.wd.path, "db1.nbd")), "a socket left behind")
+        # The export cannot listen where a file is: 422, and that file, not tandem's, stays.
+        precious = os.path.join(self.wd.path, "precious.txt")
+        with open(precious, "w") as f:
+            f.write("keep me")
+        msg = self.error("POST", "/api/rest/volume", 422, json.dumps(self.body("db1", "1MiB", nbd_socket=precious)))
+        self.assertIn("precious.txt", msg)
+        with open(precious) as f:
+            self.assertEqual(f.read(), "keep me")
+        self.assertFalse(os.path.exists(os.path.join(self.wd.path, "db1.img")), "the data file it made stayed")
+        self.assertFalse(os.path.exists(os.path.join(self.state, "db1.meta")), "the metadata it made stayed")
         self.assertIn("configuration file", self.error("DELETE", "/api/rest/volume/vol0", 422))
         self.error("DELETE", "/api/rest/volume/db9", 404)
         self.assertEqual(self.ids(), before)

@@ -284,6 +284,7 @@ TEST(RuntimeVolumes, ARequestIsHeldToTheVolumeRules) {
       {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd", "size": true})", "volume.size: must be"},
       {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd", "size": 1000})", "multiple of 4096"},
       {R"({"id": "x", "path": "/srv/x.img"})", "needs nbd_socket or nbd_listen"},
+      {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/srv/x.img"})", "must differ from path and meta_path"},
       {R"({"id": "vol0", "path": "/srv/x.img", "nbd_socket": "/run/x.nbd"})", "duplicate volume id"},
       {R"({"id": "x", "path": "/srv/vol1.img", "nbd_socket": "/run/x.nbd"})", "path: used by another volume"},
       {R"({"id": "x", "path": "/srv/x.img", "nbd_socket": "/run/tandem/vol0.nbd"})", "nbd_socket: used by another"},
@@ -327,8 +328,17 @@ TEST(RuntimeVolumes, TheFileReadsBackWhatWasWrittenAndRefusesConflicts) {
   ASSERT_TRUE(grown.ok()) << grown.error().message();
   auto clash = parse_runtime_volumes(text, "volumes.toml", *grown);
   ASSERT_FALSE(clash.ok());
-  EXPECT_NE(clash.error().message().find("volumes.toml: volume[1] (db1): duplicate volume id"), std::string::npos)
+  EXPECT_NE(clash.error().message().find("volumes.toml: volume[1]: volume db1: its id is used by another volume"),
+            std::string::npos)
       << clash.error().message();
+  // At start the configuration file wins: the clashing entry is left out, by name.
+  std::vector<std::string> skipped;
+  auto kept = parse_runtime_volumes(text, "volumes.toml", *grown, &skipped);
+  ASSERT_TRUE(kept.ok()) << kept.error().message();
+  ASSERT_EQ(kept->size(), 1u);
+  EXPECT_EQ((*kept)[0].id, "db0");
+  ASSERT_EQ(skipped.size(), 1u);
+  EXPECT_NE(skipped[0].find("db1"), std::string::npos);
   auto junk = parse_runtime_volumes("[[volume]]\nid = 3\n", "volumes.toml", *c);
   EXPECT_FALSE(junk.ok());
 }

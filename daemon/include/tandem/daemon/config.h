@@ -115,11 +115,13 @@ std::string systemd_dropin(const Config& cfg);
 // file, <state_dir>/volumes.toml, as [[volume]] tables with the configuration file's keys and
 // rules; tandemd writes it and opens its volumes at start beside the configured ones. A volume
 // there may use no id, path, metadata file, socket or port that a configured one uses.
+// One that collides with a volume of the configuration file (it was copied there since) is an
+// error, or, with `skipped`, left out and described there: the configuration file wins.
 std::string runtime_volumes_path(const Config& cfg);
 Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, std::string_view source,
-                                                        const Config& cfg);
+                                                        const Config& cfg, std::vector<std::string>* skipped = nullptr);
 // The file's volumes (none when it does not exist).
-Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg);
+Result<std::vector<VolumeConfig>> load_runtime_volumes(const Config& cfg, std::vector<std::string>* skipped = nullptr);
 std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes);
 // The body of POST /api/rest/volume, a JSON object with the keys of a [[volume]] table, checked
 // by the same rules and against the volumes that exist (`existing`).

@@ -44,11 +44,12 @@ class Replicator {
  public:
   Replicator(asio::any_io_executor ex, ReplicatorOptions opts);
   ~Replicator();
-  // A session joins the link (at start, or added at run time: it says hello at once if the
-  // link is up).
+  // A session joins the link (at start, or added at run time: with the link up it gets the
+  // peer's hello kept for it, or the link is re-established so both sides say hello again).
   void add_session(Session* s);
   // A session leaves the link: frames for it are no longer handed to it, and this returns once
-  // none is being handled any more, so the caller may stop and destroy it.
+  // none is being handled any more, so the caller may stop and destroy it. The link is
+  // re-established, so the peer's side sees it as lost.
   asio::awaitable<void> remove_session(Session* s);
   Status start();
   asio::awaitable<void> stop();

@@ -293,6 +293,11 @@ class Session {
   bool peer_paused_ = false;   // the peer's hello said it is paused
   bool peer_ndu_ = false;      // the peer said it is going down for maintenance
   bool control_busy_ = false;  // one control action at a time
+  // A pause and a resume asked on the two sites at once end paused on both: a resume asked by
+  // the peer while a pause of this site's is under way is refused (pausing_), and a resume of
+  // this site's that the peer accepted before pausing again stays paused (peer_pauses_ moved).
+  bool pausing_ = false;
+  std::uint64_t peer_pauses_ = 0;  // pauses asked by the peer and taken here
   WaitQueue control_idle_;
 
   // Destination: the receiving side (receiver.h), present while this side is a destination.
