@@ -197,6 +197,18 @@ struct Field {
   bool* out;
 };
 
+// A request body that must be a JSON object: the object, or the error_response to send.
+std::variant<json, HttpResponse> parse_json_object(std::string_view content_type, std::string_view body) {
+  if (content_type.rfind("application/json", 0) != 0) {
+    return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
+                          {std::string(content_type)});
+  }
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
+  if (!j.is_object()) return error_response(ErrorKind::wrong_type, "The request body must be a JSON object.");
+  return j;
+}
+
 // Parses an action body: empty, or a JSON object whose fields are all known booleans.
 std::optional<HttpResponse> parse_flags(std::string_view content_type, std::string_view body,
                                         std::initializer_list<Field> fields) {
@@ -205,13 +217,9 @@ std::optional<HttpResponse> parse_flags(std::string_view content_type, std::stri
     body.remove_prefix(1);
   }
   if (body.empty()) return std::nullopt;
-  if (content_type.rfind("application/json", 0) != 0) {
-    return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
-                          {std::string(content_type)});
-  }
-  json j = json::parse(body, nullptr, false);
-  if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
-  if (!j.is_object()) return error_response(ErrorKind::wrong_type, "The request body must be a JSON object.");
+  auto parsed = parse_json_object(content_type, body);
+  if (auto* bad = std::get_if<HttpResponse>(&parsed)) return std::move(*bad);
+  const json& j = std::get<json>(parsed);
   for (auto it = j.begin(); it != j.end(); ++it) {
     const Field* f = nullptr;
     for (const Field& x : fields) {
@@ -232,13 +240,8 @@ std::optional<HttpResponse> parse_flags(std::string_view content_type, std::stri
 // A body that must be a JSON object (creating a resource): its fields are checked by whoever
 // creates it.
 std::optional<HttpResponse> check_json_object(std::string_view content_type, std::string_view body) {
-  if (content_type.rfind("application/json", 0) != 0) {
-    return error_response(ErrorKind::bad_request, "The request body must be JSON (Content-Type: application/json).",
-                          {std::string(content_type)});
-  }
-  json j = json::parse(body, nullptr, false);
-  if (j.is_discarded()) return error_response(ErrorKind::bad_json, "The request body is not valid JSON.");
-  if (!j.is_object()) return error_response(ErrorKind::wrong_type, "The request body must be a JSON object.");
+  auto parsed = parse_json_object(content_type, body);
+  if (auto* bad = std::get_if<HttpResponse>(&parsed)) return std::move(*bad);
   return std::nullopt;
 }
 

@@ -111,6 +111,17 @@ class Reader {
   if (!var##_r.ok()) return var##_r.error(); \
   auto var = std::move(var##_r).value()
 
+// TOML text, or an error naming the file, line and column.
+Result<toml::table> parse_toml(std::string_view text, const std::string& src) {
+  try {
+    return toml::parse(text, src);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
+    return config_error(os.str());
+  }
+}
+
 // One [[volume]] table (of the config file, of the run-time volumes' file, or of an API
 // request), checked against the volumes already known (`others`): ids, paths, metadata files,
 // sockets and ports are each used once.
@@ -200,14 +211,9 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   Config cfg;
   cfg.source = std::string(source);
   const std::string src(source);
-  toml::table root;
-  try {
-    root = toml::parse(text, src);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
-    return config_error(os.str());
-  }
+  auto parsed = parse_toml(text, src);
+  if (!parsed) return parsed.error();
+  toml::table root = std::move(parsed).value();
   for (auto& [k, v] : root) {
     const std::string key(k.str());
     if (key != "node" && key != "volume" && key != "tls" && key != "peer" && key != "session") {
@@ -592,14 +598,9 @@ std::string runtime_volumes_path(const Config& cfg) { return cfg.node.state_dir 
 Result<std::vector<VolumeConfig>> parse_runtime_volumes(std::string_view text, std::string_view source,
                                                         const Config& cfg, std::vector<std::string>* skipped) {
   const std::string src(source);
-  toml::table root;
-  try {
-    root = toml::parse(text, src);
-  } catch (const toml::parse_error& e) {
-    std::ostringstream os;
-    os << src << ":" << e.source().begin.line << ":" << e.source().begin.column << ": " << e.description();
-    return config_error(os.str());
-  }
+  auto parsed = parse_toml(text, src);
+  if (!parsed) return parsed.error();
+  toml::table root = std::move(parsed).value();
   TANDEM_TRY(Reader(root, src).only({"volume"}));
   std::vector<VolumeConfig> out;
   const toml::node* vols = root.get("volume");

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "session_internal.h"
 #include "tandem/common/hash.h"
 #include "tandem/replication/errc.h"
 
@@ -368,8 +369,7 @@ asio::awaitable<Status> Receiver::apply_committed(std::uint64_t cycle) {
     // As the source counts it: from the transfer's start (or resume) to the cycle in place.
     done.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_.steady_now() - recv_->started);
   }
-  const auto at_ms = static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(done.at.time_since_epoch()).count());
+  const std::uint64_t at_ms = unix_ms(done.at);
   TANDEM_CO_TRY(co_await store_.change("cycle applied", [&](SessionState& s) {
     s.committed_cycle = cycle;
     s.applying_cycle = 0;
