@@ -12,6 +12,8 @@ pkg_check_modules(URING REQUIRED IMPORTED_TARGET liburing)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 pkg_check_modules(TOMLPP REQUIRED IMPORTED_TARGET tomlplusplus)
 pkg_check_modules(SYSTEMD REQUIRED IMPORTED_TARGET libsystemd)
+# libnbd (libnbd-dev): the NBD client an import reads its foreign source with.
+pkg_check_modules(LIBNBD REQUIRED IMPORTED_TARGET libnbd)
 find_package(GTest REQUIRED)
 
 add_library(tandem_asio INTERFACE)

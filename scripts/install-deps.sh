@@ -7,7 +7,7 @@ PACKAGES=(
   # build
   g++ cmake ninja-build pkg-config ccache git
   libboost1.81-dev liburing-dev libssl-dev libxxhash-dev libspdlog-dev libfmt-dev
-  libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libgtest-dev clang-format
+  libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libgtest-dev libnbd-dev clang-format
   # real clients and tools used by the tests, the demo and the benchmarks
   libnbd-bin python3-libnbd nbdkit fuse3 qemu-utils fio xxhash openssl curl
   e2fsprogs util-linux mount procps iproute2 rsync

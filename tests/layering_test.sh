@@ -10,8 +10,9 @@ declare -A allowed=(
   [frontend]="common engine frontend"
   [transport]="common transport"
   [replication]="common engine transport replication"
+  [importer]="common engine importer"
   [api]="common engine transport replication api"
-  [daemon]="common engine frontend transport replication api daemon"
+  [daemon]="common engine frontend transport replication importer api daemon"
 )
 bad=0
 for mod in "${!allowed[@]}"; do
