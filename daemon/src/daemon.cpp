@@ -28,6 +28,7 @@
 #include "tandem/api/server.h"
 #include "tandem/common/async.h"
 #include "tandem/common/endpoint.h"
+#include "tandem/common/file_util.h"
 #include "tandem/common/probe.h"
 #include "tandem/common/units.h"
 #include "tandem/engine/block_device.h"
@@ -436,39 +437,8 @@ class Daemon {
   Status persist_runtime_volumes() {
     const std::vector<VolumeConfig> list(runtime_cfgs_.begin(), runtime_cfgs_.end());
     const std::string path = runtime_volumes_path(cfg_);
-    const std::string tmp = path + ".new";
     TANDEM_TRY(ensure_dir(cfg_.node.state_dir, fs::perms::owner_all));
-    const std::string text = render_runtime_volumes(list);
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) return errno_error(errno, "cannot write " + tmp);
-    std::size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) {
-        const int e = errno;
-        ::close(fd);
-        return errno_error(e, "cannot write " + tmp);
-      }
-      done += static_cast<std::size_t>(n);
-    }
-    if (::fsync(fd) != 0) {
-      const int e = errno;
-      ::close(fd);
-      return errno_error(e, "cannot sync " + tmp);
-    }
-    ::close(fd);
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      const int e = errno;
-      ::unlink(tmp.c_str());
-      return errno_error(e, "cannot rename " + tmp + " to " + path);
-    }
-    const int dfd = ::open(cfg_.node.state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      (void)::fsync(dfd);
-      ::close(dfd);
-    }
-    return {};
+    return write_file_durably(path, render_runtime_volumes(list));
   }
 
   std::vector<VolumeConfig> all_volume_configs() const {

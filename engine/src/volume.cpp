@@ -2,6 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/this_coro.hpp>
+
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -18,6 +21,26 @@ constexpr std::uint64_t align_down(std::uint64_t v) { return v & ~(kBlock - 1); 
 constexpr std::uint64_t align_up(std::uint64_t v) { return (v + kBlock - 1) & ~(kBlock - 1); }
 // Zeroing by writing goes in chunks of this size: bounded memory per request.
 constexpr std::uint64_t kZeroChunkBytes = 1024 * 1024;
+
+// A filter's mirror of an aligned write, run beside the local write.
+struct PendingMirror {
+  bool done = false;
+  Status st;
+  WaitQueue wq;
+};
+
+asio::awaitable<void> run_mirror(std::shared_ptr<PendingMirror> p, HostIoFilter* f, std::uint64_t offset,
+                                 std::uint64_t len, const IoBuffer* src, bool fua) {
+  p->st = co_await f->mirror(offset, len, src, fua);
+  p->done = true;
+  p->wq.notify_all();
+}
+
+asio::awaitable<void> run_flush(std::shared_ptr<PendingMirror> p, HostIoFilter* f) {
+  p->st = co_await f->flush();
+  p->done = true;
+  p->wq.notify_all();
+}
 
 }  // namespace
 
@@ -148,7 +171,18 @@ asio::awaitable<Status> Volume::read(std::uint64_t offset, std::size_t len, cons
   OpGuard g(*this);
   ++stats_.reads;
   Status st;
-  if (offset % kBlock == 0 && len % kBlock == 0) {
+  std::optional<RangeLock::Guard> filtered;
+  if (filter_ != nullptr) {
+    // Blocks not yet copied are fetched first, under the lock a host write would take.
+    HostIoFilter* f = filter_;
+    const std::uint64_t first = align_down(offset) / kBlock;
+    const std::uint64_t count = (align_up(offset + len) - align_down(offset)) / kBlock;
+    filtered.emplace(co_await locks_.acquire(first, count));
+    st = co_await f->before_read(first, count);
+  }
+  if (!st) {
+    // the filter could not make the blocks current: nothing to read
+  } else if (offset % kBlock == 0 && len % kBlock == 0) {
     st = co_await data_->read(offset, len, dst);
   } else {
     const std::uint64_t a0 = align_down(offset);
@@ -190,10 +224,23 @@ asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t l
   const std::uint64_t count = (a1 - a0) / kBlock;
   auto guard = co_await locks_.acquire(first, count);
   if (hook_ != nullptr) TANDEM_CO_TRY(co_await hook_->before_write(first, count));
+  HostIoFilter* const f = filter_;
+  if (f != nullptr) TANDEM_CO_TRY(co_await f->before_write(offset, len));
   TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
   Status st;
+  Status mirrored;
   if (a0 == offset && a1 == offset + len) {
+    std::shared_ptr<PendingMirror> pm;
+    if (f != nullptr) {
+      pm = std::make_shared<PendingMirror>();
+      asio::co_spawn(co_await asio::this_coro::executor, run_mirror(pm, f, offset, len, src, fua),
+                     AbortOnException{"a host write's mirror"});
+    }
     st = co_await data_->write(offset, len, *src, fua);
+    if (pm) {
+      while (!pm->done) co_await pm->wq.wait();
+      mirrored = pm->st;
+    }
   } else {
     // Read-modify-write of the partial head and tail blocks, under the span lock.
     ++stats_.rmw;
@@ -212,9 +259,12 @@ asio::awaitable<Status> Volume::write_locked(std::uint64_t offset, std::size_t l
       std::memcpy(bounce.data() + (offset - a0), src->data(), len);
       st = co_await data_->write(a0, a1 - a0, bounce, fua);
     }
+    // The other copy gets the whole blocks as the device now holds them.
+    if (st && f != nullptr) mirrored = co_await f->mirror(a0, a1 - a0, &bounce, fua);
   }
   // Dirty even on failure: a failed write may still have changed some sectors.
   dirty_->end_write(first, count);
+  if (f != nullptr) co_return co_await f->after_write(offset, len, std::move(st), std::move(mirrored));
   co_return st;
 }
 
@@ -241,7 +291,8 @@ asio::awaitable<Status> Volume::trim(std::uint64_t offset, std::uint64_t len, bo
   WriteGuard wg(*this);
   TANDEM_CO_TRY(check_write(offset, len));  // the role may have changed while held
   ++stats_.trims;
-  Status st = co_await zero_locked(offset, len, true, false, true);
+  // While filtered, a trim zeroes: both copies must read the same afterwards.
+  Status st = co_await zero_locked(offset, len, true, false, filter_ == nullptr);
   if (st && fua) st = co_await flush();
   if (!st) ++stats_.errors;
   co_return st;
@@ -260,8 +311,11 @@ asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t 
   const std::uint64_t count = (l1 - l0) / kBlock;
   auto guard = co_await locks_.acquire(first, count);
   if (hook_ != nullptr) TANDEM_CO_TRY(co_await hook_->before_write(first, count));
+  HostIoFilter* const f = filter_;
+  if (f != nullptr) TANDEM_CO_TRY(co_await f->before_write(offset, len));
   TANDEM_CO_TRY(co_await dirty_->begin_write(first, count));
   Status st;
+  Status mirrored;
   // Whole blocks first, so a refused fast zero has changed nothing.
   if (i1 > i0) {
     st = co_await data_->zero(i0, i1 - i0, may_unmap);
@@ -275,6 +329,7 @@ asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t 
         st = co_await zero_by_writing(i0, i1 - i0);
       }
     }
+    if (st && f != nullptr) mirrored = co_await f->mirror(i0, i1 - i0, nullptr, false);
   }
   if (st && !trim_only) {
     // Partial head and tail: read, zero the covered bytes, write back.
@@ -292,9 +347,11 @@ asio::awaitable<Status> Volume::zero_locked(std::uint64_t offset, std::uint64_t 
       std::memset(block.data() + (lo - b), 0, hi - lo);
       st = co_await data_->write(b, kBlock, block, false);
       if (!st) break;
+      if (f != nullptr && mirrored) mirrored = co_await f->mirror(b, kBlock, &block, false);
     }
   }
   dirty_->end_write(first, count);
+  if (f != nullptr) co_return co_await f->after_write(offset, len, std::move(st), std::move(mirrored));
   co_return st;
 }
 
@@ -335,7 +392,32 @@ asio::awaitable<Status> Volume::flush() {
   if (!failure_.empty()) co_return Error(errc::volume_failed, failure_);
   OpGuard g(*this);
   ++stats_.flushes;
-  co_return co_await flush_data();
+  HostIoFilter* const f = filter_;
+  if (f == nullptr) co_return co_await flush_data();
+  // Both copies at once; the host hears success only when both are durable.
+  auto pm = std::make_shared<PendingMirror>();
+  asio::co_spawn(co_await asio::this_coro::executor, run_flush(pm, f), AbortOnException{"a host flush's mirror"});
+  Status st = co_await flush_data();
+  while (!pm->done) co_await pm->wq.wait();
+  if (!st) co_return st;
+  co_return pm->st;
+}
+
+asio::awaitable<Status> Volume::read_locked(std::uint64_t offset, std::size_t len, const IoBuffer& dst) {
+  TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0 && offset + len <= size_);
+  co_return co_await data_->read(offset, len, dst);
+}
+
+asio::awaitable<Status> Volume::fill_locked(std::uint64_t offset, std::size_t len, const IoBuffer& src) {
+  TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0 && offset + len <= size_);
+  co_return co_await data_->write(offset, len, src, false);
+}
+
+asio::awaitable<Status> Volume::zero_fill_locked(std::uint64_t offset, std::uint64_t len) {
+  TANDEM_ASSERT(offset % kBlock == 0 && len % kBlock == 0 && offset + len <= size_);
+  Status st = co_await data_->zero(offset, len, true);
+  if (st.code() == make_error_code(errc::not_supported)) st = co_await zero_by_writing(offset, len);
+  co_return st;
 }
 
 asio::awaitable<Status> Volume::flush_data() {

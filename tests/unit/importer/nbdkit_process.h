@@ -35,6 +35,11 @@ class NbdkitProcess {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
     while (!std::filesystem::exists(socket_)) {
       if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("nbdkit did not create its socket");
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        throw std::runtime_error("nbdkit exited at start");
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   }

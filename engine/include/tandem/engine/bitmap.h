@@ -43,10 +43,28 @@ class BlockBitmap {
   void set_range(std::uint64_t first, std::uint64_t n) {
     for (std::uint64_t b = first; b < first + n; ++b) set(b);
   }
+  void reset(std::uint64_t b) {
+    TANDEM_ASSERT(b < blocks_);
+    const std::uint64_t m = 1ull << (b % 64);
+    if ((words_[b / 64] & m) != 0) {
+      words_[b / 64] &= ~m;
+      --count_;
+      ranks_valid_ = false;
+    }
+  }
+  void reset_range(std::uint64_t first, std::uint64_t n) {
+    for (std::uint64_t b = first; b < first + n; ++b) reset(b);
+  }
   void clear_all() {
     std::fill(words_.begin(), words_.end(), 0);
     count_ = 0;
     ranks_valid_ = false;
+  }
+  // this &= ~other
+  void subtract(const BlockBitmap& other) {
+    TANDEM_ASSERT(other.blocks_ == blocks_);
+    for (std::size_t i = 0; i < words_.size(); ++i) words_[i] &= ~other.words_[i];
+    recount();
   }
   // this |= other
   void merge(const BlockBitmap& other) {

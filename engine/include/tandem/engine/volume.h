@@ -49,6 +49,31 @@ class WriteHook {
   virtual asio::awaitable<Status> before_write(std::uint64_t first_block, std::uint64_t count) = 0;
 };
 
+// Sees host I/O while the volume's contents still come from elsewhere (an import from foreign
+// storage): it fills blocks not yet copied before the host reads or partly overwrites them, and
+// mirrors every host change to the other copy, so both hold what the host wrote. Every call but
+// flush() runs under the range lock of the aligned span, so the filter's own fills
+// (fill_locked) can never race a host write to the same blocks.
+class HostIoFilter {
+ public:
+  virtual ~HostIoFilter() = default;
+  // Before a host read of blocks [first, first+count): make them current locally.
+  virtual asio::awaitable<Status> before_read(std::uint64_t first, std::uint64_t count) = 0;
+  // Before a host write, write-zeroes or trim of [offset, offset+len) reaches the device: make
+  // partial edge blocks current locally (the read-modify-write keeps their other bytes) and
+  // record the intent durably.
+  virtual asio::awaitable<Status> before_write(std::uint64_t offset, std::uint64_t len) = 0;
+  // The same change on the other copy, in whole blocks: src's data, or zeros when src is null.
+  // For a block-aligned write it runs beside the local write; otherwise after it, with the
+  // aligned span as the device now holds it.
+  virtual asio::awaitable<Status> mirror(std::uint64_t offset, std::uint64_t len, const IoBuffer* src, bool fua) = 0;
+  // Both sides are done: returns what the host is told, from the local result and the mirror's.
+  virtual asio::awaitable<Status> after_write(std::uint64_t offset, std::uint64_t len, Status local,
+                                              Status mirrored) = 0;
+  // Beside a host flush: the other copy's flush, or what stands for it.
+  virtual asio::awaitable<Status> flush() = 0;
+};
+
 struct VolumeStats {
   std::uint64_t reads = 0, writes = 0, flushes = 0, zeroes = 0, trims = 0;
   std::uint64_t bytes_read = 0, bytes_written = 0;
@@ -114,6 +139,23 @@ class Volume {
   void release_writes();
   void set_write_hook(WriteHook* hook) { hook_ = hook; }
 
+  // Host I/O filtering while the volume is being filled from elsewhere (see HostIoFilter): set
+  // before host I/O starts, cleared (nullptr) once it is complete, with no host I/O in flight
+  // that saw the old value (hold_writes() around the change covers writes; reads that saw it
+  // finish under their own lock). During filtering a trim zeroes what it covers, so both
+  // copies read the same.
+  void set_host_filter(HostIoFilter* f) { filter_ = f; }
+  [[nodiscard]] HostIoFilter* host_filter() const { return filter_; }
+  // For the filter's owner: locks a block range as host writes do, so a fill is ordered with them.
+  asio::awaitable<RangeLock::Guard> lock_blocks(std::uint64_t first, std::uint64_t count) {
+    co_return co_await locks_.acquire(first, count);
+  }
+  // Raw device I/O for a caller that holds the blocks' range lock (a HostIoFilter's calls run
+  // under it, or lock_blocks()): aligned to 4 KiB, not dirty-tracked, hooked or counted.
+  asio::awaitable<Status> read_locked(std::uint64_t offset, std::size_t len, const IoBuffer& dst);
+  asio::awaitable<Status> fill_locked(std::uint64_t offset, std::size_t len, const IoBuffer& src);
+  asio::awaitable<Status> zero_fill_locked(std::uint64_t offset, std::uint64_t len);
+
  private:
   Volume(DeviceEnv& env, VolumeOptions opts) : env_(env), opts_(std::move(opts)) {}
   class OpGuard;
@@ -146,6 +188,7 @@ class Volume {
   WaitQueue writes_drained_;
   WaitQueue writes_released_;
   WriteHook* hook_ = nullptr;
+  HostIoFilter* filter_ = nullptr;
   VolumeStats stats_;
 };
 
