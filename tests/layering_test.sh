@@ -11,7 +11,7 @@ declare -A allowed=(
   [transport]="common transport"
   [replication]="common engine transport replication"
   [importer]="common engine importer"
-  [api]="common engine transport replication api"
+  [api]="common engine transport replication importer api"
   [daemon]="common engine frontend transport replication importer api daemon"
 )
 bad=0

@@ -48,6 +48,12 @@ KindInfo info(ErrorKind k) {
       return {"0xE04040020001", 404};
     case ErrorKind::unknown_volume:
       return {"0xE04040030001", 404};
+    case ErrorKind::unknown_import:
+      return {"0xE04040040001", 404};
+    case ErrorKind::import_not_allowed:
+      return {"0xE0102001000C", 422};
+    case ErrorKind::import_failed:
+      return {"0xE0102001000E", 422};
     case ErrorKind::bad_method:
       return {"0xE04050010001", 405};
     case ErrorKind::body_too_large:
@@ -252,6 +258,40 @@ json volume_object(const VolumeView& v) {
       {"backing", v.backing}, {"replication_session_id", v.session_id.empty() ? json(nullptr) : json(v.session_id)}};
 }
 
+json ms_time(std::optional<std::int64_t> ms) {
+  if (!ms) return nullptr;
+  return rfc3339(std::chrono::system_clock::time_point(std::chrono::milliseconds(*ms)));
+}
+
+json import_object(const importer::ImportStatus& st) {
+  const importer::ImportRecord& r = st.record;
+  const bool running = importer::filters_host_io(r.state);
+  json j = {
+      {"id", r.id},
+      {"name", r.name},
+      {"state", std::string(importer::to_string(r.state))},
+      {"type", "Non_Disruptive"},
+      {"source", {{"uri", importer::redact_uri(r.source_uri)}, {"size", r.source_size}}},
+      {"volume_id", r.volume_id},
+      {"automatic_cutover", r.automatic_cutover},
+      {"scheduled_timestamp", ms_time(r.scheduled_ms)},
+      {"rate_limit", r.rate_limit},
+      {"progress_percentage", st.progress},
+      {"estimated_completion_timestamp", ms_time(st.eta_ms)},
+      {"average_transfer_rate", st.average_rate ? json(*st.average_rate) : json(nullptr)},
+      {"current_transfer_rate", st.current_rate ? json(*st.current_rate) : json(nullptr)},
+      {"copied_bytes", r.copied_bytes},
+      {"skipped_bytes", r.skipped_bytes},
+      {"restart_address", {{"offset", r.restart_address}}},
+      {"source_missing_blocks", r.source_missing_blocks},
+      {"data_connection_state", !running ? "Not_Applicable" : (st.source_connected ? "Connected" : "Disconnected")},
+      {"last_update_timestamp", ms_time(r.last_update_ms)},
+      {"error_code", r.error_code.empty() ? json(nullptr) : json(r.error_code)},
+      {"error_message", r.error_message.empty() ? json(nullptr) : json(r.error_message)},
+  };
+  return j;
+}
+
 HttpResponse json_response(const json& j) {
   HttpResponse r;
   r.body = dump(j);
@@ -275,6 +315,13 @@ std::span<const std::string_view> action_verbs() {
   return kVerbs;
 }
 
+std::span<const std::string_view> import_verbs() {
+  static constexpr std::string_view kVerbs[] = {"pause", "resume", "cutover", "cancel"};
+  return kVerbs;
+}
+
+std::string import_json(const importer::ImportStatus& s) { return dump(import_object(s)); }
+
 std::vector<std::string> routes() {
   std::vector<std::string> r = {"GET /metrics",
                                 "GET /api/rest/openapi.json",
@@ -285,6 +332,11 @@ std::vector<std::string> routes() {
                                 "GET /api/rest/replication_session",
                                 "GET /api/rest/replication_session/{id}"};
   for (const auto verb : action_verbs()) r.push_back("POST /api/rest/replication_session/{id}/" + std::string(verb));
+  r.push_back("GET /api/rest/import_session");
+  r.push_back("POST /api/rest/import_session");
+  r.push_back("GET /api/rest/import_session/{id}");
+  r.push_back("DELETE /api/rest/import_session/{id}");
+  for (const auto verb : import_verbs()) r.push_back("POST /api/rest/import_session/{id}/" + std::string(verb));
   std::sort(r.begin(), r.end());
   return r;
 }
@@ -395,6 +447,7 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
       co_return error_response(ErrorKind::unknown_volume, "Volume " + p[3] + " does not exist.", {p[3]});
     co_return json_response(all);
   }
+  if (p[2] == "import_session" && p.size() <= 5 && ctx_.imports) co_return co_await handle_import(req, p);
   if (p[2] != "replication_session" || p.size() > 5) {
     co_return error_response(ErrorKind::not_found, "No such resource.", {req.target});
   }
@@ -440,6 +493,72 @@ asio::awaitable<HttpResponse> Router::handle(HttpRequest req) {
       break;
   }
   co_return error_response(ErrorKind::not_allowed, r.message, {action_arg, state_arg});
+}
+
+asio::awaitable<HttpResponse> Router::handle_import(const HttpRequest& req, const std::vector<std::string>& p) {
+  const bool get = req.method == "GET";
+  auto method_not_allowed = [&](const char* allowed) {
+    return error_response(ErrorKind::bad_method,
+                          "Method " + req.method + " is not allowed on " + req.target + "; use " + allowed + ".",
+                          {req.method, allowed});
+  };
+  if (p.size() == 3) {
+    if (req.method == "POST") {
+      if (auto bad = check_json_object(req.content_type, req.body)) co_return std::move(*bad);
+      auto made = co_await ctx_.create_import(req.body);
+      if (auto* r = std::get_if<HttpResponse>(&made)) co_return std::move(*r);
+      HttpResponse r = json_response(import_object(std::get<importer::ImportStatus>(made)));
+      r.status = 201;
+      co_return r;
+    }
+    if (!get) co_return method_not_allowed("GET, POST");
+    json all = json::array();
+    for (const auto& st : ctx_.imports()) all.push_back(import_object(st));
+    co_return json_response(all);
+  }
+  std::optional<importer::ImportStatus> found;
+  for (auto& st : ctx_.imports()) {
+    if (st.record.id == p[3]) found = std::move(st);
+  }
+  importer::ImportAction action = importer::ImportAction::remove;
+  if (p.size() == 5) {
+    const auto verbs = import_verbs();
+    if (std::find(verbs.begin(), verbs.end(), p[4]) == verbs.end()) {
+      co_return error_response(ErrorKind::not_found, "No such action: " + p[4] + ".", {p[4]});
+    }
+    if (req.method != "POST") co_return method_not_allowed("POST");
+    bool force = false;
+    std::optional<HttpResponse> bad;
+    if (p[4] == "cancel") {
+      bad = parse_flags(req.content_type, req.body, {{"force", &force}});
+      action = force ? importer::ImportAction::cancel_force : importer::ImportAction::cancel;
+    } else {
+      bad = parse_flags(req.content_type, req.body, {});
+      action = p[4] == "pause"    ? importer::ImportAction::pause
+               : p[4] == "resume" ? importer::ImportAction::resume
+                                  : importer::ImportAction::cutover;
+    }
+    if (!found) {
+      co_return error_response(ErrorKind::unknown_import, "Import session " + p[3] + " does not exist.", {p[3]});
+    }
+    if (bad) co_return std::move(*bad);
+  } else {
+    if (!get && req.method != "DELETE") co_return method_not_allowed("GET, DELETE");
+    if (!found) {
+      co_return error_response(ErrorKind::unknown_import, "Import session " + p[3] + " does not exist.", {p[3]});
+    }
+    if (get) co_return json_response(import_object(*found));
+  }
+  const std::string verb(importer::to_string(action));
+  const std::string state(importer::to_string(found->record.state));
+  if (!importer::import_action_allowed(found->record.state, action)) {
+    co_return error_response(ErrorKind::import_not_allowed,
+                             "Import session " + p[3] + " is " + state + ": " + verb + " is not allowed in that state.",
+                             {verb, state});
+  }
+  auto refused = co_await ctx_.import_action(p[3], action);
+  if (refused) co_return std::move(*refused);
+  co_return no_content();
 }
 
 std::string Router::metrics() const {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -224,7 +225,15 @@ Result<Config> parse_config(std::string_view text, std::string_view source) {
   if (node == nullptr || !node->is_table()) return config_error(src + ": missing [node] section");
   {
     Reader r(*node->as_table(), src + ": node");
-    TANDEM_TRY(r.only({"name", "state_dir", "log_level", "api_socket", "api_socket_group", "api_listen", "api_token"}));
+    TANDEM_TRY(r.only({"name", "state_dir", "log_level", "api_socket", "api_socket_group", "api_listen", "api_token",
+                       "max_concurrent_imports"}));
+    CFG_TRY_ASSIGN(imports_max, r.integer("max_concurrent_imports"));
+    if (imports_max) {
+      if (*imports_max < 1 || *imports_max > 64) {
+        return config_error(src + ": node.max_concurrent_imports must be between 1 and 64");
+      }
+      cfg.node.max_concurrent_imports = static_cast<std::uint32_t>(*imports_max);
+    }
     CFG_TRY_ASSIGN(name, r.str("name"));
     if (!name) return config_error(src + ": node.name is required (this site's name, e.g. \"site-a\")");
     if (!valid_id(*name)) return config_error(src + ": node.name: use letters, digits, '-', '_' and '.' (at most 64)");
@@ -443,6 +452,7 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
   differs(r, a.api_socket_group, b.api_socket_group, "[node] api_socket_group");
   differs(r, a.api_listen, b.api_listen, "[node] api_listen");
   differs(r, a.api_token, b.api_token, "[node] api_token");
+  differs(r, a.max_concurrent_imports, b.max_concurrent_imports, "[node] max_concurrent_imports");
 
   by_id(running.volumes, next.volumes, "volume", p.volumes_removed, p.volumes_added,
         [&r](const std::string& name, const VolumeConfig& va, const VolumeConfig& vb) {
@@ -654,6 +664,105 @@ Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Conf
     }
   }
   return parse_volume(t, "volume", cfg.node.state_dir, existing);
+}
+
+std::optional<std::int64_t> parse_rfc3339_ms(std::string_view s) {
+  // YYYY-MM-DDTHH:MM:SS[.fff...]Z
+  if (s.size() < 20 || s.back() != 'Z' || s[4] != '-' || s[7] != '-' || (s[10] != 'T' && s[10] != 't') ||
+      s[13] != ':' || s[16] != ':') {
+    return std::nullopt;
+  }
+  auto num = [&](std::size_t at, std::size_t n) -> std::optional<int> {
+    int v = 0;
+    for (std::size_t i = at; i < at + n; ++i) {
+      if (s[i] < '0' || s[i] > '9') return std::nullopt;
+      v = v * 10 + (s[i] - '0');
+    }
+    return v;
+  };
+  auto y = num(0, 4), mo = num(5, 2), d = num(8, 2), h = num(11, 2), mi = num(14, 2), se = num(17, 2);
+  if (!y || !mo || !d || !h || !mi || !se || *mo < 1 || *mo > 12 || *d < 1 || *h > 23 || *mi > 59 || *se > 60) {
+    return std::nullopt;
+  }
+  std::int64_t ms = 0;
+  std::size_t at = 19;
+  if (at < s.size() - 1) {
+    if (s[at] != '.') return std::nullopt;
+    ++at;
+    int digits = 0;
+    for (; at < s.size() - 1; ++at, ++digits) {
+      if (s[at] < '0' || s[at] > '9') return std::nullopt;
+      if (digits < 3) ms = ms * 10 + (s[at] - '0');
+    }
+    if (digits == 0) return std::nullopt;
+    for (; digits < 3; ++digits) ms *= 10;
+  }
+  const std::chrono::year_month_day ymd{std::chrono::year(*y), std::chrono::month(static_cast<unsigned>(*mo)),
+                                        std::chrono::day(static_cast<unsigned>(*d))};
+  if (!ymd.ok()) return std::nullopt;
+  const auto days = std::chrono::sys_days(ymd).time_since_epoch().count();
+  return ((static_cast<std::int64_t>(days) * 24 + *h) * 60 + *mi) * 60000 + static_cast<std::int64_t>(*se) * 1000 + ms;
+}
+
+Result<ImportRequest> parse_import_request(std::string_view json_body, const Config& cfg,
+                                           const std::vector<VolumeConfig>& existing) {
+  const auto j = nlohmann::json::parse(json_body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return config_error("the body must be a JSON object");
+  static const std::set<std::string> kKeys = {
+      "name", "source", "volume", "automatic_cutover", "scheduled_timestamp", "rate_limit"};
+  for (const auto& [key, value] : j.items()) {
+    if (!kKeys.contains(key)) return config_error("unknown field '" + key + "'");
+  }
+  ImportRequest r;
+  if (!j.contains("name") || !j["name"].is_string()) return config_error("name: required, a string");
+  r.name = j["name"].get<std::string>();
+  if (!valid_id(r.name)) return config_error("name: use letters, digits, '-', '_' and '.' (at most 64)");
+  if (!j.contains("source") || !j["source"].is_object()) return config_error("source: required, an object");
+  for (const auto& [key, value] : j["source"].items()) {
+    if (key != "uri") return config_error("source: unknown field '" + key + "'");
+  }
+  if (!j["source"].contains("uri") || !j["source"]["uri"].is_string() ||
+      j["source"]["uri"].get<std::string>().empty()) {
+    return config_error("source.uri: required, an nbd://, nbds://, nbd+unix:// URI or an absolute path");
+  }
+  r.source_uri = j["source"]["uri"].get<std::string>();
+  if (r.source_uri.size() > 4096) return config_error("source.uri: longer than 4096 bytes");
+  if (j.contains("automatic_cutover")) {
+    if (!j["automatic_cutover"].is_boolean()) return config_error("automatic_cutover: must be a boolean");
+    r.automatic_cutover = j["automatic_cutover"].get<bool>();
+  }
+  if (j.contains("scheduled_timestamp") && !j["scheduled_timestamp"].is_null()) {
+    if (!j["scheduled_timestamp"].is_string()) {
+      return config_error("scheduled_timestamp: must be null or an RFC 3339 time in UTC (\"2026-12-02T16:00:00Z\")");
+    }
+    r.scheduled_ms = parse_rfc3339_ms(j["scheduled_timestamp"].get<std::string>());
+    if (!r.scheduled_ms) {
+      return config_error("scheduled_timestamp: not an RFC 3339 time in UTC (\"2026-12-02T16:00:00Z\")");
+    }
+  }
+  if (j.contains("rate_limit") && !j["rate_limit"].is_null()) {
+    if (!j["rate_limit"].is_number_unsigned() && !(j["rate_limit"].is_number_integer() && j["rate_limit"] >= 0)) {
+      return config_error("rate_limit: must be a non-negative integer (bytes per second; 0: unlimited)");
+    }
+    r.rate_limit = j["rate_limit"].get<std::uint64_t>();
+  }
+  if (!j.contains("volume") || !j["volume"].is_object()) return config_error("volume: required, an object");
+  const auto& v = j["volume"];
+  if (!v.contains("id") || !v["id"].is_string()) return config_error("volume.id: required, a string");
+  r.volume_id = v["id"].get<std::string>();
+  const bool exists =
+      std::any_of(existing.begin(), existing.end(), [&](const VolumeConfig& c) { return c.id == r.volume_id; });
+  if (exists) {
+    if (v.size() != 1) {
+      return config_error("volume: " + r.volume_id + " exists; name it by its id alone to import into it");
+    }
+    return r;
+  }
+  if (v.contains("size")) return config_error("volume.size: not allowed; the volume gets the source's size");
+  auto made = parse_volume_request(v.dump(), cfg, existing);
+  if (!made) return made.error();
+  r.new_volume = std::move(made).value();
+  return r;
 }
 
 std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes) {

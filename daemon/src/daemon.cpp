@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "tandem/api/router.h"
 #include "tandem/api/server.h"
@@ -34,6 +35,8 @@
 #include "tandem/engine/block_device.h"
 #include "tandem/engine/volume.h"
 #include "tandem/frontend/nbd_server.h"
+#include "tandem/importer/manager.h"
+#include "tandem/importer/source.h"
 #include "tandem/replication/replicator.h"
 #include "tandem/replication/session.h"
 #include "tandem/transport/tls.h"
@@ -61,6 +64,14 @@ Status ensure_dir(const std::string& dir, fs::perms perms) {
   return {};
 }
 
+// n random bytes as hex (import ids).
+std::string random_hex(std::size_t n) {
+  static std::mt19937_64 rng{std::random_device{}()};
+  std::string out;
+  for (std::size_t i = 0; i < n; ++i) out += fmt::format("{:02x}", static_cast<unsigned>(rng() & 0xff));
+  return out;
+}
+
 // systemd's notification protocol (sd_notify(3)); a no-op when not run by systemd.
 void notify(const std::string& state) { (void)sd_notify(0, state.c_str()); }
 
@@ -75,12 +86,18 @@ engine::VolumeOptions volume_options(const VolumeConfig& v) {
   return o;
 }
 
-asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const VolumeConfig& vc) {
+// Opens a volume on its own io_uring env (`env`, or a new one).
+asio::awaitable<Result<VolumeRuntime>> open_volume(asio::io_context& ctx, const VolumeConfig& vc,
+                                                   std::unique_ptr<engine::DeviceEnv> given = nullptr) {
   VolumeRuntime rt;
   rt.cfg = std::make_shared<const VolumeConfig>(vc);
-  auto env = engine::make_uring_env(ctx);
-  if (!env) co_return Error(env.error().code, "volume " + vc.id + ": " + env.error().message());
-  rt.env = std::move(env).value();
+  if (given) {
+    rt.env = std::move(given);
+  } else {
+    auto env = engine::make_uring_env(ctx);
+    if (!env) co_return Error(env.error().code, "volume " + vc.id + ": " + env.error().message());
+    rt.env = std::move(env).value();
+  }
   TANDEM_CO_TRY(ensure_dir(fs::path(vc.meta_path).parent_path().string(), fs::perms::owner_all));
   // A named local, moved in: GCC 12 mishandles a temporary argument inside co_await (double free).
   engine::VolumeOptions opts = volume_options(vc);
@@ -172,9 +189,34 @@ class Daemon {
       spdlog::info("volume {}: {} ({}), created at run time", c.id, c.path,
                    format_bytes(volumes_.back().volume->size_bytes()));
     }
+    // Imports before exports: each volume being filled gets its filter (and the write-intent
+    // regions a crash left hot are made equal on both copies) before a host can reach it.
+    {
+      importer::ImportManagerOptions io;
+      io.dir = (fs::path(cfg_.node.state_dir) / "imports").string();
+      io.max_concurrent = cfg_.node.max_concurrent_imports;
+      imports_ = std::make_unique<importer::ImportManager>(ctx_.get_executor(), std::move(io));
+      imports_->on_final = [this](importer::Import& im) { return import_ended(im); };
+      starting("recovering imports");
+      if (Status st = co_await recover_imports(); !st) {
+        spdlog::error("{}", st.error().message());
+        exit_code_ = 1;
+        co_await shutdown();
+        co_return;
+      }
+    }
     // Sessions before exports: a destination's volumes turn read-only and a source's get their
     // copy-on-write hook before any host can write.
     for (const auto& sc : cfg_.sessions) {
+      for (const auto& vid : sc.volumes) {
+        if (importer::Import* im = imports_->filling(vid)) {
+          spdlog::error("session {}: volume {} is still being imported (import {}, {}); cut the import over first",
+                        sc.id, vid, im->record().id, importer::to_string(im->record().state));
+          exit_code_ = 1;
+          co_await shutdown();
+          co_return;
+        }
+      }
       replication::SessionOptions so = session_options(sc);
       asio::any_io_executor ex = ctx_.get_executor();
       starting("loading session " + sc.id + " (a cycle the destination had committed is applied first)");
@@ -230,6 +272,13 @@ class Daemon {
       actx.extra_metrics = [this] { return nbd_metrics(); };
       actx.create_volume = [this](std::string body) { return create_volume(std::move(body)); };
       actx.delete_volume = [this](std::string id) { return delete_volume(std::move(id)); };
+      actx.imports = [this] {
+        std::vector<importer::ImportStatus> out;
+        for (const importer::Import* im : imports_->all()) out.push_back(im->status());
+        return out;
+      };
+      actx.create_import = [this](std::string body) { return create_import(std::move(body)); };
+      actx.import_action = [this](std::string id, importer::ImportAction a) { return import_action(std::move(id), a); };
       router_ = std::make_unique<api::Router>(std::move(actx));
       auto st = ensure_dir(fs::path(cfg_.node.api_socket).parent_path().string(),
                            fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
@@ -261,7 +310,9 @@ class Daemon {
       }
       api_ = std::move(srv).value();
     }
-    spdlog::info("tandemd {} ready: {} volume(s), {} session(s)", cfg_.node.name, volumes_.size(), sessions_.size());
+    imports_->start();
+    spdlog::info("tandemd {} ready: {} volume(s), {} session(s), {} import(s)", cfg_.node.name, volumes_.size(),
+                 sessions_.size(), imports_->all().size());
     asio::co_spawn(ctx_, wait_signals(), abort_on_exception);
     // READY only now: every volume is exported and every session loaded, so a unit ordered
     // after tandemd.service (a mount over nbd-client, say) finds them there.
@@ -382,6 +433,9 @@ class Daemon {
             std::find_if(volumes_.begin(), volumes_.end(), [&vid](const VolumeRuntime& x) { return x.cfg->id == vid; });
         if (v == volumes_.end()) {
           why = "its volume " + vid + " is not open";
+        } else if (const importer::Import* im = imports_ ? imports_->filling(vid) : nullptr) {
+          why = "its volume " + vid + " is still being imported (import " + im->record().id + ", " +
+                std::string(importer::to_string(im->record().state)) + "); cut the import over first";
         } else if (v->nbd && v->nbd->counters().connections_open > 0) {
           why = "its volume " + vid + " has NBD clients connected; add the session before hosts use the volume";
         }
@@ -499,6 +553,11 @@ class Daemon {
     for (const auto& sc : cfg_.sessions) {
       if (std::find(sc.volumes.begin(), sc.volumes.end(), v.cfg->id) != sc.volumes.end()) {
         return "replication session " + sc.id + " uses it";
+      }
+    }
+    if (imports_) {
+      if (const importer::Import* im = imports_->filling(v.cfg->id)) {
+        return "import " + im->record().id + " is filling it (cancel or cut it over first)";
       }
     }
     if (v.nbd && v.nbd->counters().connections_open > 0) {
@@ -667,11 +726,15 @@ class Daemon {
     shutting_down_ = true;
     notify("STOPPING=1\nSTATUS=" + cfg_.node.name + ": shutting down");
     if (api_) co_await api_->stop();
+    // An import that just ended removes its volume first (it takes volume_change_).
+    if (imports_) co_await imports_->settle();
     // A volume being created, removed or reloaded finishes first (later ones see shutting_down_).
     auto held = co_await volume_change_.scoped();
     for (auto& v : volumes_) {
       if (v.nbd) co_await v.nbd->stop();
     }
+    // No host I/O from here: the imports stop (their records say where each goes on).
+    if (imports_) co_await imports_->stop();
     for (auto& s : sessions_) co_await s->announce_shutdown();
     if (replicator_) co_await replicator_->stop();
     for (auto& s : sessions_) co_await s->stop();
@@ -786,6 +849,274 @@ class Daemon {
     return out;
   }
 
+  // ---- imports ------------------------------------------------------------------------------
+
+  std::vector<VolumeRuntime>::iterator find_volume(const std::string& id) {
+    return std::find_if(volumes_.begin(), volumes_.end(), [&id](const VolumeRuntime& v) { return v.cfg->id == id; });
+  }
+
+  // At start: every import record; those still running get their volume's filter back, with
+  // the regions a crash left hot made equal on both copies. A cancelled import whose volume
+  // was not removed yet (a crash in between) has it removed now.
+  asio::awaitable<Status> recover_imports() {
+    auto records = imports_->load_records();
+    if (!records) co_return records.error();
+    for (auto& rec : *records) {
+      const std::string id = rec.id;
+      if (importer::is_final(rec.state)) {
+        if (rec.state == importer::ImportState::cancelled && find_volume(rec.volume_id) != volumes_.end()) {
+          auto it = find_volume(rec.volume_id);
+          if (it->runtime) TANDEM_CO_TRY(co_await remove_cancelled_volume(it, rec));
+        }
+        imports_->adopt(importer::Import::record_only(ctx_.get_executor(), std::move(rec), imports_->options().import));
+        continue;
+      }
+      auto it = find_volume(rec.volume_id);
+      if (it == volumes_.end()) {
+        co_return Error(std::make_error_code(std::errc::no_such_device),
+                        "import " + id + ": its volume " + rec.volume_id +
+                            " is not open; the host's writes since the import began may be on it alone. Restore "
+                            "the volume (or remove " +
+                            imports_->options().dir + "/" + id + ".json to give it up)");
+      }
+      starting("recovering import " + id + " of volume " + rec.volume_id);
+      auto im = co_await importer::Import::recover(ctx_.get_executor(), *it->env, *it->volume, std::move(rec),
+                                                   imports_->options().import);
+      if (!im) co_return Error(im.error().code, "import " + id + ": " + im.error().message());
+      spdlog::info("import {}: {} of volume {} from {}, restart address {}", id,
+                   importer::to_string((*im)->record().state), (*im)->record().volume_id,
+                   importer::redact_uri((*im)->record().source_uri), (*im)->record().restart_address);
+      imports_->adopt(std::move(im).value());
+    }
+    co_return Status{};
+  }
+
+  // A cancelled import's volume: withdrawn, closed, and removed (its files too when the import
+  // created them). The caller holds volume_change_.
+  asio::awaitable<Status> remove_cancelled_volume(std::vector<VolumeRuntime>::iterator it,
+                                                  const importer::ImportRecord& rec) {
+    const VolumeConfig vc = *it->cfg;
+    const bool runtime = it->runtime;
+    TANDEM_CO_TRY(co_await withdraw_volume(it));
+    if (runtime && rec.volume_created) {
+      std::error_code ec;
+      fs::remove(vc.path, ec);
+      fs::remove(vc.meta_path, ec);
+      spdlog::info("import {}: the partial copy {} is removed", rec.id, vc.path);
+    }
+    co_return Status{};
+  }
+
+  // Manager's on_final: Import_Completed leaves an ordinary volume; Cancelled removes it.
+  asio::awaitable<void> import_ended(importer::Import& im) {
+    const importer::ImportRecord rec = im.record();
+    if (rec.state == importer::ImportState::import_completed) {
+      spdlog::info("import {}: complete; volume {} is an ordinary tandem volume now (a session may protect it)", rec.id,
+                   rec.volume_id);
+      co_return;
+    }
+    auto held = co_await volume_change_.scoped();
+    auto it = find_volume(rec.volume_id);
+    if (it == volumes_.end() || shutting_down_) co_return;
+    // The export goes first (the import refuses host I/O meanwhile), then the import lets go.
+    if (it->nbd) co_await it->nbd->stop();
+    co_await im.stop();
+    if (!it->runtime) {
+      spdlog::warn(
+          "import {}: cancelled; volume {} is defined in the configuration file: its export is withdrawn "
+          "until a restart (remove it from the file)",
+          rec.id, rec.volume_id);
+      co_return;
+    }
+    if (Status st = co_await remove_cancelled_volume(it, rec); !st) {
+      spdlog::error("import {}: removing volume {}: {}", rec.id, rec.volume_id, st.error().message());
+    }
+  }
+
+  // POST /api/rest/import_session.
+  asio::awaitable<std::variant<importer::ImportStatus, api::HttpResponse>> create_import(std::string body) {
+    auto held_imports = co_await import_change_.scoped();
+    auto held = co_await volume_change_.scoped();
+    using api::ErrorKind;
+    if (shutting_down_) co_return api::error_response(ErrorKind::not_allowed, "tandemd is shutting down.");
+    auto req = parse_import_request(body, cfg_, all_volume_configs());
+    if (!req) co_return api::error_response(ErrorKind::bad_request, req.error().message() + ".");
+    auto refuse = [](const std::string& why) {
+      return api::error_response(ErrorKind::import_failed, "Import not created: " + why + ".");
+    };
+    // The source first: its size is the volume's.
+    std::unique_ptr<engine::DeviceEnv> env;
+    engine::DeviceEnv* envp = nullptr;
+    auto existing = find_volume(req->volume_id);
+    if (existing != volumes_.end()) {
+      if (std::string why = in_use(*existing); !why.empty()) co_return refuse("volume " + req->volume_id + ": " + why);
+      for (const auto& sc : cfg_.sessions) {
+        if (std::find(sc.volumes.begin(), sc.volumes.end(), req->volume_id) != sc.volumes.end())
+          co_return refuse("volume " + req->volume_id + " is in replication session " + sc.id);
+      }
+      envp = existing->env.get();
+    } else {
+      auto e = engine::make_uring_env(ctx_);
+      if (!e) co_return refuse(e.error().message());
+      env = std::move(e).value();
+      envp = env.get();
+    }
+    importer::SourceOptions so;
+    auto src = co_await importer::open_source(ctx_.get_executor(), *envp, req->source_uri, so);
+    if (!src) {
+      if (env) env->stop();
+      co_return refuse("the source " + importer::redact_uri(req->source_uri) + ": " + src.error().message());
+    }
+    const std::uint64_t size = (*src)->size();
+    auto give_up = [&](const std::string& why) -> asio::awaitable<api::HttpResponse> {
+      co_await (*src)->close();
+      if (env) env->stop();
+      co_return refuse(why);
+    };
+    importer::ImportRecord rec;
+    rec.id = "imp-" + random_hex(8);
+    while (imports_->find(rec.id) != nullptr) rec.id = "imp-" + random_hex(8);
+    rec.name = req->name;
+    rec.source_uri = req->source_uri;
+    rec.source_size = size;
+    rec.volume_id = req->volume_id;
+    rec.automatic_cutover = req->automatic_cutover;
+    rec.scheduled_ms = req->scheduled_ms;
+    rec.rate_limit = req->rate_limit;
+    rec.created_ms = importer::unix_now_ms();
+    rec.state = rec.scheduled_ms && *rec.scheduled_ms > rec.created_ms ? importer::ImportState::scheduled
+                                                                       : importer::ImportState::queued;
+    if (Status st = ensure_dir(imports_->options().dir, fs::perms::owner_all); !st) {
+      co_return co_await give_up(st.error().message());
+    }
+    if (existing != volumes_.end()) {
+      if (existing->volume->size_bytes() != size) {
+        co_return co_await give_up("the source is " + std::to_string(size) + " bytes, volume " + req->volume_id +
+                                   " is " + std::to_string(existing->volume->size_bytes()) +
+                                   "; an import fills a volume of the source's size");
+      }
+      auto im = co_await importer::Import::create(ctx_.get_executor(), *envp, *existing->volume, rec,
+                                                  std::move(src).value(), imports_->options().import, false);
+      if (!im) co_return refuse(im.error().message());
+      importer::Import* p = im->get();
+      imports_->adopt(std::move(im).value());
+      spdlog::info("import {} ({}): {} into volume {} ({}), {}", rec.id, rec.name, importer::redact_uri(rec.source_uri),
+                   rec.volume_id, format_bytes(size), importer::to_string(p->record().state));
+      co_return p->status();
+    }
+    // A new volume of the source's size, filtered before it is exported.
+    VolumeConfig vc = *req->new_volume;
+    vc.size_bytes = size;
+    std::error_code ec;
+    const bool had_data = fs::exists(vc.path, ec);
+    const bool had_meta = fs::exists(vc.meta_path, ec);
+    auto remove_made = [&] {
+      std::error_code rec_ec;
+      if (!had_data && fs::is_regular_file(vc.path, rec_ec)) fs::remove(vc.path, rec_ec);
+      if (!had_meta && fs::is_regular_file(vc.meta_path, rec_ec)) fs::remove(vc.meta_path, rec_ec);
+    };
+    auto rt = co_await open_volume(ctx_, vc, std::move(env));
+    if (!rt) {
+      co_await (*src)->close();
+      remove_made();
+      co_return refuse(rt.error().message());
+    }
+    rt->runtime = true;
+    rec.volume_created = rt->volume->data_created();
+    auto im = co_await importer::Import::create(ctx_.get_executor(), *rt->env, *rt->volume, rec, std::move(src).value(),
+                                                imports_->options().import, rt->volume->data_created());
+    Status st = im ? Status{} : Status(im.error());
+    if (st) st = export_volume(*rt);
+    if (st) {
+      runtime_cfgs_.push_back(vc);
+      st = persist_runtime_volumes();
+      if (!st) runtime_cfgs_.pop_back();
+    }
+    if (!st) {
+      if (rt->nbd) co_await rt->nbd->stop();
+      if (im) {
+        co_await (*im)->stop();
+        (void)(*im)->remove_files();
+      }
+      (void)co_await rt->volume->close();
+      rt->nbd.reset();
+      rt->volume.reset();
+      rt->env->stop();
+      remove_made();
+      co_return refuse(st.error().message());
+    }
+    volumes_.push_back(std::move(rt).value());
+    importer::Import* p = im->get();
+    imports_->adopt(std::move(im).value());
+    spdlog::info("import {} ({}): {} into new volume {} ({}, {}), {}", rec.id, rec.name,
+                 importer::redact_uri(rec.source_uri), vc.id, vc.path, format_bytes(size),
+                 importer::to_string(p->record().state));
+    co_return p->status();
+  }
+
+  // An import action (the router checked the import exists and the state allows it; checked
+  // again here, one action at a time).
+  asio::awaitable<std::optional<api::HttpResponse>> import_action(std::string id, importer::ImportAction a) {
+    auto held = co_await import_change_.scoped();
+    using api::ErrorKind;
+    importer::Import* im = imports_->find(id);
+    if (im == nullptr) {
+      co_return api::error_response(ErrorKind::unknown_import, "Import session " + id + " does not exist.", {id});
+    }
+    const std::string verb(importer::to_string(a));
+    const std::string state(importer::to_string(im->record().state));
+    if (shutting_down_) co_return api::error_response(ErrorKind::import_not_allowed, "tandemd is shutting down.");
+    if (!importer::import_action_allowed(im->record().state, a)) {
+      co_return api::error_response(
+          ErrorKind::import_not_allowed,
+          "Import session " + id + " is " + state + ": " + verb + " is not allowed in that state.", {verb, state});
+    }
+    Status st = co_await imports_->act(*im, a);
+    if (!st) {
+      co_return api::error_response(ErrorKind::import_failed,
+                                    "Import session " + id + ": " + verb + " failed: " + st.error().message() + ".",
+                                    {verb, state});
+    }
+    spdlog::info("import {}: {} done", id, verb);
+    co_return std::nullopt;
+  }
+
+  std::string import_metrics() const {
+    std::string out;
+    if (!imports_) return out;
+    const auto all = imports_->all();
+    auto metric = [&](const char* name, const char* type, const char* help, auto value) {
+      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+      for (const importer::Import* im : all) {
+        const importer::ImportStatus st = im->status();
+        out += std::string(name) + "{import=\"" + st.record.id + "\",volume=\"" + st.record.volume_id + "\"} " +
+               value(st) + "\n";
+      }
+    };
+    out +=
+        "# HELP tandem_import_state 1 for the import's current state (label state).\n"
+        "# TYPE tandem_import_state gauge\n";
+    for (const importer::Import* im : all) {
+      out += "tandem_import_state{import=\"" + im->record().id + "\",state=\"" +
+             std::string(importer::to_string(im->record().state)) + "\"} 1\n";
+    }
+    metric("tandem_import_copied_bytes_total", "counter", "Bytes the background copy moved from the source.",
+           [](const importer::ImportStatus& st) { return std::to_string(st.record.copied_bytes); });
+    metric("tandem_import_skipped_bytes_total", "counter", "Holes and zeros not moved.",
+           [](const importer::ImportStatus& st) { return std::to_string(st.record.skipped_bytes); });
+    metric("tandem_import_restart_address_bytes", "gauge", "Where the copy goes on from.",
+           [](const importer::ImportStatus& st) { return std::to_string(st.record.restart_address); });
+    metric("tandem_import_source_missing_blocks", "gauge", "4 KiB blocks the source lacks (written while it was away).",
+           [](const importer::ImportStatus& st) { return std::to_string(st.record.source_missing_blocks); });
+    metric("tandem_import_source_connected", "gauge", "1 while the source answers.",
+           [](const importer::ImportStatus& st) { return std::string(st.source_connected ? "1" : "0"); });
+    metric("tandem_import_host_reads_from_source_total", "counter", "Host reads that fetched blocks not yet copied.",
+           [](const importer::ImportStatus& st) { return std::to_string(st.host_reads_from_source); });
+    metric("tandem_import_host_writes_mirrored_total", "counter", "Host writes mirrored to the source.",
+           [](const importer::ImportStatus& st) { return std::to_string(st.host_writes_mirrored); });
+    return out;
+  }
+
   std::string nbd_metrics() const {
     std::string out =
         "# HELP tandem_nbd_requests_total NBD requests served, per volume.\n# TYPE tandem_nbd_requests_total counter\n";
@@ -802,6 +1133,7 @@ class Daemon {
         out += "tandem_nbd_request_errors_total{volume=\"" + v.cfg->id + "\"} " +
                std::to_string(v.nbd->counters().request_errors) + "\n";
     }
+    out += import_metrics();
     out += "# HELP tandem_nbd_connections NBD connections open.\n# TYPE tandem_nbd_connections gauge\n";
     for (const auto& v : volumes_) {
       if (v.nbd)
@@ -821,6 +1153,8 @@ class Daemon {
   std::vector<VolumeRuntime> volumes_;
   std::vector<std::unique_ptr<replication::Session>> sessions_;
   std::unique_ptr<replication::Replicator> replicator_;
+  std::unique_ptr<importer::ImportManager> imports_;
+  AsyncMutex import_change_;  // one import action or create at a time
   std::unique_ptr<api::Router> router_;
   std::map<std::string, std::vector<TestExport>> tests_;  // session id -> its failover test's exports
   std::unique_ptr<api::ApiServer> api_;

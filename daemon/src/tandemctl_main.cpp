@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -15,6 +16,8 @@
 #include <optional>
 #include <string>
 #include <thread>
+
+#include "tandem/common/units.h"
 
 namespace {
 
@@ -161,6 +164,115 @@ void print_volumes(const json& list) {
   print_table(rows);
 }
 
+// "1m05s", "42s".
+std::string eta_text(double seconds) {
+  const auto left = static_cast<long>(seconds + 0.5);
+  return left >= 60 ? std::to_string(left / 60) + "m" + (left % 60 < 10 ? "0" : "") + std::to_string(left % 60) + "s"
+                    : std::to_string(left) + "s";
+}
+
+// " [#####.....]  42%  12.5 MiB/s  ETA 1m05s" on a terminal, " 42% (ETA 1m05s)" otherwise.
+std::string progress_text(bool tty, long pct, double rate, const std::string& eta) {
+  char buf[160];
+  if (tty) {
+    std::string bar(static_cast<std::size_t>(std::clamp(pct, 0L, 100L) * 30 / 100), '#');
+    bar.resize(30, '.');
+    std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f MiB/s  ETA %s", bar.c_str(), pct, rate / (1024.0 * 1024.0),
+                  eta.c_str());
+  } else {
+    std::snprintf(buf, sizeof buf, " %ld%% (ETA %s)", pct, eta.c_str());
+  }
+  return buf;
+}
+
+void print_imports(const json& list) {
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "NAME", "STATE", "VOLUME", "SOURCE", "PROGRESS", "COPIED", "SKIPPED", "SOURCE LINK"}};
+  for (const auto& i : list) {
+    char pct[16];
+    std::snprintf(pct, sizeof pct, "%.1f%%", i.value("progress_percentage", 0.0));
+    rows.push_back({str(i, "id"), str(i, "name"), str(i, "state"), str(i, "volume_id"), str(i["source"], "uri"), pct,
+                    human_bytes(i.value("copied_bytes", 0.0)), human_bytes(i.value("skipped_bytes", 0.0)),
+                    str(i, "data_connection_state")});
+  }
+  print_table(rows);
+}
+
+void print_import(const json& i) {
+  std::vector<std::vector<std::string>> rows;
+  for (const char* k : {"id", "name", "state", "volume_id", "automatic_cutover", "scheduled_timestamp", "rate_limit",
+                        "progress_percentage", "estimated_completion_timestamp", "average_transfer_rate",
+                        "current_transfer_rate", "copied_bytes", "skipped_bytes", "source_missing_blocks",
+                        "data_connection_state", "last_update_timestamp", "error_code", "error_message"}) {
+    rows.push_back({std::string(k) + ":", str(i, k)});
+  }
+  rows.insert(rows.begin() + 4,
+              {"source:", str(i["source"], "uri") + " (" + human_bytes(i["source"].value("size", 0.0)) + ")"});
+  rows.push_back({"restart_address:", str(i["restart_address"], "offset")});
+  print_table(rows);
+}
+
+// Polls an import until it reaches `target` (or a state that means it never will), drawing its
+// copy's progress: percentage, the copy's rate and the time left at the pace the restart
+// address moves.
+int wait_import(const std::string& socket, const std::string& id, const std::string& target, int timeout_s) {
+  const bool tty = ::isatty(STDOUT_FILENO) != 0;
+  const auto start = std::chrono::steady_clock::now();
+  std::string last_line;
+  std::optional<std::pair<std::chrono::steady_clock::time_point, double>> first;
+  for (;;) {
+    std::string err;
+    auto r = call(socket, "GET", "/api/rest/import_session/" + id, "", err);
+    if (!r) {
+      std::cerr << "\ntandemctl: " << err << "\n";
+      return kUnreachable;
+    }
+    if (r->status != 200) {
+      std::cerr << "\ntandemctl: " << message_of(*r) << "\n";
+      return kRefused;
+    }
+    const json i = json::parse(r->body);
+    const std::string st = str(i, "state");
+    if (st == target || (target == "Ready_For_Cutover" && st == "Import_Completed")) {
+      if (tty) std::cout << "\r\033[K";
+      std::cout << "import " << id << ": " << st << "\n";
+      return 0;
+    }
+    if (st == "Cancel_Failed" || st == "Failed" || (st == "Cancelled" && target != "Cancelled")) {
+      std::cerr << (tty ? "\n" : "") << "tandemctl: import " << id << " is " << st << ": " << str(i, "error_message")
+                << "\n";
+      return kRefused;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    std::string line = "import " + id + ": " + st;
+    if (st == "Copy_In_Progress") {
+      const double size = i["source"].value("size", 0.0);
+      const double at = i["restart_address"].value("offset", 0.0);
+      if (!first || at < first->second) first = {now, at};
+      const double secs = std::chrono::duration<double>(now - first->first).count();
+      const double pace = secs > 0.5 ? (at - first->second) / secs : 0;
+      const double rate = i["current_transfer_rate"].is_number() ? i["current_transfer_rate"].get<double>() : 0;
+      line += progress_text(tty, static_cast<long>(i.value("progress_percentage", 0.0)), rate,
+                            pace > 0 ? eta_text((size - at) / pace) : "-");
+    }
+    if (st == "Paused" || !str(i, "error_message").empty()) {
+      if (i["error_message"].is_string()) line += " (" + i["error_message"].get<std::string>() + ")";
+    }
+    if (tty) {
+      std::cout << "\r\033[K" << line << std::flush;
+    } else if (line != last_line) {
+      std::cout << line << "\n" << std::flush;
+    }
+    last_line = line;
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(timeout_s)) {
+      std::cerr << (tty ? "\n" : "") << "tandemctl: still not " << target << " after " << timeout_s << " s (state "
+                << st << ")\n";
+      return kRefused;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(tty ? 200 : 500));
+  }
+}
+
 // Polls the session until `done` says so (or an error state), drawing progress: a bar with
 // percentage, rate and ETA on a terminal, a plain line per change otherwise.
 int wait_for(const std::string& socket, const std::string& id, const std::string& what,
@@ -202,23 +314,8 @@ int wait_for(const std::string& socket, const std::string& id, const std::string
       const double rate = secs > 0.2 ? (done_bytes - first_sample->second) / secs : 0;  // bytes/s
       const double total = s.value("transfer_bytes_total", 0.0);
       // Time left at the rate seen so far ("-" until there is one).
-      std::string eta = "-";
-      if (rate > 0 && total >= done_bytes) {
-        const auto left = static_cast<long>((total - done_bytes) / rate + 0.5);
-        eta = left >= 60
-                  ? std::to_string(left / 60) + "m" + (left % 60 < 10 ? "0" : "") + std::to_string(left % 60) + "s"
-                  : std::to_string(left) + "s";
-      }
-      char buf[160];
-      if (tty) {
-        std::string bar(static_cast<std::size_t>(pct * 30 / 100), '#');
-        bar.resize(30, '.');
-        std::snprintf(buf, sizeof buf, " [%s] %3ld%%  %.1f MiB/s  ETA %s", bar.c_str(), pct, rate / (1024.0 * 1024.0),
-                      eta.c_str());
-      } else {
-        std::snprintf(buf, sizeof buf, " %ld%% (ETA %s)", pct, eta.c_str());
-      }
-      line += buf;
+      const std::string eta = rate > 0 && total >= done_bytes ? eta_text((total - done_bytes) / rate) : "-";
+      line += progress_text(tty, pct, rate, eta);
     }
     if (tty) {
       std::cout << "\r\033[K" << line << std::flush;
@@ -290,6 +387,42 @@ int main(int argc, char** argv) {
   vcreate->add_option("--nbd-listen", vlisten, "host:port of the NBD export over TCP");
   auto* vdelete = volume->add_subcommand("delete", "withdraw a volume created at run time (its data stays)");
   vdelete->add_option("id", id, "volume id")->required();
+  auto* import = app.add_subcommand("import", "import sessions: move a volume from foreign storage into tandem");
+  import->require_subcommand(1);
+  std::string iname, isource, ivolume, ipath, isocket, ilisten, iat, irate;
+  bool iauto = false;
+  import->add_subcommand("list", "every import on this node");
+  auto* icreate = import->add_subcommand(
+      "create", "import a volume from an NBD server (URI) or a local file/device while the host uses it");
+  icreate->add_option("name", iname, "a name for the import")->required();
+  icreate
+      ->add_option("--source", isource, "nbd://host:port/export, nbds://..., nbd+unix:///export?socket=..., or a path")
+      ->required();
+  icreate->add_option("--volume", ivolume, "the tandem volume to fill: a new id (with --path), or an existing volume")
+      ->required();
+  icreate->add_option("--path", ipath, "backing file or device of a new volume (it gets the source's size)");
+  icreate->add_option("--nbd-socket", isocket, "Unix socket to export the new volume on");
+  icreate->add_option("--nbd-listen", ilisten, "host:port to export the new volume on");
+  icreate->add_flag("--automatic-cutover", iauto, "cut over as soon as everything is copied");
+  icreate->add_option("--at", iat, "start the copy at this UTC time (2026-12-02T22:00:00Z)");
+  icreate->add_option("--rate-limit", irate, "bytes per second for the background copy (e.g. 100MiB); 0: unlimited");
+  icreate->add_flag("--wait", wait, "wait until everything is copied, drawing progress");
+  auto* ishow = import->add_subcommand("show", "one import in full");
+  ishow->add_option("id", id, "import id")->required();
+  auto iverb = [&](const char* name, const char* help) {
+    auto* c = import->add_subcommand(name, help);
+    c->add_option("id", id, "import id")->required();
+    return c;
+  };
+  iverb("pause", "stop the background copy (host I/O goes on)");
+  iverb("resume", "go on copying from the restart address")
+      ->add_flag("--wait", wait, "wait until everything is copied");
+  iverb("cutover", "detach the source: the volume is an ordinary tandem volume")
+      ->add_flag("--wait", wait, "wait until the import is complete");
+  auto* icancel = iverb("cancel", "give the import up; the host goes back to the source");
+  icancel->add_flag("--force", force, "do not bring the source up to date first");
+  icancel->add_flag("--wait", wait, "wait until it is cancelled");
+  iverb("delete", "forget a finished import");
   std::string wait_state = "OK";
   auto* wt =
       session->add_subcommand("wait",
@@ -355,6 +488,70 @@ int main(int argc, char** argv) {
       print_volumes(one ? json::array({*j}) : *j);
     }
     return 0;
+  }
+  if (import->parsed()) {
+    auto* isub = import->get_subcommands()[0];
+    const std::string iv = isub->get_name();
+    if (iv == "list" || iv == "show") {
+      auto j = get(iv == "list" ? "/api/rest/import_session" : "/api/rest/import_session/" + id);
+      if (!j) return err.empty() ? kRefused : kUnreachable;
+      if (as_json) {
+        std::cout << j->dump(2) << "\n";
+      } else if (iv == "list") {
+        print_imports(*j);
+      } else {
+        print_import(*j);
+      }
+      return 0;
+    }
+    std::optional<Reply> r;
+    if (iv == "create") {
+      json vol = {{"id", ivolume}};
+      if (!ipath.empty()) vol["path"] = ipath;
+      if (!isocket.empty()) vol["nbd_socket"] = isocket;
+      if (!ilisten.empty()) vol["nbd_listen"] = ilisten;
+      json body = {{"name", iname}, {"source", {{"uri", isource}}}, {"volume", vol}, {"automatic_cutover", iauto}};
+      if (!iat.empty()) body["scheduled_timestamp"] = iat;
+      if (!irate.empty()) {
+        auto bytes = irate == "0" ? std::optional<std::uint64_t>(0) : tandem::parse_bytes(irate);
+        if (!bytes) {
+          std::cerr << "tandemctl: --rate-limit: \"" << irate << "\" is not a size (100MiB, 1G, 4096)\n";
+          return 2;
+        }
+        body["rate_limit"] = *bytes;
+      }
+      r = call(socket, "POST", "/api/rest/import_session", body.dump(), err);
+    } else if (iv == "delete") {
+      r = call(socket, "DELETE", "/api/rest/import_session/" + id, "", err);
+    } else {
+      const std::string b = iv == "cancel" && force ? R"({"force": true})" : "";
+      r = call(socket, "POST", "/api/rest/import_session/" + id + "/" + iv, b, err);
+    }
+    if (!r) {
+      std::cerr << "tandemctl: " << err << "\n";
+      return kUnreachable;
+    }
+    if (r->status != 201 && r->status != 204) {
+      if (as_json) std::cout << r->body << "\n";
+      std::cerr << "tandemctl: " << message_of(*r) << "\n";
+      return kRefused;
+    }
+    if (iv == "create") {
+      const json made = json::parse(r->body, nullptr, false);
+      id = str(made, "id");
+      if (as_json) {
+        std::cout << made.dump(2) << "\n";
+      } else {
+        print_imports(json::array({made}));
+      }
+    } else if (!as_json) {
+      std::cout << "import " << id << ": " << iv << " done\n";
+    }
+    if (!wait) return 0;
+    const std::string target = iv == "cutover"  ? "Import_Completed"
+                               : iv == "cancel" ? "Cancelled"
+                                                : "Ready_For_Cutover";
+    return wait_import(socket, id, target, timeout_s);
   }
   auto* sub = session->get_subcommands()[0];
   const std::string verb = sub->get_name();

@@ -115,14 +115,14 @@ Result<ImportRecord> parse_record(const std::string& text, const std::string& wh
 
 // ---- life cycle -----------------------------------------------------------------------------
 
-Import::Import(asio::any_io_executor ex, engine::DeviceEnv& env, engine::Volume& vol, ImportRecord rec,
+Import::Import(asio::any_io_executor ex, engine::DeviceEnv* env, engine::Volume* vol, ImportRecord rec,
                ImportOptions opts)
     : ex_(ex),
       env_(env),
       vol_(vol),
       rec_(std::move(rec)),
       opts_(std::move(opts)),
-      blocks_(vol.size_bytes() / kBlock),
+      blocks_(vol != nullptr ? vol->size_bytes() / kBlock : 0),
       copied_(blocks_),
       missing_(blocks_),
       unflushed_(blocks_),
@@ -131,9 +131,17 @@ Import::Import(asio::any_io_executor ex, engine::DeviceEnv& env, engine::Volume&
   region_blocks_ = std::max<std::uint32_t>(1, opts_.region_bytes / static_cast<std::uint32_t>(kBlock));
 }
 
+std::unique_ptr<Import> Import::record_only(asio::any_io_executor ex, ImportRecord rec, ImportOptions opts) {
+  TANDEM_ASSERT(is_final(rec.state));
+  std::unique_ptr<Import> im(new Import(ex, nullptr, nullptr, std::move(rec), std::move(opts)));
+  im->detached_ = true;
+  im->started_ = true;
+  return im;
+}
+
 Import::~Import() {
   TANDEM_ASSERT_MSG(loops_ == 0, "import destroyed with its loops running");
-  if (vol_.host_filter() == this) vol_.set_host_filter(nullptr);
+  if (!detached_ && vol_->host_filter() == this) vol_->set_host_filter(nullptr);
 }
 
 asio::awaitable<Result<std::unique_ptr<Import>>> Import::create(asio::any_io_executor ex, engine::DeviceEnv& env,
@@ -141,7 +149,7 @@ asio::awaitable<Result<std::unique_ptr<Import>>> Import::create(asio::any_io_exe
                                                                 std::unique_ptr<ForeignSource> source,
                                                                 ImportOptions opts, bool volume_reads_zero) {
   TANDEM_ASSERT(source && source->size() == volume.size_bytes());
-  std::unique_ptr<Import> im(new Import(ex, env, volume, std::move(rec), std::move(opts)));
+  std::unique_ptr<Import> im(new Import(ex, &env, &volume, std::move(rec), std::move(opts)));
   im->reads_zero_ = volume_reads_zero;
   im->src_ = std::shared_ptr<ForeignSource>(std::move(source));
   im->connected_ = true;
@@ -160,7 +168,7 @@ asio::awaitable<Result<std::unique_ptr<Import>>> Import::create(asio::any_io_exe
 asio::awaitable<Result<std::unique_ptr<Import>>> Import::recover(asio::any_io_executor ex, engine::DeviceEnv& env,
                                                                  engine::Volume& volume, ImportRecord rec,
                                                                  ImportOptions opts) {
-  std::unique_ptr<Import> im(new Import(ex, env, volume, std::move(rec), std::move(opts)));
+  std::unique_ptr<Import> im(new Import(ex, &env, &volume, std::move(rec), std::move(opts)));
   if (volume.size_bytes() != im->rec_.source_size) {
     co_return Error(std::make_error_code(std::errc::invalid_argument),
                     "import " + im->rec_.id + ": volume " + volume.id() + " is " + std::to_string(volume.size_bytes()) +
@@ -208,7 +216,7 @@ asio::awaitable<Status> Import::open_map(bool create) {
     std::error_code ec;
     std::filesystem::remove(map_path(), ec);
   }
-  auto dev = env_.open(engine::OpenSpec{map_path(), bytes});
+  auto dev = env_->open(engine::OpenSpec{map_path(), bytes});
   if (!dev) co_return Error(dev.error().code, "import " + rec_.id + ": map file: " + dev.error().message());
   map_ = std::move(dev).value();
   if (map_->size_bytes() != bytes) {
@@ -216,7 +224,7 @@ asio::awaitable<Status> Import::open_map(bool create) {
                                                          std::to_string(map_->size_bytes()) + " bytes, expected " +
                                                          std::to_string(bytes));
   }
-  engine::IoBuffer page = env_.buffers().allocate(kPage);
+  engine::IoBuffer page = env_->buffers().allocate(kPage);
   if (create) {
     std::memset(page.data(), 0, kPage);
     const std::uint64_t hdr[3] = {kMapMagic, blocks_, region_blocks_};
@@ -233,7 +241,7 @@ asio::awaitable<Status> Import::open_map(bool create) {
   }
   region_blocks_ = static_cast<std::uint32_t>(hdr[2]);
   const std::uint64_t rest = (intent_pages_ + missing_pages_) * kPage;
-  engine::IoBuffer all = env_.buffers().allocate(rest);
+  engine::IoBuffer all = env_->buffers().allocate(rest);
   TANDEM_CO_TRY(co_await map_->read(kPage, rest, all));
   std::vector<std::uint64_t> words(rest / 8);
   std::memcpy(words.data(), all.data(), rest);
@@ -257,12 +265,12 @@ asio::awaitable<Status> Import::open_map(bool create) {
 asio::awaitable<Status> Import::recover_hot_regions() {
   if (durable_hot_.empty()) co_return Status{};
   spdlog::info("import {}: making {} write-intent region(s) equal on both copies", rec_.id, durable_hot_.size());
-  engine::IoBuffer buf = env_.buffers().allocate(static_cast<std::size_t>(region_blocks_) * kBlock);
+  engine::IoBuffer buf = env_->buffers().allocate(static_cast<std::size_t>(region_blocks_) * kBlock);
   for (std::uint64_t r : durable_hot_) {
     const std::uint64_t first = r * region_blocks_;
     if (first >= blocks_) continue;
     const std::uint64_t count = std::min<std::uint64_t>(region_blocks_, blocks_ - first);
-    auto guard = co_await vol_.lock_blocks(first, count);
+    auto guard = co_await vol_->lock_blocks(first, count);
     for (std::uint64_t b = first; b < first + count;) {
       if (!is_copied(b)) {
         ++b;
@@ -272,7 +280,7 @@ asio::awaitable<Status> Import::recover_hot_regions() {
       while (e < first + count && is_copied(e)) ++e;
       Status st;
       if (connected_) {
-        st = co_await vol_.read_locked(b * kBlock, (e - b) * kBlock, buf);
+        st = co_await vol_->read_locked(b * kBlock, (e - b) * kBlock, buf);
         if (st) st = co_await src_->write(b * kBlock, (e - b) * kBlock, buf, false);
         if (!st && !is_down_error(st, src_.get())) co_return st;
         if (!st) source_failed(st.error());
@@ -311,10 +319,11 @@ asio::awaitable<void> Import::stop() {
     tick_timer_.cancel();
     wake();
   }
-  if (vol_.host_filter() == this) vol_.set_host_filter(nullptr);
+  if (!detached_ && vol_->host_filter() == this) vol_->set_host_filter(nullptr);
+  detached_ = true;  // the volume may go away from here on
   if (src_) {
-    co_await src_->close();
-    src_.reset();
+    auto s = std::move(src_);
+    co_await s->close();
   }
   connected_ = false;
 }
@@ -424,14 +433,14 @@ asio::awaitable<Status> Import::fetch_locked(std::uint64_t first, std::uint64_t 
   for (auto [b, n] : uncopied_runs(first, count)) {
     if (!connected_) co_return source_unreachable(rec_.error_message);
     auto src = src_;
-    engine::IoBuffer buf = env_.buffers().allocate(n * kBlock);
+    engine::IoBuffer buf = env_->buffers().allocate(n * kBlock);
     Status st = co_await src->read(b * kBlock, n * kBlock, buf);
     if (!st) {
       if (is_down_error(st, src.get())) source_failed(st.error());
       co_return Error(engine::errc::io_error,
                       "reading blocks not yet copied from the import's source: " + st.error().message());
     }
-    TANDEM_CO_TRY(co_await vol_.fill_locked(b * kBlock, n * kBlock, buf));
+    TANDEM_CO_TRY(co_await vol_->fill_locked(b * kBlock, n * kBlock, buf));
     copied_.set_range(b, n);
     ++host_reads_from_source_;
   }
@@ -561,7 +570,7 @@ asio::awaitable<Status> Import::write_intent() {
   for (const auto& [r, h] : hot_) want.insert(r);
   if (want == durable_hot_) co_return Status{};
   const std::uint64_t bytes = intent_pages_ * kPage;
-  engine::IoBuffer buf = env_.buffers().allocate(bytes);
+  engine::IoBuffer buf = env_->buffers().allocate(bytes);
   std::memset(buf.data(), 0, bytes);
   auto* words = reinterpret_cast<std::uint64_t*>(buf.data());
   for (std::uint64_t r : want) words[r / 64] |= 1ULL << (r % 64);
@@ -582,7 +591,7 @@ asio::awaitable<Status> Import::write_missing_pages(std::uint64_t first_page, st
   end_page = std::min(end_page, missing_pages_);
   if (first_page >= end_page) co_return Status{};
   const std::uint64_t bytes = (end_page - first_page) * kPage;
-  engine::IoBuffer buf = env_.buffers().allocate(bytes);
+  engine::IoBuffer buf = env_->buffers().allocate(bytes);
   std::memset(buf.data(), 0, bytes);
   const auto& words = missing_.words();
   const std::uint64_t w0 = first_page * kPage / 8;
@@ -679,7 +688,7 @@ asio::awaitable<void> Import::reconnect_once() {
   }
   Status st = co_await unflushed_to_missing();
   if (!st) spdlog::error("import {}: cannot record blocks the source lacks: {}", rec_.id, st.error().message());
-  auto src = co_await open_source(ex_, env_, rec_.source_uri, opts_.source);
+  auto src = co_await open_source(ex_, *env_, rec_.source_uri, opts_.source);
   if (stopping_) {
     if (src) co_await (*src)->close();
     co_return;
@@ -713,9 +722,9 @@ asio::awaitable<Status> Import::catch_up() {
     std::uint64_t e = b + 1;
     while (e < blocks_ && e - b < max_blocks && missing_.test(e)) ++e;
     {
-      auto guard = co_await vol_.lock_blocks(b, e - b);
-      engine::IoBuffer buf = env_.buffers().allocate((e - b) * kBlock);
-      TANDEM_CO_TRY(co_await vol_.read_locked(b * kBlock, (e - b) * kBlock, buf));
+      auto guard = co_await vol_->lock_blocks(b, e - b);
+      engine::IoBuffer buf = env_->buffers().allocate((e - b) * kBlock);
+      TANDEM_CO_TRY(co_await vol_->read_locked(b * kBlock, (e - b) * kBlock, buf));
       auto s = src_;
       Status st = co_await s->write(b * kBlock, (e - b) * kBlock, buf, false);
       if (!st) {
@@ -752,7 +761,7 @@ asio::awaitable<Status> Import::checkpoint() {
   if (!advance && !cool) co_return Status{};
   // Both copies durable up to here: the restart address may cover what was copied, and regions
   // whose writes are all older may leave the intent log.
-  TANDEM_CO_TRY(co_await vol_.flush_data());
+  TANDEM_CO_TRY(co_await vol_->flush_data());
   if (cool && connected_) {
     engine::BlockBitmap snapshot = unflushed_;
     auto s = src_;
@@ -884,17 +893,17 @@ asio::awaitable<Status> Import::copy_chunk(std::uint64_t offset, std::uint64_t l
   const std::uint64_t first = offset / kBlock;
   const std::uint64_t count = len / kBlock;
   {
-    auto guard = co_await vol_.lock_blocks(first, count);
+    auto guard = co_await vol_->lock_blocks(first, count);
     for (auto [b, n] : uncopied_runs(first, count)) {
       if (zero) {
-        TANDEM_CO_TRY(co_await vol_.zero_fill_locked(b * kBlock, n * kBlock));
+        TANDEM_CO_TRY(co_await vol_->zero_fill_locked(b * kBlock, n * kBlock));
         rec_.skipped_bytes += n * kBlock;
       } else {
         if (!connected_) co_return source_unreachable(rec_.error_message);
         auto s = src_;
-        engine::IoBuffer buf = env_.buffers().allocate(n * kBlock);
+        engine::IoBuffer buf = env_->buffers().allocate(n * kBlock);
         TANDEM_CO_TRY(co_await s->read(b * kBlock, n * kBlock, buf));
-        TANDEM_CO_TRY(co_await vol_.fill_locked(b * kBlock, n * kBlock, buf));
+        TANDEM_CO_TRY(co_await vol_->fill_locked(b * kBlock, n * kBlock, buf));
         rec_.copied_bytes += n * kBlock;
       }
       copied_.set_range(b, n);
@@ -918,15 +927,15 @@ asio::awaitable<Status> Import::cutover() {
   TANDEM_CO_TRY(co_await set_state(ImportState::cutover_in_progress));
   // No host write in flight across the switch: each one went to both copies or goes to the
   // volume alone.
-  co_await vol_.hold_writes();
-  Status st = co_await vol_.flush_data();
+  co_await vol_->hold_writes();
+  Status st = co_await vol_->flush_data();
   if (!st) {
-    vol_.release_writes();
+    vol_->release_writes();
     (void)co_await set_state(ImportState::ready_for_cutover);
     co_return st;
   }
-  vol_.set_host_filter(nullptr);
-  vol_.release_writes();
+  vol_->set_host_filter(nullptr);
+  vol_->release_writes();
   stopping_ = true;  // the loops end; stop() (by the owner) closes the source
   run_timer_.cancel();
   tick_timer_.cancel();
@@ -941,7 +950,7 @@ asio::awaitable<Status> Import::cancel(bool force) {
   if (!force) TANDEM_CO_TRY(co_await set_state(ImportState::cancel_in_progress));
   // The copy stops dispatching on the state change; wait for the volume's writes to drain so no
   // write is half mirrored when the source is judged complete.
-  co_await vol_.hold_writes();
+  co_await vol_->hold_writes();
   if (!force) {
     Status st;
     if (!connected_) {
@@ -955,7 +964,7 @@ asio::awaitable<Status> Import::cancel(bool force) {
       st = co_await s->flush();
     }
     if (!st) {
-      vol_.release_writes();
+      vol_->release_writes();
       set_error("cancel_failed", "the source could not be brought up to date: " + st.error().message());
       (void)co_await set_state(ImportState::cancel_failed);
       co_return Error(st.error().code, rec_.error_message);
@@ -969,7 +978,7 @@ asio::awaitable<Status> Import::cancel(bool force) {
   run_timer_.cancel();
   tick_timer_.cancel();
   Status st = co_await set_state(ImportState::cancelled);
-  vol_.release_writes();
+  vol_->release_writes();
   co_return st;
 }
 

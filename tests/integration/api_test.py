@@ -305,6 +305,19 @@ class Api(unittest.TestCase):
             for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
                 if method.lower() not in item:
                     self.expect_error(p.a, method, path.replace("{id}", SID), 405)
+                elif path.startswith("/api/rest/import_session"):
+                    # Import routes: the list answers; create refuses an empty body; the others
+                    # answer for an import that does not exist with the unknown-import error.
+                    if path == "/api/rest/import_session" and method == "GET":
+                        code, body = p.a.api("GET", path)
+                        self.assertEqual((code, body), (200, []), path)
+                    elif path == "/api/rest/import_session":
+                        m = self.expect_error(p.a, method, path, 400, body="{}")
+                        self.assertIn("name", m["message_l10n"])
+                    else:
+                        m = self.expect_error(p.a, method, path.replace("{id}", "imp-none"), 404,
+                                              body="{}" if method == "POST" else None)
+                        self.assertEqual(m["code"], "0xE04040040001", (path, m))
                 elif method == "GET":
                     concrete = path.replace("{id}", "vol0" if "/volume/" in path else SID)
                     code, body = p.a.api("GET", concrete)

@@ -15,6 +15,7 @@
 #include <variant>
 #include <vector>
 
+#include "tandem/importer/import.h"
 #include "tandem/replication/session.h"
 
 namespace tandem::api {
@@ -55,24 +56,35 @@ struct ApiContext {
   std::function<asio::awaitable<std::variant<VolumeView, HttpResponse>>(std::string body)> create_volume;
   // DELETE /api/rest/volume/{id}: nothing, or the error to answer.
   std::function<asio::awaitable<std::optional<HttpResponse>>(std::string id)> delete_volume;
+  // Import sessions: every import of this daemon, as it stands.
+  std::function<std::vector<importer::ImportStatus>()> imports;
+  // POST /api/rest/import_session: the body is a JSON object (checked that far here). The new
+  // import, or the error to answer.
+  std::function<asio::awaitable<std::variant<importer::ImportStatus, HttpResponse>>(std::string body)> create_import;
+  // An action (DELETE is ImportAction::remove) on an existing import whose state allows it (the
+  // router checked both): nothing, or the error to answer.
+  std::function<asio::awaitable<std::optional<HttpResponse>>(std::string id, importer::ImportAction a)> import_action;
 };
 
 // Stable codes per error kind (docs/api.md lists them).
 enum class ErrorKind {
-  bad_json,         // 400
-  unknown_field,    // 400
-  wrong_type,       // 400
-  wrong_role,       // 400
-  bad_request,      // 400: anything else wrong with the request
-  unauthorized,     // 401
-  not_found,        // 404: unknown path
-  unknown_session,  // 404
-  unknown_volume,   // 404
-  bad_method,       // 405
-  body_too_large,   // 413
-  not_allowed,      // 422: not in this state
-  failed,           // 422: accepted, then failed
-  internal,         // 500
+  bad_json,            // 400
+  unknown_field,       // 400
+  wrong_type,          // 400
+  wrong_role,          // 400
+  bad_request,         // 400: anything else wrong with the request
+  unauthorized,        // 401
+  not_found,           // 404: unknown path
+  unknown_session,     // 404
+  unknown_volume,      // 404
+  unknown_import,      // 404
+  bad_method,          // 405
+  body_too_large,      // 413
+  not_allowed,         // 422: not in this state
+  failed,              // 422: accepted, then failed
+  import_not_allowed,  // 422: the import's state does not allow the action
+  import_failed,       // 422: an import action accepted, then failed
+  internal,            // 500
 };
 std::string_view error_code(ErrorKind k);
 unsigned error_status(ErrorKind k);
@@ -94,6 +106,10 @@ std::variant<ActionRequest, HttpResponse> parse_action(std::string_view verb, st
 // The action verbs: POST /api/rest/replication_session/{id}/<verb>. parse_action() knows
 // exactly these.
 std::span<const std::string_view> action_verbs();
+// The action verbs of an import session: POST /api/rest/import_session/{id}/<verb>.
+std::span<const std::string_view> import_verbs();
+// An import session as the API shows it.
+std::string import_json(const importer::ImportStatus& s);
 // Every route Router::handle() serves, "METHOD /path/{id}", sorted. The OpenAPI document lists
 // exactly these (tests/unit/api/openapi_test.cpp; the api integration test calls each one on a
 // real daemon).
@@ -114,6 +130,7 @@ class Router {
   [[nodiscard]] std::string metrics() const;
 
  private:
+  asio::awaitable<HttpResponse> handle_import(const HttpRequest& req, const std::vector<std::string>& p);
   ApiContext ctx_;
 };
 

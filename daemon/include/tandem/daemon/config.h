@@ -24,6 +24,7 @@ struct NodeConfig {
   std::string api_socket_group;                     // group of the API socket (mode 0660); empty: the daemon's
   std::string api_listen;  // optional TCP listener for the API, "host:port": TLS ([tls]) and api_token required
   std::string api_token;   // the bearer token TCP clients must send
+  std::uint32_t max_concurrent_imports = 2;  // imports copying (or paused) at once; more wait Queued
 
   bool operator==(const NodeConfig&) const = default;
 };
@@ -127,6 +128,23 @@ std::string render_runtime_volumes(const std::vector<VolumeConfig>& volumes);
 // by the same rules and against the volumes that exist (`existing`).
 Result<VolumeConfig> parse_volume_request(std::string_view json_body, const Config& cfg,
                                           const std::vector<VolumeConfig>& existing);
+
+// The body of POST /api/rest/import_session, held to strict rules: known keys only, each of its
+// type. The volume is either an existing one ({"id"} alone) or a new one with the keys of a
+// [[volume]] table except size (the source's size is the volume's).
+struct ImportRequest {
+  std::string name;
+  std::string source_uri;
+  std::string volume_id;
+  std::optional<VolumeConfig> new_volume;  // size unset until the source is known
+  bool automatic_cutover = false;
+  std::optional<std::int64_t> scheduled_ms;  // Unix ms
+  std::uint64_t rate_limit = 0;              // bytes/s; 0: unlimited
+};
+Result<ImportRequest> parse_import_request(std::string_view json_body, const Config& cfg,
+                                           const std::vector<VolumeConfig>& existing);
+// "2026-12-02T16:00:00Z" or with fractional seconds ("…:00.250Z"): UTC only.
+std::optional<std::int64_t> parse_rfc3339_ms(std::string_view s);
 
 // Whether `v` uses an id, path, metadata file, socket or (non-zero) port of one of `others`.
 Status check_volume_unique(const VolumeConfig& v, const std::vector<VolumeConfig>& others);

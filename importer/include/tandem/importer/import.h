@@ -120,13 +120,18 @@ class Import final : public engine::HostIoFilter {
   static asio::awaitable<Result<std::unique_ptr<Import>>> recover(asio::any_io_executor ex, engine::DeviceEnv& env,
                                                                   engine::Volume& volume, ImportRecord rec,
                                                                   ImportOptions opts);
+  // A finished import (Import_Completed, Cancelled, Failed) known only by its record: listed
+  // and deleted, nothing else.
+  static std::unique_ptr<Import> record_only(asio::any_io_executor ex, ImportRecord rec, ImportOptions opts);
   ~Import() override;
 
   void set_hooks(Hooks h) { hooks_ = std::move(h); }
   // Starts the background work (reconnects, catch-up, and the copy while the state allows).
   void start();
   // Stops the background work and closes the source; the record stays as it is (a restart goes
-  // on from it). The volume's filter is removed when this returns; call with host I/O stopped.
+  // on from it). The volume's filter is removed when this returns and the volume is not touched
+  // again (it may be closed). Call with host I/O stopped, or in a final state (Cancelled: the
+  // filter is removed and the volume's owner withdraws it). Idempotent.
   asio::awaitable<void> stop();
 
   // The manager's admission: Scheduled/Queued → Copy_In_Progress.
@@ -148,7 +153,7 @@ class Import final : public engine::HostIoFilter {
   [[nodiscard]] const ImportRecord& record() const { return rec_; }
   [[nodiscard]] ImportStatus status() const;
   [[nodiscard]] bool copying() const { return rec_.state == ImportState::copy_in_progress; }
-  [[nodiscard]] engine::Volume& volume() const { return vol_; }
+
   // Removes the record and map files (a deleted import).
   Status remove_files();
 
@@ -161,7 +166,7 @@ class Import final : public engine::HostIoFilter {
   asio::awaitable<Status> flush() override;
 
  private:
-  Import(asio::any_io_executor ex, engine::DeviceEnv& env, engine::Volume& vol, ImportRecord rec, ImportOptions opts);
+  Import(asio::any_io_executor ex, engine::DeviceEnv* env, engine::Volume* vol, ImportRecord rec, ImportOptions opts);
   struct Hot {
     std::uint32_t pins = 0;
     std::uint64_t last_write = 0;  // write sequence number
@@ -206,8 +211,8 @@ class Import final : public engine::HostIoFilter {
   asio::awaitable<void> sleep_ms(std::uint64_t ms);
 
   asio::any_io_executor ex_;
-  engine::DeviceEnv& env_;
-  engine::Volume& vol_;
+  engine::DeviceEnv* env_;  // null for a record kept after the import ended
+  engine::Volume* vol_;     // null for a record kept after the import ended (record_only)
   ImportRecord rec_;
   ImportOptions opts_;
   Hooks hooks_;
@@ -245,6 +250,7 @@ class Import final : public engine::HostIoFilter {
   std::uint64_t host_reads_from_source_ = 0;
   std::uint64_t host_writes_mirrored_ = 0;
 
+  bool detached_ = false;  // stop() ran: vol_ is not touched again
   bool started_ = false;
   bool stopping_ = false;
   std::uint32_t loops_ = 0;
