@@ -1,13 +1,15 @@
-// Fuzzer for the configuration parsers: the TOML configuration file, the run-time volumes' file
-// and the JSON body of POST /api/rest/volume. Any bytes give a result or an Error with a
-// message, never a crash, a hang or an exception escaping the parser; a run-time volumes' file
-// that parses reads back the same after it is written again.
+// Fuzzer for the configuration parsers: the TOML configuration file, the run-time volumes' file,
+// the JSON bodies of POST /api/rest/volume and POST /api/rest/import_session, and an import's
+// record file. Any bytes give a result or an Error with a message, never a crash, a hang or an
+// exception escaping the parser; a run-time volumes' file or an import record that parses reads
+// back the same after it is written again.
 #include <string>
 #include <string_view>
 
 #include "fuzz_driver.h"
 #include "tandem/common/assert.h"
 #include "tandem/daemon/config.h"
+#include "tandem/importer/import.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);
@@ -43,6 +45,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } else {
     TANDEM_ASSERT(!asked.error().message().empty());
   }
+  auto imp = tandem::daemon::parse_import_request(text, base, base.volumes);
+  if (imp.ok()) {
+    TANDEM_ASSERT(!imp->name.empty() && !imp->source_uri.empty() && !imp->volume_id.empty());
+    TANDEM_ASSERT(imp->new_volume.has_value() == (imp->volume_id != "vol0"));
+    TANDEM_ASSERT(!imp->new_volume || !imp->new_volume->size_bytes);
+  } else {
+    TANDEM_ASSERT(!imp.error().message().empty());
+  }
+  auto rec = tandem::importer::parse_record(std::string(text), "fuzz.json");
+  if (rec.ok()) {
+    auto again = tandem::importer::parse_record(tandem::importer::render_record(*rec), "again.json");
+    TANDEM_ASSERT(again.ok() && again->restart_address == rec->restart_address && again->state == rec->state &&
+                  again->source_uri == rec->source_uri);
+  } else {
+    TANDEM_ASSERT(!rec.error().message().empty());
+  }
   return 0;
 }
 
@@ -57,5 +75,13 @@ std::vector<std::string> tandem::fuzz::seeds() {
       "[[volume]]\nid = \"db0\"\npath = \"/srv/db0\"\nsize = 1048576\nnbd_socket = \"/run/db0.nbd\"\n",
       R"({"id": "db0", "path": "/srv/db0.img", "size": "64MiB", "nbd_socket": "/run/db0.nbd", "meta_path": null})",
       R"({"id": "db1", "path": "/dev/vg/db1", "nbd_listen": "127.0.0.1:0", "intent_regions_max": 9})",
+      R"({"name": "m", "source": {"uri": "nbd://old:10809/lun7"}, "volume": {"id": "db0", "path": "/srv/db0.img",)"
+      R"( "nbd_socket": "/run/db0.nbd"}, "automatic_cutover": true, "scheduled_timestamp": "2026-12-02T16:00:00.5Z",)"
+      R"( "rate_limit": 1048576})",
+      R"({"name": "n", "source": {"uri": "/dev/sdb"}, "volume": {"id": "vol0"}})",
+      R"({"id": "imp-1", "name": "m", "state": "Paused", "source_uri": "nbd://h/x", "source_size": 8192,)"
+      R"( "volume_id": "v", "volume_created": true, "automatic_cutover": false, "scheduled_ms": null,)"
+      R"( "rate_limit": 0, "restart_address": 4096, "copied_bytes": 1, "skipped_bytes": 2,)"
+      R"( "source_missing_blocks": 0, "error_code": "", "error_message": "", "created_ms": 1, "last_update_ms": 2})",
   };
 }

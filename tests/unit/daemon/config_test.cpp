@@ -343,5 +343,42 @@ TEST(RuntimeVolumes, TheFileReadsBackWhatWasWrittenAndRefusesConflicts) {
   EXPECT_FALSE(junk.ok());
 }
 
+TEST(ImportRequest, TimesAndVolumes) {
+  EXPECT_EQ(parse_rfc3339_ms("1970-01-01T00:00:00Z"), 0);
+  EXPECT_EQ(parse_rfc3339_ms("2026-12-02T16:00:00Z"), 1796227200000);
+  EXPECT_EQ(parse_rfc3339_ms("2026-12-02T16:00:00.25Z"), 1796227200250);
+  EXPECT_FALSE(parse_rfc3339_ms("2026-12-02T16:00:00+01:00").has_value());
+  EXPECT_FALSE(parse_rfc3339_ms("2026-02-30T00:00:00Z").has_value());
+  EXPECT_FALSE(parse_rfc3339_ms("2026-12-02T16:00:00.Z").has_value());
+  EXPECT_FALSE(parse_rfc3339_ms("tomorrow").has_value());
+  auto cfg = parse_config(
+      "[node]\nname = \"a\"\n[[volume]]\nid = \"vol0\"\npath = \"/d/v\"\nnbd_socket = \"/r/v.nbd\"\n", "t.toml");
+  ASSERT_TRUE(cfg.ok()) << cfg.error().message();
+  auto into_existing = parse_import_request(
+      R"({"name": "m", "source": {"uri": "nbd://h/x"}, "volume": {"id": "vol0"}})", *cfg, cfg->volumes);
+  ASSERT_TRUE(into_existing.ok()) << into_existing.error().message();
+  EXPECT_FALSE(into_existing->new_volume.has_value());
+  EXPECT_FALSE(
+      parse_import_request(R"({"name": "m", "source": {"uri": "nbd://h/x"}, "volume": {"id": "vol0", "path": "/x"}})",
+                           *cfg, cfg->volumes)
+          .ok());
+  auto fresh = parse_import_request(
+      R"({"name": "m", "source": {"uri": "nbd://h/x"}, "volume": {"id": "db0", "path": "/srv/db0", "nbd_socket": "/r/db0.nbd"},)"
+      R"( "rate_limit": 5, "scheduled_timestamp": "2026-12-02T16:00:00Z", "automatic_cutover": true})",
+      *cfg, cfg->volumes);
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  ASSERT_TRUE(fresh->new_volume.has_value());
+  EXPECT_EQ(fresh->new_volume->id, "db0");
+  EXPECT_FALSE(fresh->new_volume->size_bytes.has_value());
+  EXPECT_EQ(fresh->rate_limit, 5u);
+  EXPECT_TRUE(fresh->automatic_cutover);
+  EXPECT_EQ(fresh->scheduled_ms, 1796227200000);
+  // A new volume may not reuse another's socket.
+  auto clash = parse_import_request(
+      R"({"name": "m", "source": {"uri": "nbd://h/x"}, "volume": {"id": "db0", "path": "/srv/db0", "nbd_socket": "/r/v.nbd"}})",
+      *cfg, cfg->volumes);
+  EXPECT_FALSE(clash.ok());
+}
+
 }  // namespace
 }  // namespace tandem::daemon
