@@ -436,8 +436,9 @@ class Daemon {
         } else if (const importer::Import* im = imports_ ? imports_->filling(vid) : nullptr) {
           why = "its volume " + vid + " is still being imported (import " + im->record().id + ", " +
                 std::string(importer::to_string(im->record().state)) + "); cut the import over first";
-        } else if (v->nbd && v->nbd->counters().connections_open > 0) {
-          why = "its volume " + vid + " has NBD clients connected; add the session before hosts use the volume";
+        } else if (sc->role == "destination" && v->nbd && v->nbd->counters().connections_open > 0) {
+          why = "its volume " + vid + " has NBD clients connected and a destination's volume turns read-only; " +
+                "disconnect them first";
         }
         for (const auto& other : cfg_.sessions) {
           if (why.empty() && std::find(other.volumes.begin(), other.volumes.end(), vid) != other.volumes.end())
@@ -449,7 +450,16 @@ class Daemon {
         continue;
       }
       asio::any_io_executor ex = ctx_.get_executor();
+      // Hosts may be writing to a source's volumes: no write is in flight while the session
+      // installs itself (every later one is tracked for it).
+      std::vector<engine::Volume*> held;
+      for (const auto& vid : sc->volumes) {
+        auto v = find_volume(vid);
+        co_await v->volume->hold_writes();
+        held.push_back(v->volume.get());
+      }
       auto s = co_await replication::Session::open(std::move(ex), session_options(*sc));
+      for (engine::Volume* v : held) v->release_writes();
       if (!s) {
         spdlog::error("SIGHUP: session {} (added) not started: {}", id, s.error().message());
         continue;
@@ -546,6 +556,13 @@ class Daemon {
     spdlog::info("volume {}: {} ({}){}, exported", vc.id, vc.path, format_bytes(volumes_.back().volume->size_bytes()),
                  volumes_.back().volume->data_created() ? ", new file" : "");
     co_return Status{};
+  }
+
+  // The file's [[volume]] describes this run-time volume: the same backing, metadata and exports
+  // (a size left out of the file matches any).
+  static bool same_volume(const VolumeConfig& running, const VolumeConfig& file) {
+    return running.path == file.path && running.meta_path == file.meta_path && running.nbd_socket == file.nbd_socket &&
+           running.nbd_listen == file.nbd_listen && (!file.size_bytes || file.size_bytes == running.size_bytes);
   }
 
   // Why a volume cannot be withdrawn now (a session or an NBD client uses it), or empty.
@@ -647,6 +664,23 @@ class Daemon {
     for (const auto& id : plan.volumes_added) {
       const auto nv =
           std::find_if(next.volumes.begin(), next.volumes.end(), [&id](const VolumeConfig& c) { return c.id == id; });
+      // A run-time volume (an imported one, say) the file now describes the same way moves into
+      // the file as it runs: nothing is reopened, and a session may name it in the same reload.
+      if (auto rt = find_volume(id); rt != volumes_.end() && rt->runtime && same_volume(*rt->cfg, *nv)) {
+        if (imports_ && imports_->filling(id) != nullptr) {
+          spdlog::error("SIGHUP: volume {} (added) is still being imported; cut the import over first", id);
+          continue;
+        }
+        rt->runtime = false;
+        rt->cfg = std::make_shared<const VolumeConfig>(*nv);
+        runtime_cfgs_.remove_if([&id](const VolumeConfig& c) { return c.id == id; });
+        if (Status pst = persist_runtime_volumes(); !pst) {
+          spdlog::error("SIGHUP: volume {}: the run-time list could not be written: {}", id, pst.error().message());
+        }
+        cfg_.volumes.push_back(*nv);
+        spdlog::info("SIGHUP: applied volume {} (added): the run-time volume of that id is the file's now", id);
+        continue;
+      }
       Status st = check_volume_unique(*nv, all_volume_configs());
       if (st) st = co_await add_volume(*nv, false);
       if (!st) {

@@ -23,6 +23,11 @@ used by real NBD clients (libnbd's Python bindings).
   created or changed.
 - A filesystem: ext4 mounted through nbdfuse on the importing volume during the copy, then
   e2fsck -fn clean on the volume after cutover and on the source after cancel.
+- Admission: with max_concurrent_imports = 1 a second import waits Queued (its volume already
+  serves the host) while the first copies or is paused; an import with a start time is Scheduled
+  until then and copies by itself.
+- A volume imported on a replicating pair is protected by a session added with SIGHUP right
+  after its cutover, while the host still writes; the destination ends identical.
 - tandemctl: import create --wait draws progress (percentage, ETA) until everything is copied;
   list/show; a refused action exits 1 with the daemon's message; cutover --wait; delete.
 """
@@ -528,6 +533,41 @@ class ImportTest(unittest.TestCase):
                 k.start()
 
 
+    def test_one_copy_at_a_time_and_a_start_time(self):
+        # max_concurrent_imports = 1: a second import waits Queued (its volume usable all the
+        # same) until the first no longer holds the slot; a third waits for its start time.
+        self.assertEqual(self.d.stop(), 0)
+        self.d.base_config = self.d.base_config.replace('log_level = "debug"',
+                                                        'log_level = "debug"\nmax_concurrent_imports = 1')
+        self.d.write_config()
+        self.d.start()
+        src = self.wd.join("source.img")
+        model = make_source(src, SIZE, SEED + 14, [(0, 12 * MiB)])
+        k = self.kit("src", ["file", src])
+        first = self.create(self.body(k.uri(), vid="q1", rate_limit=4 * MiB))["id"]
+        second = self.create(self.body(k.uri(), vid="q2"))["id"]
+        self.assertEqual(self.get(first)["state"], "Copy_In_Progress")
+        self.assertEqual(self.get(second)["state"], "Queued")
+        # The queued import's volume serves the host already (reads come from the source).
+        h = nbd.NBD()
+        h.connect_uri(self.vuri("q2"))
+        self.assertEqual(h.pread(4096, 8 * MiB), bytes(model[8 * MiB:8 * MiB + 4096]))
+        h.shutdown()
+        # A paused import keeps its slot.
+        self.act(first, "pause")
+        time.sleep(1.5)
+        self.assertEqual(self.get(second)["state"], "Queued")
+        self.act(first, "resume")
+        self.wait_state(first, "Ready_For_Cutover")
+        self.wait_state(second, "Ready_For_Cutover", timeout_s=60)
+        # A start time a few seconds ahead: Scheduled, then it copies by itself.
+        when = time.gmtime(time.time() + 3)
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", when)
+        third = self.create(self.body(k.uri(), vid="q3") | {"scheduled_timestamp": at})["id"]
+        self.assertEqual(self.get(third)["state"], "Scheduled")
+        self.wait_state(third, "Ready_For_Cutover", timeout_s=60)
+        self.assert_same(self.read_all(self.vuri("q3"), SIZE), bytes(model), "the scheduled import's volume")
+
     # tandemctl's import verbs against the same daemon.
     def ctl(self, *args, check=True):
         import harness
@@ -562,6 +602,71 @@ class ImportTest(unittest.TestCase):
         r = self.ctl("import", "create", "bad", "--source", k.uri(), "--volume", "c1", "--rate-limit", "lots",
                      check=False)
         self.assertEqual(r.returncode, 2)
+
+
+class ProtectAfterImport(unittest.TestCase):
+    """A volume imported on a replicating pair's source is protected by a session added with
+    SIGHUP right after its cutover, while the host still uses it: the file takes the run-time
+    volume over (same path and socket), a source session starts beside s-vol0, and the
+    destination ends identical."""
+
+    def test_protect_an_imported_volume_at_once(self):
+        from harness import Pair, xxh128
+        with Workdir() as wd:
+            src = os.path.join(wd.path, "source.img")
+            model = make_source(src, 16 * MiB, SEED + 12, [(0, 12 * MiB)])
+            k = Nbdkit(wd, "src", ["file", src]).start()
+            p = Pair(wd.path, 8 * MiB).start()
+            try:
+                wait_until(lambda: p.b.session()["state"] == "OK", "s-vol0 OK")
+                sock = p.a.socket("imp1")
+                body = {"name": "m", "source": {"uri": k.uri()},
+                        "volume": {"id": "imp1", "path": p.a.image("imp1"), "nbd_socket": sock}}
+                code, imp = p.a.api("POST", "/api/rest/import_session", json.dumps(body))
+                self.assertEqual(code, 201, imp)
+                # The host uses the volume from here on.
+                w = Writer(p.a.uri("imp1"), model, SEED + 13)
+                for _ in range(100):
+                    w.step()
+                wait_until(lambda: p.a.api("GET", "/api/rest/import_session/" + imp["id"])[1]["state"]
+                           == "Ready_For_Cutover", "the import to be copied", timeout_s=120)
+                code, _ = p.a.api("POST", "/api/rest/import_session/%s/cutover" % imp["id"])
+                self.assertEqual(code, 204)
+                wait_until(lambda: p.a.api("GET", "/api/rest/import_session/" + imp["id"])[1]["state"]
+                           == "Import_Completed", "the cutover")
+                for _ in range(50):
+                    w.step()
+                base = {d: d.base_config + "\n" + d.extra_config for d in (p.a, p.b)}
+                for d, role in ((p.b, "destination"), (p.a, "source")):
+                    extra = ('[[volume]]\nid = "imp1"\npath = "%s"\nsize = %d\nnbd_socket = "%s"\n'
+                             '[[session]]\nid = "s-imp1"\nvolumes = ["imp1"]\nremote_volumes = ["imp1"]\n'
+                             'role = "%s"\nrpo_seconds = 2\n' % (d.image("imp1"), 16 * MiB, d.socket("imp1"), role))
+                    n = d.log().count("applied session s-imp1 (added)")
+                    with open(d.config, "w") as f:
+                        f.write(base[d] + "\n" + extra + "\n")
+                    d.proc.send_signal(signal.SIGHUP)
+                    wait_until(lambda: d.log().count("applied session s-imp1 (added)") > n,
+                               "SIGHUP on %s adds s-imp1" % d.name)
+                # The host kept writing through all of it.
+                for _ in range(50):
+                    w.step()
+                w.close()
+                wait_until(lambda: p.b.session("s-imp1")["state"] == "OK", "s-imp1 OK", timeout_s=120)
+                code, _ = p.a.api("POST", "/api/rest/replication_session/s-imp1/sync")
+                self.assertEqual(code, 204)
+                wait_until(lambda: xxh128(p.a.image("imp1")) == xxh128(p.b.image("imp1"))
+                           and p.b.session("s-imp1")["state"] == "OK", "imp1 identical on both sites", timeout_s=120)
+                with open(p.b.image("imp1"), "rb") as f:
+                    self.assertEqual(f.read(), bytes(model))
+                self.assertNotIn("imp1", open(os.path.join(wd.path, "site-a-state", "volumes.toml")).read())
+            except BaseException:
+                for d in (p.a, p.b):
+                    print("--- %s:\n%s" % (d.name, d.log()[-4000:]), file=sys.stderr)
+                raise
+            finally:
+                rcs = p.stop()
+                k.stop()
+            self.assertEqual(rcs, [0, 0])
 
 
 if __name__ == "__main__":
