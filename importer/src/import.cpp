@@ -650,8 +650,11 @@ asio::awaitable<void> Import::run() {
 
 asio::awaitable<void> Import::ticker() {
   while (!stopping_ && filters_host_io(rec_.state)) {
-    tick_timer_.expires_after(std::chrono::milliseconds(opts_.checkpoint_ms));
-    co_await tick_timer_.async_wait(kTuple);
+    if (!checkpoint_asked_) {
+      tick_timer_.expires_after(std::chrono::milliseconds(opts_.checkpoint_ms));
+      co_await tick_timer_.async_wait(kTuple);
+    }
+    checkpoint_asked_ = false;
     if (stopping_) break;
     const std::int64_t now = unix_now_ms();
     samples_.emplace_back(now, rec_.copied_bytes + rec_.skipped_bytes);
@@ -847,9 +850,10 @@ asio::awaitable<void> Import::copy() {
     in_flight_.insert(at);
     next_ += len;
     group.spawn(copy_chunk(at, len, e.zero));
-    if (next_ - last_checkpoint_bytes_ >= ckpt) {
-      Status st = co_await checkpoint();
-      if (!st) spdlog::warn("import {}: checkpoint: {}", rec_.id, st.error().message());
+    if (next_ - last_checkpoint_bytes_ >= ckpt && !checkpoint_asked_) {
+      // The ticker writes it now, beside the copy (a flush inline would stall the pipeline).
+      checkpoint_asked_ = true;
+      tick_timer_.cancel();
     }
   }
   Status st = co_await group.wait();

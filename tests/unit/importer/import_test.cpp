@@ -292,6 +292,7 @@ TEST_F(ImportTest, SourceDownWritesGoOnAndReachItWhenItIsBack) {
 TEST_F(ImportTest, KilledSourceMidCopyThenBackFinishes) {
   start_source({"--filter=delay", "delay-read=20ms"});
   auto v = open_volume();
+  rate_limit = 4ULL << 20;  // still copying when the source is killed
   auto im = create(*v, options());
   im->start();
   ASSERT_TRUE(test::run_sync(ctx, im->begin_copy()).ok());
@@ -312,6 +313,7 @@ TEST_F(ImportTest, KilledSourceMidCopyThenBackFinishes) {
 TEST_F(ImportTest, RecoveredImportGoesOnFromItsRestartAddress) {
   start_source({"--filter=delay", "delay-read=20ms"});
   auto v = open_volume();
+  rate_limit = 4ULL << 20;  // still copying when it is stopped
   auto im = create(*v, options());
   im->start();
   ASSERT_TRUE(test::run_sync(ctx, im->begin_copy()).ok());

@@ -80,7 +80,7 @@ struct ImportOptions {
   std::string dir;  // where <id>.json and <id>.map live
   SourceOptions source;
   std::uint32_t chunk_bytes = 1024 * 1024;   // one background copy request
-  std::uint32_t copy_depth = 4;              // chunks in flight
+  std::uint32_t copy_depth = 8;              // chunks in flight
   std::uint32_t region_bytes = 1024 * 1024;  // write-intent granularity
   std::uint32_t checkpoint_ms = 1000;        // restart address written at least this often
   std::uint32_t reconnect_min_ms = 500;
@@ -239,6 +239,7 @@ class Import final : public engine::HostIoFilter {
   std::set<std::uint64_t> in_flight_;  // chunk offsets being copied
   std::uint64_t durable_restart_ = 0;
   std::uint64_t last_checkpoint_bytes_ = 0;
+  bool checkpoint_asked_ = false;      // the copy went checkpoint_bytes past the last one
   std::vector<SourceExtent> extents_;  // block status ahead of next_
   double pace_next_ms_ = 0;            // rate limit
 
