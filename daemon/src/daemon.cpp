@@ -999,7 +999,7 @@ class Daemon {
     auto src = co_await importer::open_source(ctx_.get_executor(), *envp, req->source_uri, so);
     if (!src) {
       if (env) env->stop();
-      co_return refuse("the source " + importer::redact_uri(req->source_uri) + ": " + src.error().message());
+      co_return refuse("the source " + src.error().message());
     }
     const std::uint64_t size = (*src)->size();
     auto give_up = [&](const std::string& why) -> asio::awaitable<api::HttpResponse> {

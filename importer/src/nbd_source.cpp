@@ -20,6 +20,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <chrono>
+#include <cstring>
 #include <list>
 
 #include "nbd_source.h"
@@ -80,9 +81,16 @@ nbd_completion_callback completion_for(const OpPtr& op) {
   return nbd_completion_callback{.callback = on_complete, .user_data = new OpPtr(op), .free = free_op};
 }
 
+// libnbd's last error on this thread, without the trailing ": <strerror>" that Error::message()
+// adds again from the error code.
 std::string libnbd_error(std::string_view what) {
   const char* e = nbd_get_error();
-  return std::string(what) + ": " + (e != nullptr ? e : "unknown libnbd error");
+  std::string text = e != nullptr ? e : "unknown libnbd error";
+  if (const int err = nbd_get_errno(); err != 0) {
+    const std::string suffix = std::string(": ") + std::strerror(err);
+    if (text.size() > suffix.size() && text.ends_with(suffix)) text.resize(text.size() - suffix.size());
+  }
+  return std::string(what) + ": " + text;
 }
 
 class NbdSource final : public ForeignSource {
@@ -399,8 +407,10 @@ class NbdSource final : public ForeignSource {
 asio::awaitable<Status> NbdSource::connect() {
   h_ = nbd_create();
   if (h_ == nullptr) co_return Error(std::make_error_code(std::errc::not_enough_memory), libnbd_error("nbd_create"));
-  // A URI from the API must not make libnbd read local files on its behalf beyond what TLS needs.
-  nbd_set_uri_allow_local_file(h_, false);
+  // nbds:// URIs name their x509 directory (tls-certificates=) or PSK file (tls-psk-file=);
+  // libnbd reads them only when allowed. The URI comes from the control API, which already
+  // names local paths (volume backing files) with the daemon's privileges.
+  nbd_set_uri_allow_local_file(h_, true);
   nbd_set_pread_initialize(h_, false);
   if (nbd_add_meta_context(h_, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1) {
     Error e(std::make_error_code(std::errc::invalid_argument), libnbd_error("base:allocation"));

@@ -33,10 +33,14 @@ asio::awaitable<Result<std::unique_ptr<ForeignSource>>> open_source(asio::any_io
     r = co_await open_nbd_source(ex, uri_or_path, opts);
   } else if (uri_or_path.starts_with("/")) {
     r = co_await open_file_source(env, uri_or_path);
-  } else {
-    co_return r;
   }
-  if (!r) co_return r;
+  if (!r) {
+    // Every failure names the source (redacted), once.
+    Error e = r.error();
+    const std::string shown = redact_uri(uri_or_path);
+    if (e.context.find(shown) == std::string::npos) e.context = e.context.empty() ? shown : shown + ": " + e.context;
+    co_return e;
+  }
   const std::uint64_t size = (*r)->size();
   if (size == 0 || size % engine::Volume::kBlockBytes != 0) {
     co_await (*r)->close();

@@ -18,6 +18,9 @@ used by real NBD clients (libnbd's Python bindings).
   asked for twice (nbdkit's log filter) stay under 1% of the volume.
 - Sources: nbdkit's file, memory and sparse-random plugins, qemu-nbd; a sparse source is
   imported with its holes skipped (skipped_bytes says so).
+- TLS: an nbds:// source on TCP loopback (nbdkit requiring TLS and a client certificate):
+  refused without TLS and with a client certificate another CA signed, nothing created;
+  imported with the right one while the host writes; the URI is shown without its query.
 - Bad input: an unreachable URI, a source of the wrong size for an existing volume, bad bodies,
   an action in the wrong state, an unknown import: each a clear error_response; nothing is
   created or changed.
@@ -36,13 +39,14 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import Daemon, Workdir, run, wait_until  # noqa: E402
+from harness import Daemon, Workdir, free_port, make_certs, run, wait_until  # noqa: E402
 
 import nbd  # noqa: E402
 
@@ -54,16 +58,24 @@ SEED = int(os.environ.get("TANDEM_IMPORT_SEED", "20261202"))
 class Nbdkit:
     """An nbdkit server on a Unix socket, started by the test and stopped by its PID."""
 
-    def __init__(self, wd, name, plugin_args, filters=(), params=()):
+    def __init__(self, wd, name, plugin_args, filters=(), params=(), options=(), port=None):
         self.sock = wd.join(name + ".sock")
-        self.args = ["nbdkit", "-f", "-U", self.sock] + list(filters) + list(plugin_args) + list(params)
+        self.port = port
+        where = ["-p", str(port), "-i", "127.0.0.1"] if port else ["-U", self.sock]
+        self.args = ["nbdkit", "-f"] + where + list(options) + list(filters) + list(plugin_args) + list(params)
         self.proc = None
+
+    def listening(self):
+        if self.port is None:
+            return os.path.exists(self.sock)
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def start(self):
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: os.path.exists(self.sock) or self.proc.poll() is not None, "nbdkit to listen")
+        wait_until(lambda: self.listening() or self.proc.poll() is not None, "nbdkit to listen")
         if self.proc.poll() is not None:
             raise AssertionError("nbdkit exited: %s" % self.proc.stderr.read().decode(errors="replace"))
         return self
@@ -148,8 +160,8 @@ class ImportTest(unittest.TestCase):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def kit(self, name, plugin_args, filters=(), params=()):
-        k = Nbdkit(self.wd, name, plugin_args, filters, params).start()
+    def kit(self, name, plugin_args, filters=(), params=(), **kw):
+        k = Nbdkit(self.wd, name, plugin_args, filters, params, **kw).start()
         self.kits.append(k)
         return k
 
@@ -432,6 +444,68 @@ class ImportTest(unittest.TestCase):
         iid = self.create(self.body(km.uri(), vid="m0"))["id"]
         self.wait_state(iid, "Ready_For_Cutover")
         self.assertEqual(self.get(iid)["skipped_bytes"], 16 * MiB)
+
+    def tls_dirs(self):
+        """x509 files as nbdkit and libnbd read them: a server directory (a certificate for
+        127.0.0.1 signed by the test CA), a client directory (site-b, same CA) and a client
+        directory whose certificate another CA signed."""
+        pki = make_certs(self.wd.join("pki"))
+        j = lambda *p: os.path.join(pki, *p)  # noqa: E731
+        run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", j("lo.key")])
+        run(["openssl", "req", "-new", "-key", j("lo.key"), "-subj", "/CN=localhost", "-out", j("lo.csr")])
+        with open(j("lo.ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                    "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run(["openssl", "x509", "-req", "-in", j("lo.csr"), "-CA", j("ca.crt"), "-CAkey", j("ca.key"),
+             "-CAcreateserial", "-days", "30", "-sha256", "-extfile", j("lo.ext"), "-out", j("lo.crt")])
+        dirs = {}
+        for name, files in (("server", {"ca-cert.pem": "ca.crt", "server-cert.pem": "lo.crt", "server-key.pem": "lo.key"}),
+                            ("client", {"ca-cert.pem": "ca.crt", "client-cert.pem": "site-b.crt",
+                                        "client-key.pem": "site-b.key"}),
+                            ("stranger", {"ca-cert.pem": "ca.crt", "client-cert.pem": "other-site-b.crt",
+                                          "client-key.pem": "other-site-b.key"})):
+            d = self.wd.join("tls-" + name)
+            os.mkdir(d, 0o700)
+            for dst, src in files.items():
+                with open(j(src), "rb") as fi, open(os.path.join(d, dst), "wb") as fo:
+                    fo.write(fi.read())
+            dirs[name] = d
+        return dirs
+
+    def test_nbds_source_with_client_certificates(self):
+        # nbdkit requiring TLS and a client certificate from its CA, on TCP loopback.
+        tls = self.tls_dirs()
+        src = self.wd.join("source.img")
+        model = make_source(src, 16 * MiB, SEED + 12, [(0, 3 * MiB), (9 * MiB, MiB)])
+        port = free_port()
+        self.kit("tls", ["file", src], port=port,
+                 options=["--tls=require", "--tls-certificates=" + tls["server"], "--tls-verify-peer"])
+        base = "nbds://127.0.0.1:%d/" % port
+        before = self.volume_ids()
+        # Refused, nothing created: no TLS at all; a client certificate another CA signed.
+        msg = self.error("POST", "/api/rest/import_session", 422,
+                         json.dumps(self.body("nbd://127.0.0.1:%d/" % port, vid="t0")))
+        self.assertIn("Import not created", msg)
+        self.assertEqual(msg.count("nbd://127.0.0.1"), 1, msg)
+        msg = self.error("POST", "/api/rest/import_session", 422,
+                         json.dumps(self.body(base + "?tls-certificates=" + tls["stranger"], vid="t0")))
+        self.assertEqual(msg.count(base), 1, msg)
+        self.assertNotIn("tls-certificates", msg)
+        self.assertEqual(self.volume_ids(), before)
+        # Accepted: the copy runs over TLS while the host writes; the URI is shown without its query.
+        imp = self.create(self.body(base + "?tls-certificates=" + tls["client"], vid="t0", rate_limit=4 * MiB))
+        iid = imp["id"]
+        self.assertEqual(imp["source"], {"uri": base, "size": 16 * MiB})
+        w = Writer(self.vuri("t0"), model, SEED + 13)
+        for _ in range(100):
+            w.step()
+        w.close()
+        self.wait_state(iid, "Ready_For_Cutover")
+        self.assertEqual(self.get(iid)["data_connection_state"], "Connected")
+        self.assert_same(self.read_all(self.vuri("t0"), 16 * MiB), bytes(model), "the volume imported over TLS")
+        self.assert_same(self.file_bytes(src), bytes(model), "the TLS source")
+        self.act(iid, "cutover")
+        self.wait_state(iid, "Import_Completed")
 
     def test_bad_input(self):
         src = self.wd.join("source.img")
