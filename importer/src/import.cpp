@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -460,6 +461,9 @@ asio::awaitable<Status> Import::before_write(std::uint64_t offset, std::uint64_t
   }
   const std::uint64_t a0 = align_down(offset);
   const std::uint64_t a1 = align_up(offset + len);
+  for (ReadAhead& r : reads_ahead_) {
+    if (r.first < a1 / kBlock && a0 / kBlock < r.first + r.count) r.stale = true;
+  }
   TANDEM_CO_TRY(co_await pin_regions(a0 / kBlock, (a1 - a0) / kBlock));
   // Partial edge blocks keep bytes the host did not write: they must be current first.
   Status st;
@@ -896,20 +900,60 @@ asio::awaitable<void> Import::copy() {
 asio::awaitable<Status> Import::copy_chunk(std::uint64_t offset, std::uint64_t len, bool zero) {
   const std::uint64_t first = offset / kBlock;
   const std::uint64_t count = len / kBlock;
+  // Data is read from the source before the range lock is taken, so host I/O to these blocks
+  // never waits behind the source. A host write to them meanwhile marks the read stale: the
+  // locked pass then reads again whatever is still not copied.
+  struct Run {
+    std::uint64_t block;
+    std::uint64_t count;
+    engine::IoBuffer buf;
+  };
+  std::vector<Run> ahead;
+  if (!zero) {
+    auto mark = reads_ahead_.insert(reads_ahead_.end(), ReadAhead{first, count, false});
+    Status st;
+    for (auto [b, n] : uncopied_runs(first, count)) {
+      if (!connected_) {
+        st = source_unreachable(rec_.error_message);
+        break;
+      }
+      auto s = src_;
+      engine::IoBuffer buf = env_->buffers().allocate(n * kBlock);
+      st = co_await s->read(b * kBlock, n * kBlock, buf);
+      if (!st) break;
+      ahead.push_back(Run{b, n, std::move(buf)});
+    }
+    const bool stale = mark->stale;
+    reads_ahead_.erase(mark);
+    TANDEM_CO_TRY(std::move(st));
+    if (stale) ahead.clear();
+  }
   {
     auto guard = co_await vol_->lock_blocks(first, count);
     for (auto [b, n] : uncopied_runs(first, count)) {
       if (zero) {
         TANDEM_CO_TRY(co_await vol_->zero_fill_locked(b * kBlock, n * kBlock));
         rec_.skipped_bytes += n * kBlock;
+        copied_.set_range(b, n);
+        continue;
+      }
+      // Blocks only ever become copied, so a run now lies inside one run read ahead.
+      auto run = std::find_if(ahead.begin(), ahead.end(),
+                              [&](const Run& r) { return r.block <= b && b + n <= r.block + r.count; });
+      engine::IoBuffer buf;
+      if (run != ahead.end() && run->block == b && run->count == n) {
+        buf = std::move(run->buf);
+      } else if (run != ahead.end()) {
+        buf = env_->buffers().allocate(n * kBlock);
+        std::memcpy(buf.data(), run->buf.data() + (b - run->block) * kBlock, n * kBlock);
       } else {
         if (!connected_) co_return source_unreachable(rec_.error_message);
         auto s = src_;
-        engine::IoBuffer buf = env_->buffers().allocate(n * kBlock);
+        buf = env_->buffers().allocate(n * kBlock);
         TANDEM_CO_TRY(co_await s->read(b * kBlock, n * kBlock, buf));
-        TANDEM_CO_TRY(co_await vol_->fill_locked(b * kBlock, n * kBlock, buf));
-        rec_.copied_bytes += n * kBlock;
       }
+      TANDEM_CO_TRY(co_await vol_->fill_locked(b * kBlock, n * kBlock, buf));
+      rec_.copied_bytes += n * kBlock;
       copied_.set_range(b, n);
     }
   }

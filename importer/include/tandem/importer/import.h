@@ -34,6 +34,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -237,6 +238,14 @@ class Import final : public engine::HostIoFilter {
   // The copy
   std::uint64_t next_ = 0;             // next chunk to dispatch
   std::set<std::uint64_t> in_flight_;  // chunk offsets being copied
+  // Background copy reads from the source in flight outside the range lock; a host write to
+  // their blocks marks them stale (before_write runs under the lock).
+  struct ReadAhead {
+    std::uint64_t first = 0;
+    std::uint64_t count = 0;
+    bool stale = false;
+  };
+  std::list<ReadAhead> reads_ahead_;
   std::uint64_t durable_restart_ = 0;
   std::uint64_t last_checkpoint_bytes_ = 0;
   bool checkpoint_asked_ = false;      // the copy went checkpoint_bytes past the last one
